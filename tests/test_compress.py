@@ -1,0 +1,107 @@
+"""TSV-C: optimal rank-k factors, rank choices, rebuilding tasks, exact storage sizes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+import tsv_fast
+from tsv_fast.keys import is_matrix_key
+
+
+def test_factors_are_the_optimal_rank_k_approximation(small_base, small_tasks):
+    compressed = tsv_fast.compress(small_base, small_tasks)
+    T = len(small_tasks)
+    for task, ft in zip(compressed, small_tasks):
+        for key, b in small_base.items():
+            tau = ref.np64(ft[key]) - ref.np64(b)
+            if is_matrix_key(key, b):
+                U, S, V = task.factors[key]
+                k = min(b.shape) // T
+                assert U.shape == (b.shape[0], k) and S.shape == (k,) and V.shape == (b.shape[1], k)
+                err = np.linalg.norm(tau - ref.np64((U * S) @ V.T))
+                s = np.linalg.svd(tau, compute_uv=False)
+                optimal = np.sqrt((s[k:] ** 2).sum())  # Eckart–Young
+                assert err <= optimal * 1.001 + 1e-7
+            else:
+                np.testing.assert_allclose(ref.np64(task.deltas[key]), tau, atol=1e-6)
+
+
+def test_apply_rebuilds_the_task(small_base, small_tasks):
+    full = tsv_fast.compress(small_base, small_tasks, rank=1.0)  # full rank: lossless up to rounding
+    rebuilt = full[1].apply(small_base)
+    for key in small_base:
+        torch.testing.assert_close(rebuilt[key], small_tasks[1][key], rtol=1e-4, atol=1e-5)
+    default = tsv_fast.compress(small_base, small_tasks)[0].apply(small_base, alpha=0.5)
+    key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    U, S, V = tsv_fast.compress(small_base, small_tasks)[0].factors[key]
+    torch.testing.assert_close(default[key], small_base[key] + 0.5 * (U * S) @ V.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank,shape,expected", [
+    (None, (192, 64), 16), (5, (192, 64), 5), (500, (192, 64), 64), (0.25, (192, 64), 16), (0.1, (17, 64), 1),
+    (1.0, (64, 32), 32),
+])
+def test_rank_choices(rank, shape, expected):
+    assert tsv_fast.resolve_rank(shape, rank, num_tasks=4) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, 0.0, 1.5, "8", True])
+def test_bad_rank_is_refused(bad):
+    with pytest.raises(tsv_fast.TSVInputError, match="rank"):
+        tsv_fast.resolve_rank((10, 10), bad, 2)
+
+
+def test_energy_rank_keeps_the_requested_energy(small_base, small_tasks):
+    compressed = tsv_fast.compress(small_base, small_tasks, energy=0.9)
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    for task, ft in zip(compressed, small_tasks):
+        s = np.linalg.svd(ref.np64(ft[key]) - ref.np64(small_base[key]), compute_uv=False)
+        cumulative = np.cumsum(s ** 2) / (s ** 2).sum()
+        k = int(np.argmax(cumulative >= 0.9 - 1e-9)) + 1
+        assert task.rank(key) == k
+
+
+def test_nbytes_is_what_the_ranks_imply(small_base, small_tasks):
+    task = tsv_fast.compress(small_base, small_tasks, factor_dtype=torch.bfloat16)[0]
+    expected = 0
+    for key, b in small_base.items():
+        if is_matrix_key(key, b):
+            k = min(b.shape) // len(small_tasks)
+            expected += (sum(b.shape) + 1) * k * 2
+        else:
+            expected += b.numel() * 2
+    assert task.nbytes() == expected
+    assert all(t.dtype == torch.bfloat16 for f in task.factors.values() for t in f)
+
+
+def test_zero_deltas_and_unselected_keys_are_not_stored(small_base, small_tasks):
+    frozen = [{k: (small_base[k].clone() if "resblocks.1" in k else v) for k, v in t.items()} for t in small_tasks]
+    compressed = tsv_fast.compress(small_base, frozen, exclude="*.proj")
+    keys = set(compressed[0].factors) | set(compressed[0].deltas)
+    assert not any("resblocks.1" in k for k in keys)
+    assert "visual.proj" not in keys and "visual.transformer.resblocks.0.attn.in_proj_weight" in keys
+
+
+def test_state_dict_round_trip(small_base, small_tasks, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    task = tsv_fast.compress(small_base, small_tasks)[2]
+    save_file(task.to_state_dict(), tmp_path / "t.safetensors")
+    back = tsv_fast.CompressedTask.from_state_dict(load_file(tmp_path / "t.safetensors"), name="t")
+    assert back.nbytes() == task.nbytes()
+    for key in small_base:
+        a, b = task.apply(small_base)[key], back.apply(small_base)[key]
+        assert torch.equal(a, b)
+
+
+def test_rank_and_energy_together_are_refused(small_base, small_tasks):
+    with pytest.raises(tsv_fast.TSVInputError, match="either rank or energy"):
+        tsv_fast.compress(small_base, small_tasks, rank=3, energy=0.9)
+
+
+def test_default_rank_uses_num_tasks(small_base, small_tasks):
+    task = tsv_fast.compress(small_base, small_tasks[:1], num_tasks=8)[0]
+    assert task.rank("visual.transformer.resblocks.0.mlp.c_fc.weight") == math.floor(64 / 8)

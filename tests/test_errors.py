@@ -1,0 +1,108 @@
+"""Bad input fails with a TSVInputError that names the task, the key and the problem."""
+
+import pytest
+import torch
+
+import tsv_fast
+
+
+@pytest.fixture
+def base():
+    return {"a.weight": torch.randn(6, 4), "a.bias": torch.randn(6), "ids": torch.arange(3)}
+
+
+def finetuned(base, **changes):
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in base.items()}
+    state.update(changes)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def test_no_tasks(base):
+    with pytest.raises(tsv_fast.TSVInputError, match="no tasks"):
+        tsv_fast.merge_layers(base, [])
+
+
+def test_single_mapping_instead_of_list(base):
+    with pytest.raises(tsv_fast.TSVInputError, match="sequence"):
+        tsv_fast.merge_layers(base, finetuned(base))
+
+
+def test_missing_key_is_named(base):
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1'.*missing.*'a.bias'"):
+        tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.bias": None})])
+
+
+def test_extra_key_is_named(base):
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'x'.*not in the base.*'b.weight'"):
+        tsv_fast.merge_layers(base, [finetuned(base, **{"b.weight": torch.ones(2)})], names=["x"])
+
+
+def test_shape_mismatch_is_named(base):
+    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.weight' has shape \(4, 6\), base has \(6, 4\)"):
+        tsv_fast.merge_layers(base, [finetuned(base, **{"a.weight": torch.randn(4, 6)})])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_task(base, bad):
+    w = base["a.weight"].clone()
+    w[2, 1] = bad
+    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.weight' contains NaN or Inf"):
+        tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
+
+
+def test_nan_in_base(base):
+    base["a.bias"][0] = float("nan")
+    with pytest.raises(tsv_fast.TSVInputError, match=r"base: key 'a.bias'"):
+        tsv_fast.merge_layers(base, [finetuned(base)])
+
+
+def test_integer_tensor_where_float_expected(base):
+    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.bias' has dtype torch.int64"):
+        tsv_fast.merge_layers(base, [finetuned(base, **{"a.bias": torch.ones(6, dtype=torch.int64)})])
+
+
+def test_non_tensor_value(base):
+    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.bias' is a list"):
+        tsv_fast.merge_layers(base, [finetuned(base, **{"a.bias": [1.0] * 6})])
+
+
+def test_unknown_method_option_and_solver(base):
+    tasks = [finetuned(base)]
+    with pytest.raises(tsv_fast.TSVInputError, match="unknown merge method 'tsvm'"):
+        tsv_fast.merge_layers(base, tasks, method="tsvm")
+    with pytest.raises(tsv_fast.TSVInputError, match="has no option"):
+        tsv_fast.merge_layers(base, tasks, method="tsv", density=0.3)
+    with pytest.raises(tsv_fast.TSVInputError, match="unknown solver"):
+        tsv_fast.merge_layers(base, tasks, solver="magic")
+    with pytest.raises(tsv_fast.TSVInputError, match="density"):
+        tsv_fast.merge_layers(base, tasks, method="ties", density=0)
+
+
+def test_selection_matching_nothing(base):
+    with pytest.raises(tsv_fast.TSVInputError, match="select no floating key"):
+        tsv_fast.merge_layers(base, [finetuned(base)], include="text.*")
+
+
+def test_wrong_names_length(base):
+    with pytest.raises(tsv_fast.TSVInputError, match="2 names for 1 tasks"):
+        tsv_fast.merge_layers(base, [finetuned(base)], names=["a", "b"])
+
+
+def test_compressed_factors_that_do_not_fit(base):
+    bad = tsv_fast.CompressedTask("c", factors={"a.weight": (torch.randn(5, 2), torch.ones(2), torch.randn(4, 2))})
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'c': key 'a.weight': factors"):
+        tsv_fast.merge_layers(base, [bad])
+
+
+def test_compressed_state_dict_with_missing_factor():
+    with pytest.raises(tsv_fast.TSVInputError, match=r"'w' lacks factor\(s\) \['V'\]"):
+        tsv_fast.CompressedTask.from_state_dict({"w::U": torch.ones(2, 1), "w::S": torch.ones(1)})
+
+
+def test_inputs_are_not_modified(base):
+    tasks = [finetuned(base), finetuned(base)]
+    before = [{k: v.clone() for k, v in t.items()} for t in [base, *tasks]]
+    for method in tsv_fast.METHODS:
+        tsv_fast.merge_layers(base, tasks, method=method)
+    for saved, live in zip(before, [base, *tasks]):
+        assert all(torch.equal(saved[k], live[k]) for k in saved)

@@ -1,0 +1,26 @@
+"""tsv-fast: merge and compress fine-tuned models with Task Singular Vectors.
+
+* :func:`merge_layers` — TSV-M and the baselines (Task Arithmetic, TIES, averaging).
+* :func:`compress` — TSV-C: per-task low-rank factors that rebuild each task.
+* :func:`interference` — Singular Task Interference per layer and task pair.
+* :func:`backend` — whether the compiled C++/CUDA ops or the pure-PyTorch path is used.
+"""
+
+from .backend import Backend, backend
+from .compress import compress, resolve_rank
+from .errors import TSVInputError, TSVRankWarning
+from .interference import Interference, interference
+from .keys import is_matrix_key, select_keys
+from .merge import merge_layers
+from .methods import METHODS
+from .ops import reconstruct
+from .solvers import SOLVERS
+from .tasks import CompressedTask, TaskVector, task_vectors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "CompressedTask", "Interference", "METHODS", "SOLVERS", "TSVInputError", "TSVRankWarning",
+    "TaskVector", "backend", "compress", "interference", "is_matrix_key", "merge_layers", "reconstruct",
+    "resolve_rank", "select_keys", "task_vectors", "__version__",
+]

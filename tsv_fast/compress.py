@@ -1,0 +1,88 @@
+"""TSV-C: keep each task's top-k singular triplets per matrix key (SPEC.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import TSVInputError
+from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank, select_keys
+from .solvers import get_solver
+from .tasks import CompressedTask, StateDict, Task, as_sources
+
+def energy_rank(S: Tensor, energy: float) -> int:
+    """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
+    power = S.double() ** 2
+    total = power.sum()
+    if total == 0:
+        return 0
+    cumulative = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+
+
+def compress(
+    base: StateDict,
+    tasks: Sequence[Task],
+    rank: Rank = None,
+    *,
+    energy: float | None = None,
+    num_tasks: int | None = None,
+    names: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    solver: str = "exact",
+    factor_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[CompressedTask]:
+    """TSV-C of every task: per matrix key ``U[:, :k]``, ``S[:k]``, ``V[:, :k]``.
+
+    Args:
+        rank: per-task rank: an int k, a float fraction of r = min(m, n), or None for
+            floor(r / T) with T = ``num_tasks`` (default: ``len(tasks)``), which is
+            what TSV-M keeps.
+        energy: instead of ``rank``, the smallest k keeping this fraction of each
+            task's squared singular values (so k differs between tasks).
+        include, exclude: fnmatch globs; unselected keys are not stored (zero delta).
+        factor_dtype: dtype of the stored factors and deltas (default: the base's).
+
+    Keys whose delta is exactly zero (a frozen tower) are not stored. Returns one
+    :class:`CompressedTask` per task, able to rebuild the task with ``.apply(base)``.
+    """
+    if rank is not None and energy is not None:
+        raise TSVInputError("give either rank or energy, not both")
+    if energy is not None and not 0 < energy <= 1:
+        raise TSVInputError(f"energy must be in (0, 1], got {energy}")
+    solve = get_solver(solver)
+    sources = as_sources(base, tasks, names)
+    T = num_tasks or len(sources)
+    selected = select_keys(base, include, exclude)
+    dev = torch.device(device) if device is not None else None
+    out = [CompressedTask(s.name) for s in sources]
+    for key in tqdm(list(base), desc="compress", disable=not progress, unit="key"):
+        b = base[key] if dev is None else base[key].to(dev)
+        if key not in selected or not is_mergeable(b):
+            continue
+        dtype = factor_dtype or b.dtype
+        deltas = torch.stack([s.delta(key, b, dev) for s in sources])
+        nonzero = deltas.flatten(1).any(1).tolist()
+        if not is_matrix_key(key, b):
+            for task, d, keep in zip(out, deltas, nonzero):
+                if keep:
+                    task.deltas[key] = d.to(dtype)
+            continue
+        if energy is None:
+            k = resolve_rank(b.shape, rank, T)
+            U, S, V = solve(deltas, k)
+            ks = [k] * len(sources)
+        else:
+            U, S, V = solve(deltas, min(b.shape))
+            ks = [energy_rank(s, energy) for s in S]
+        for i, (task, keep) in enumerate(zip(out, nonzero)):
+            if keep:
+                k = ks[i]
+                task.factors[key] = tuple(t.to(dtype).contiguous() for t in (U[i, :, :k], S[i, :k], V[i, :, :k]))
+    return out

@@ -1,0 +1,67 @@
+"""Singular Task Interference (STI) per matrix key and per task pair (SPEC.md)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .keys import is_matrix_key, rank_per_task, select_keys
+from .solvers import get_solver
+from .tasks import StateDict, Task, as_sources
+from .tsv import singular_task_interference, task_factors
+
+_BLOCK = re.compile(r"^(.*?(?:resblocks|layers?|blocks?|h)\.\d+)\.")
+
+
+@dataclass
+class Interference:
+    """STI of each matrix key (``per_key``) and of each task pair (``per_pair``, T×T)."""
+
+    tasks: list[str]
+    per_key: dict[str, float]
+    per_pair: dict[str, Tensor]
+
+    def by_block(self) -> dict[str, float]:
+        """STI summed over the matrix keys of each transformer block (``visual.…resblocks.3``);
+        keys outside blocks are reported under their own name."""
+        out: dict[str, float] = {}
+        for key, value in self.per_key.items():
+            m = _BLOCK.match(key)
+            group = m.group(1) if m else key
+            out[group] = out.get(group, 0.0) + value
+        return out
+
+
+def interference(
+    base: StateDict,
+    tasks: Sequence[Task],
+    *,
+    names: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    solver: str = "exact",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Interference:
+    """STI of every selected matrix key, with the per-task rank floor(r/T) TSV-M uses.
+
+    STI is 0 when the tasks' singular vectors are mutually orthogonal and grows with
+    their overlap. Keys with r < T (k = 0) are skipped.
+    """
+    get_solver(solver)
+    sources = as_sources(base, tasks, names)
+    selected = select_keys(base, include, exclude)
+    dev = torch.device(device) if device is not None else None
+    per_key, per_pair = {}, {}
+    for key in tqdm(list(base), desc="interference", disable=not progress, unit="key"):
+        b = base[key] if dev is None else base[key].to(dev)
+        k = rank_per_task(b.shape, len(sources)) if b.ndim == 2 else 0
+        if key not in selected or not is_matrix_key(key, b) or k == 0:
+            continue
+        per_key[key], per_pair[key] = singular_task_interference(task_factors(sources, key, b, k, solver, dev))
+    return Interference([s.name for s in sources], per_key, per_pair)

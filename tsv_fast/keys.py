@@ -1,0 +1,70 @@
+"""Which parameters TSV treats as matrices, and which keys a user asked to merge."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .errors import TSVInputError
+
+Rank = int | float | None
+
+
+def is_mergeable(tensor: torch.Tensor) -> bool:
+    """Floating tensors are merged; integer buffers (position ids...) are copied from the base."""
+    return tensor.is_floating_point()
+
+
+def is_matrix_key(name: str, tensor: torch.Tensor) -> bool:
+    """A 2-D floating parameter other than ``text_projection`` (SPEC: TSV acts on these).
+
+    Everything else (biases, LayerNorm, ``class_embedding``, the 4-D ``conv1``,
+    ``logit_scale``, ``text_projection``) is merged by averaging task vectors.
+    """
+    return tensor.ndim == 2 and tensor.is_floating_point() and "text_projection" not in name
+
+
+def rank_per_task(shape: Sequence[int], num_tasks: int) -> int:
+    """The paper's per-task rank for a matrix key: ``floor(min(m, n) / T)``."""
+    return min(shape) // num_tasks
+
+
+def resolve_rank(shape: Sequence[int], rank: Rank, num_tasks: int) -> int:
+    """Per-task rank for a matrix of ``shape``: an int k (clamped to r), a float f in
+    (0, 1] meaning floor(f·r), or None for the paper's floor(r / T)."""
+    r = min(shape)
+    if rank is None:
+        return r // num_tasks
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TSVInputError(f"rank must be an int, a float in (0, 1] or None, got {rank!r}")
+    if isinstance(rank, int):
+        if rank < 0:
+            raise TSVInputError(f"rank must be >= 0, got {rank}")
+        return min(rank, r)
+    if not 0 < rank <= 1:
+        raise TSVInputError(f"a fractional rank must be in (0, 1], got {rank}")
+    return math.floor(rank * r)
+
+
+def select_keys(
+    keys: Iterable[str],
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> set[str]:
+    """Keys matching any ``include`` glob (all when None) and no ``exclude`` glob.
+
+    Globs use :mod:`fnmatch` syntax, e.g. ``"visual.*"`` or ``"*.attn.*"``.
+    """
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude or []
+    selected = set()
+    for key in keys:
+        if include is not None and not any(fnmatch.fnmatchcase(key, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(key, p) for p in exclude):
+            continue
+        selected.add(key)
+    return selected

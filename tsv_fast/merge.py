@@ -1,0 +1,84 @@
+"""``merge_layers``: one merged state dict from a base and several tasks, key by key."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import TSVInputError, TSVRankWarning
+from .keys import is_mergeable, select_keys
+from .methods import KeyContext, get_method
+from .solvers import get_solver
+from .tasks import StateDict, Task, as_sources
+
+
+def merge_layers(
+    base: StateDict,
+    tasks: Sequence[Task],
+    method: str = "tsv",
+    alpha: float | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    solver: str = "exact",
+    out_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **options,
+) -> dict[str, Tensor]:
+    """Merge ``tasks`` into ``base`` and return the merged state dict.
+
+    Args:
+        base: the pretrained state dict ``θ0``.
+        tasks: fine-tuned state dicts, :class:`TaskVector` s or :class:`CompressedTask` s
+            (mixing them is fine).
+        method: ``"tsv"`` (TSV-M), ``"task_arithmetic"``, ``"ties"`` or ``"mean"``.
+        alpha: scale of the merged delta; ``None`` takes the method's default
+            (1.0 for TSV-M, TIES and mean, 0.3 for Task Arithmetic).
+        include, exclude: fnmatch globs choosing the keys to merge; the other keys,
+            and integer buffers, keep the base's tensor (the same object, not a copy,
+            unless ``out_dtype`` asks for a cast).
+        solver: top-k SVD solver for TSV-M (``"exact"``).
+        out_dtype: dtype of merged tensors (default: each base tensor's dtype).
+        device: where to compute (default: where the base tensors are); the result
+            stays there.
+        progress: show a progress bar over keys.
+        options: method options: ``rank`` for TSV-M (per-task k: an int, a fraction of
+            r, or None for the paper's floor(r/T)); ``density`` for TIES (0.2).
+    """
+    spec = get_method(method)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise TSVInputError(f"method {method!r} has no option(s) {sorted(unknown)}; "
+                            f"its options are {sorted(spec.options) or 'none'}")
+    get_solver(solver)
+    sources = as_sources(base, tasks, names)
+    selected = select_keys(base, include, exclude)
+    if not any(is_mergeable(base[k]) for k in selected):
+        raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no floating key to merge")
+    ctx = KeyContext(
+        alpha=spec.default_alpha if alpha is None else float(alpha),
+        solver=solver,
+        device=torch.device(device) if device is not None else None,
+        options={**spec.options, **options},
+    )
+    merged = {}
+    for key in tqdm(list(base), desc=f"merge ({method})", disable=not progress, unit="key"):
+        b = base[key]
+        if ctx.device is not None:
+            b = b.to(ctx.device)
+        if key in selected and is_mergeable(b):
+            merged[key] = spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
+        else:
+            merged[key] = b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
+    if ctx.zero_rank_keys:
+        warnings.warn(
+            f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
+            f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
+            TSVRankWarning, stacklevel=2)
+    return merged

@@ -1,0 +1,124 @@
+"""Merge methods, one function per method, in one registry.
+
+A method merges one key: it gets the base tensor and the task sources and returns the
+merged weight. :func:`tsv_fast.merge_layers` does the looping, selection and dtype
+handling, so a new method is a function and a registry entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .errors import TSVInputError
+from .keys import is_matrix_key, resolve_rank
+from .tasks import TaskSource
+from .tsv import task_factors, tsv_merge_factors
+
+
+@dataclass
+class KeyContext:
+    """What a method needs besides the key's tensors."""
+
+    alpha: float
+    solver: str = "exact"
+    device: torch.device | None = None
+    options: dict = field(default_factory=dict)
+    zero_rank_keys: list[str] = field(default_factory=list)
+
+
+MergeFn = Callable[[str, Tensor, Sequence[TaskSource], KeyContext], Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge_key: MergeFn
+    default_alpha: float
+    options: dict  # option name -> default
+    summary: str
+
+
+def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
+    return torch.stack([s.delta(key, base, device) for s in sources])
+
+
+def _mean_delta(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
+    """Running sum, so only two key-sized buffers are alive whatever the number of tasks."""
+    total = sources[0].delta(key, base, device).clone()
+    for s in sources[1:]:
+        total += s.delta(key, base, device)
+    return total.div_(len(sources))
+
+
+def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    return base.to(delta.dtype).add_(delta, alpha=alpha) if base.dtype != delta.dtype \
+        else torch.add(base, delta, alpha=alpha)
+
+
+def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
+    """TSV-M: whitened concatenation of every task's top-k factors (k = floor(r/T) unless the
+    ``rank`` option says otherwise); mean of the deltas on non-matrix keys."""
+    if not is_matrix_key(key, base):
+        return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha)
+    k = resolve_rank(base.shape, ctx.options["rank"], len(sources))
+    if k == 0:
+        ctx.zero_rank_keys.append(key)
+        return base.clone()
+    U, S, V = tsv_merge_factors(task_factors(sources, key, base, k, ctx.solver, ctx.device))
+    return ops.reconstruct(base, U, S, V, ctx.alpha)
+
+
+def merge_task_arithmetic(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
+    """``θ0 + λ Σ τt``."""
+    return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha * len(sources))
+
+
+def merge_mean(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
+    """Weight averaging ``mean θt`` (= ``θ0 + mean τt``; α scales the mean delta)."""
+    return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha)
+
+
+def ties_delta(taus: Tensor, density: float) -> Tensor:
+    """TIES on stacked deltas ``(T, ...)``: trim to top-``density`` magnitudes per task,
+    elect a sign per entry from the trimmed sum, average the entries that agree with it.
+    """
+    T = taus.shape[0]
+    flat = taus.reshape(T, -1)
+    keep = max(1, int(round(density * flat.shape[1])))
+    if keep < flat.shape[1]:
+        threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+        flat = torch.where(flat.abs() >= threshold, flat, torch.zeros((), dtype=flat.dtype))
+    sign = torch.sign(flat.sum(0))
+    agree = (torch.sign(flat) == sign) & (flat != 0)
+    merged = (flat * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return merged.reshape(taus.shape[1:])
+
+
+def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
+    """TIES-merging, trimmed per key (as mergekit does), then ``θ0 + λ·merged``."""
+    density = ctx.options["density"]
+    if not 0 < density <= 1:
+        raise TSVInputError(f"ties: density must be in (0, 1], got {density}")
+    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), density), ctx.alpha)
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m for m in [
+        MergeMethod("tsv", merge_tsv, 1.0, {"rank": None}, "TSV-M (Gargiulo et al., CVPR 2025)"),
+        MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt"),
+        MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),
+        MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging"),
+    ]
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise TSVInputError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}") from None

@@ -1,0 +1,245 @@
+"""The three ways a task reaches tsv-fast, and the checks that make bad input fail early.
+
+* a fine-tuned state dict (any ``Mapping[str, Tensor]``),
+* a :class:`TaskVector` (``τ = θ_ft − θ0``, from :func:`task_vectors`),
+* a :class:`CompressedTask` (TSV-C factors, from :func:`tsv_fast.compress`).
+
+Merging code never looks at which one it got: it asks a :class:`TaskSource` for a key's
+dense delta or, when the task is compressed, for its stored factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .errors import TSVInputError
+from .keys import is_matrix_key, is_mergeable
+
+StateDict = Mapping[str, Tensor]
+Factors = tuple[Tensor, Tensor, Tensor]  # U (m, k), S (k,), V (n, k)
+
+
+class TaskVector(dict):
+    """Per-key deltas ``θ_ft − θ0`` of one task; a plain ``dict`` with a ``name``.
+
+    Keys absent from a task vector are zero (a frozen tower need not be stored).
+    """
+
+    def __init__(self, deltas: Mapping[str, Tensor] = (), name: str = "task"):
+        super().__init__(deltas)
+        self.name = name
+
+
+@dataclass
+class CompressedTask:
+    """TSV-C of one task: top-k factors per matrix key, whole deltas elsewhere.
+
+    The task's weights are ``θ0 + U diag(S) Vᵀ`` on matrix keys and ``θ0 + delta`` on
+    the others; keys in neither dict have a zero delta.
+    """
+
+    name: str
+    factors: dict[str, Factors] = field(default_factory=dict)
+    deltas: dict[str, Tensor] = field(default_factory=dict)
+
+    def rank(self, key: str) -> int:
+        return self.factors[key][1].shape[0]
+
+    def delta(self, key: str) -> Tensor | None:
+        """The dense delta of ``key`` (None when it is zero)."""
+        if key in self.factors:
+            U, S, V = (t.to(_compute_dtype(t)) for t in self.factors[key])
+            return (U * S) @ V.T
+        return self.deltas.get(key)
+
+    def apply(self, base: StateDict, alpha: float = 1.0) -> dict[str, Tensor]:
+        """Rebuild the task's weights on ``base``: ``θ0 + α·delta`` for every key."""
+        out = {}
+        for key, b in base.items():
+            if key in self.factors:
+                out[key] = ops.reconstruct(b, *self.factors[key], alpha)
+            elif key in self.deltas and is_mergeable(b):
+                out[key] = (b.to(_compute_dtype(b)) + alpha * self.deltas[key].to(b.device)).to(b.dtype)
+            else:
+                out[key] = b.clone()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the factors and deltas (what storing this task costs)."""
+        tensors = [t for f in self.factors.values() for t in f] + list(self.deltas.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to_state_dict(self) -> dict[str, Tensor]:
+        """Flat ``name → tensor`` view for safetensors: ``key::U``, ``key::S``, ``key::V``, ``key::delta``."""
+        flat = {f"{k}::delta": t for k, t in self.deltas.items()}
+        for k, (U, S, V) in self.factors.items():
+            flat.update({f"{k}::U": U, f"{k}::S": S, f"{k}::V": V})
+        return {k: t.contiguous() for k, t in flat.items()}
+
+    @classmethod
+    def from_state_dict(cls, flat: StateDict, name: str = "task") -> "CompressedTask":
+        task = cls(name)
+        for flat_key, t in flat.items():
+            key, _, part = flat_key.rpartition("::")
+            if part == "delta":
+                task.deltas[key] = t
+            elif part in ("U", "S", "V"):
+                task.factors.setdefault(key, {})[part] = t
+            else:
+                raise TSVInputError(f"task {name!r}: unexpected key {flat_key!r} in a compressed task")
+        for key, parts in task.factors.items():
+            if set(parts) != {"U", "S", "V"}:
+                raise TSVInputError(f"task {name!r}: key {key!r} lacks factor(s) {sorted({'U', 'S', 'V'} - set(parts))}")
+            task.factors[key] = (parts["U"], parts["S"], parts["V"])
+        return task
+
+
+Task = Union[StateDict, TaskVector, CompressedTask]
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def task_vectors(
+    base: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None
+) -> list[TaskVector]:
+    """``τ_t = θ_t − θ0`` for each fine-tuned state dict, after checking it against ``base``.
+
+    Deltas are kept in the fine-tuned dtype (float64 stays float64); integer buffers
+    are skipped (merges copy them from the base).
+    """
+    sources = as_sources(base, list(finetuned), names)
+    out = []
+    for src in sources:
+        tv = TaskVector(name=src.name)
+        for key, b in base.items():
+            if is_mergeable(b):
+                tv[key] = src.delta(key, b).to(src.state[key].dtype)
+        out.append(tv)
+    return out
+
+
+class TaskSource:
+    """One task as seen by the merge code: a dense delta per key, or stored factors."""
+
+    def __init__(self, name: str, state: Mapping[str, Tensor] | None, base: StateDict | None,
+                 compressed: CompressedTask | None = None):
+        self.name, self.state, self.base, self.compressed = name, state, base, compressed
+
+    def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None) -> Tensor:
+        """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's)."""
+        device = device or base_tensor.device
+        dtype = _compute_dtype(base_tensor)
+        if self.compressed is not None:
+            d = self.compressed.delta(key)
+        elif self.base is not None:  # fine-tuned weights
+            d = self.state[key].to(device, dtype) - self.base[key].to(device, dtype)
+        else:  # task vector
+            d = self.state.get(key)
+        if d is None:
+            return torch.zeros(base_tensor.shape, dtype=dtype, device=device)
+        return d.to(device, dtype)
+
+    def factors(self, key: str) -> Factors | None:
+        """Stored TSV-C factors for ``key``, if this task is compressed and has them."""
+        return None if self.compressed is None else self.compressed.factors.get(key)
+
+
+def as_sources(base: StateDict, tasks: Sequence[Task], names: Sequence[str] | None = None) -> list[TaskSource]:
+    """Validate every task against ``base`` and wrap it as a :class:`TaskSource`.
+
+    Raises :class:`TSVInputError` naming the task, the key and the problem.
+    """
+    if isinstance(tasks, Mapping):
+        raise TSVInputError("tasks must be a sequence of state dicts / task vectors / compressed tasks, "
+                            "not a single mapping (wrap it in a list)")
+    if len(tasks) == 0:
+        raise TSVInputError("no tasks given: need at least one fine-tuned model or task vector")
+    if names is not None and len(names) != len(tasks):
+        raise TSVInputError(f"got {len(names)} names for {len(tasks)} tasks")
+    _check_base(base)
+    sources = []
+    for i, task in enumerate(tasks):
+        default = getattr(task, "name", None) or f"task{i}"
+        name = names[i] if names is not None else default
+        if isinstance(task, CompressedTask):
+            _check_compressed(base, task, name)
+            sources.append(TaskSource(name, None, None, compressed=task))
+        elif isinstance(task, TaskVector):
+            _check_state(base, task, name, is_delta=True)
+            sources.append(TaskSource(name, task, None))
+        elif isinstance(task, Mapping):
+            _check_state(base, task, name, is_delta=False)
+            sources.append(TaskSource(name, task, base))
+        else:
+            raise TSVInputError(f"task {name!r}: expected a state dict, TaskVector or CompressedTask, "
+                                f"got {type(task).__name__}")
+    return sources
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in items[:n])
+    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _check_base(base: StateDict) -> None:
+    if not isinstance(base, Mapping) or len(base) == 0:
+        raise TSVInputError("base must be a non-empty state dict (name → tensor)")
+    for key, t in base.items():
+        if not isinstance(t, Tensor):
+            raise TSVInputError(f"base: key {key!r} is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TSVInputError(f"base: key {key!r} contains NaN or Inf")
+
+
+def _check_state(base: StateDict, state: StateDict, name: str, is_delta: bool) -> None:
+    floating = [k for k, t in base.items() if is_mergeable(t)]
+    missing = [k for k in floating if k not in state]
+    if missing and not is_delta:  # task vectors may omit zero deltas
+        raise TSVInputError(f"task {name!r}: {len(missing)} key(s) of the base are missing: {_first(missing)}")
+    extra = [k for k in state if k not in base]
+    if extra:
+        raise TSVInputError(f"task {name!r}: {len(extra)} key(s) are not in the base: {_first(extra)}")
+    for key in floating:
+        if key not in state:
+            continue
+        t = state[key]
+        if not isinstance(t, Tensor):
+            raise TSVInputError(f"task {name!r}: key {key!r} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(base[key].shape):
+            raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, "
+                                f"base has {tuple(base[key].shape)}")
+        if not t.is_floating_point():
+            raise TSVInputError(f"task {name!r}: key {key!r} has dtype {t.dtype}, expected a floating dtype "
+                                f"like the base ({base[key].dtype})")
+        if not torch.isfinite(t).all():
+            raise TSVInputError(f"task {name!r}: key {key!r} contains NaN or Inf")
+
+
+def _check_compressed(base: StateDict, task: CompressedTask, name: str) -> None:
+    extra = [k for k in (*task.factors, *task.deltas) if k not in base]
+    if extra:
+        raise TSVInputError(f"task {name!r}: {len(extra)} key(s) are not in the base: {_first(extra)}")
+    for key, (U, S, V) in task.factors.items():
+        m, n = base[key].shape if base[key].ndim == 2 else (None, None)
+        if not is_matrix_key(key, base[key]) or U.ndim != 2 or V.ndim != 2 or S.ndim != 1 \
+                or U.shape[0] != m or V.shape[0] != n or not (U.shape[1] == S.shape[0] == V.shape[1]):
+            raise TSVInputError(f"task {name!r}: key {key!r}: factors U{tuple(U.shape)} S{tuple(S.shape)} "
+                                f"V{tuple(V.shape)} do not fit base shape {tuple(base[key].shape)}")
+        for part, t in zip("USV", (U, S, V)):
+            if not torch.isfinite(t).all():
+                raise TSVInputError(f"task {name!r}: key {key!r}: factor {part} contains NaN or Inf")
+    for key, t in task.deltas.items():
+        if tuple(t.shape) != tuple(base[key].shape):
+            raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, "
+                                f"base has {tuple(base[key].shape)}")
+        if not torch.isfinite(t).all():
+            raise TSVInputError(f"task {name!r}: key {key!r} contains NaN or Inf")

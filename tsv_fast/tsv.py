@@ -1,0 +1,91 @@
+"""Task Singular Vectors, one matrix key at a time (SPEC.md: TSV-C, TSV-M, STI).
+
+Everything here works on the factors of one key; :mod:`tsv_fast.merge`,
+:mod:`tsv_fast.compress` and :mod:`tsv_fast.interference` loop over keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .solvers import get_solver
+from .tasks import Factors, TaskSource
+
+
+def task_factors(
+    sources: Sequence[TaskSource], key: str, base_tensor: Tensor, k: int,
+    solver: str = "exact", device: torch.device | None = None,
+) -> list[Factors]:
+    """The k leading singular triplets of every task's delta for ``key`` (TSV-C, step 1 of TSV-M).
+
+    Dense tasks are stacked and factorised in one batched solver call; compressed tasks
+    give their stored factors (already at most their stored rank).
+    """
+    device = device or base_tensor.device
+    dense = [i for i, s in enumerate(sources) if s.factors(key) is None]
+    out: list[Factors | None] = [None] * len(sources)
+    if dense:
+        stack = torch.stack([sources[i].delta(key, base_tensor, device) for i in dense])
+        U, S, V = get_solver(solver)(stack, k)
+        for j, i in enumerate(dense):
+            out[i] = (U[j], S[j], V[j])
+        del stack
+    dtype = torch.float64 if base_tensor.dtype == torch.float64 else torch.float32
+    for i, s in enumerate(sources):
+        if out[i] is None:
+            U, S, V = s.factors(key)
+            out[i] = (U[:, :k].to(device, dtype), S[:k].to(device, dtype), V[:, :k].to(device, dtype))
+    return out
+
+
+def concat_factors(factors: Sequence[Factors]) -> Factors:
+    """TSV-M step 2: ``U = [U1 … UT]``, ``S = [S1 … ST]``, ``V = [V1 … VT]``."""
+    U, S, V = zip(*factors)
+    return torch.cat(U, dim=1), torch.cat(S), torch.cat(V, dim=1)
+
+
+def polar_factor(X: Tensor) -> Tensor:
+    """Nearest matrix with orthonormal columns (orthogonal Procrustes): ``X = P D Qᵀ → P Qᵀ``.
+
+    Computed by SVD in float64: the concatenated U is often ill-conditioned (SPEC.md),
+    and the float32 error grows like eps·cond (2.7e-4 in Δ at cond 7e3 in our tests;
+    ~1e-8 in float64). The result is orthonormal and finite even when X is
+    rank-deficient; there the null-space directions are an arbitrary orthonormal
+    completion, weighted in Δ by the duplicated tasks' singular values.
+    """
+    P, _, Qh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (P @ Qh).to(X.dtype)
+
+
+def tsv_merge_factors(factors: Sequence[Factors]) -> Factors:
+    """TSV-M steps 2–3: concatenate and whiten; ``Δ = U⊥ diag(S) V⊥ᵀ``."""
+    U, S, V = concat_factors(factors)
+    return polar_factor(U), S, polar_factor(V)
+
+
+def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:
+    """STI of a key: ``‖(UᵀU − I) diag(S) (VᵀV − I)‖₁`` over all tasks, and per task pair.
+
+    The pair value (i, j) is the same quantity for the concatenation of tasks i and j
+    only; it reuses the cross-task blocks of the Gram matrices. The diagonal is 0.
+    """
+    U, S, V = concat_factors(factors)
+    eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
+    M = U.T @ U - eye
+    N = V.T @ V - eye
+    total = (M * S) @ N
+    T = len(factors)
+    pairs = torch.zeros(T, T, dtype=torch.float64)
+    offsets = [0]
+    for f in factors:
+        offsets.append(offsets[-1] + f[1].shape[0])
+    blocks = [torch.arange(offsets[t], offsets[t + 1], device=U.device) for t in range(T)]
+    for i in range(T):
+        for j in range(i + 1, T):
+            idx = torch.cat([blocks[i], blocks[j]])
+            value = ((M[idx][:, idx] * S[idx]) @ N[idx][:, idx]).abs().sum().item()
+            pairs[i, j] = pairs[j, i] = value
+    return total.abs().sum().item(), pairs
