@@ -1,0 +1,57 @@
+# tsv-fast: `make test` and `make demo` set everything up on a fresh machine.
+#
+#   make venv     the virtual environment (.venv) with torch and the dev requirements
+#   make build    compile tsv_fast._C (C++ always, CUDA when torch has CUDA and nvcc is found)
+#   make test     pytest + the C++ tests (CTest); CUDA tests skip without a GPU
+#   make demo     TSV-C, TSV-M and STI on CLIP ViT-B/32-shaped tasks, with timings
+#   make bench    the benchmark table (BENCHMARKS.md)
+
+# One place to pin torch: a CUDA 13.0 build (runs on CPU too) whose torchvision imports
+# beside it, so open_clip works. Override: make test TORCH="torch==2.13.0".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch's OpenMP threads busy-wait on a loaded 2-core machine (seen 14x slower).
+export OMP_WAIT_POLICY ?= PASSIVE
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+EXT_SOURCES := setup.py $(shell find csrc -type f)
+
+.PHONY: all venv build test pytest ctest demo bench clean
+
+all: build
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH) -r requirements-dev.txt
+	touch $@
+
+build: build/.ext-built
+
+build/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import tsv_fast; print('tsv_fast backend:', tsv_fast.backend())"
+	mkdir -p build && touch $@
+
+test: pytest ctest
+
+pytest: build
+	$(PY) -m pytest -q
+
+ctest: $(VENV)/.installed
+	mkdir -p build && cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > build/cmake.log || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+demo: build
+	$(PY) -m tsv_fast.demo
+
+bench: build
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf build tsv_fast/_C*.so *.egg-info .pytest_cache

@@ -1,0 +1,89 @@
+"""TSV-M: the authors' algorithm vs tsv-fast, side by side in one run, with the ratio.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_merge.py --model ViT-B-32 --tasks 8
+
+(a) reference: one full ``torch.linalg.svd`` per task and key, plus one per side for the
+    polar factors (what the authors' scripts do), float32.
+(d) tsv-fast ``merge_layers(method="tsv", solver="exact")``.
+Also the fused reconstruction op vs plain PyTorch. Absolute times on a shared 2-core
+machine are noise; the ratio measured in the same run is the signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import tsv_fast
+from tsv_fast import ops
+from tsv_fast.keys import is_matrix_key
+from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
+
+
+def reference_tsv_m(base: dict, taus: list[dict]) -> dict:
+    """The authors' algorithm, written plainly: per-task SVDs, concatenate, SVD-polar both sides."""
+    T = len(taus)
+    out = {}
+    for key, b in base.items():
+        if not is_matrix_key(key, b):
+            out[key] = b + sum(t[key] for t in taus) / T
+            continue
+        k = min(b.shape) // T
+        Us, Ss, Vs = [], [], []
+        for t in taus:
+            U, S, Vh = torch.linalg.svd(t[key], full_matrices=False)
+            Us.append(U[:, :k]), Ss.append(S[:k]), Vs.append(Vh[:k].T)
+        U, S, V = torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vs, 1)
+        P, _, Qh = torch.linalg.svd(U, full_matrices=False)
+        Pv, _, Qhv = torch.linalg.svd(V, full_matrices=False)
+        out[key] = b + (P @ Qh * S) @ (Pv @ Qhv).T
+    return out
+
+
+def best_of(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
+    p.add_argument("--tasks", type=int, nargs="+", default=[8])
+    p.add_argument("--blocks", type=int, default=1, help="transformer blocks to merge (default 1)")
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args()
+    width, _, patch, image = CLIP_VITS[args.model]
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {tsv_fast.backend()}")
+    base = clip_vit_base(width, args.blocks, patch, image)
+    blocks = {k: v for k, v in base.items() if ".resblocks." in k}
+    print("| model | T | keys | reference (s) | tsv-fast exact (s) | speed-up | max rel. err of Δ |")
+    print("|---|---|---|---|---|---|---|")
+    for T in args.tasks:
+        taus = synthetic_task_vectors(blocks, T, seed=1)
+        t_ref, ref = best_of(lambda: reference_tsv_m(blocks, taus), args.repeat)
+        tvs = [tsv_fast.TaskVector(t) for t in taus]
+        t_fast, fast = best_of(lambda: tsv_fast.merge_layers(blocks, tvs), args.repeat)
+        err = max(((fast[k] - ref[k]).norm() / (ref[k] - blocks[k]).norm()).item() for k in blocks)
+        print(f"| {args.model} ×{args.blocks} blocks | {T} | {len(blocks)} | {t_ref:.2f} | {t_fast:.2f} "
+              f"| {t_ref / t_fast:.2f}× | {err:.1e} |")
+
+    print("\n| reconstruct W0 + U diag(S) Vᵀ | shape | k | PyTorch (ms) | tsv_fast op (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for m, n, k in [(3072, 768, 768), (768, 768, 96)]:
+        W0, U, S, V = torch.randn(m, n), torch.randn(m, k), torch.rand(k), torch.randn(n, k)
+        t_torch = statistics.median(best_of(lambda: torch.addmm(W0, U * S, V.T), 1)[0] for _ in range(5))
+        t_op = statistics.median(best_of(lambda: ops.reconstruct(W0, U, S, V, 1.0), 1)[0] for _ in range(5))
+        print(f"| CPU float32 | {m}×{n} | {k} | {1e3 * t_torch:.1f} | {1e3 * t_op:.1f} | {t_torch / t_op:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
