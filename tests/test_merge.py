@@ -196,3 +196,39 @@ def test_more_synthetic_seeds_agree_with_reference(small_base):
     merged = tsv_fast.merge_layers(small_base, tasks)
     # decay 1 + strong overlap: cond(V) ~ 7e3, float32 top-k factors give ~1e-4 (SPEC target: 1e-3)
     assert deltas_vs_reference(small_base, merged, ref.merge(small_base, tasks, "tsv", 1.0)) < 5e-4
+
+
+class CountingLazyDict(dict):
+    """A mapping like a lazy checkpoint: ``meta`` answers shapes, ``[]`` counts reads."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.reads = {}
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+    def meta(self, key):
+        t = dict.__getitem__(self, key)
+        return t.shape, t.dtype
+
+
+@pytest.mark.parametrize("method", sorted(tsv_fast.METHODS))
+def test_streaming_reads_every_task_tensor_once(small_base, small_tasks, method):
+    tasks = [CountingLazyDict(t) for t in small_tasks]
+    stream = tsv_fast.iter_merge(small_base, tasks, method=method)
+    assert all(not t.reads for t in tasks)  # checks ran on metadata only
+    merged = dict(stream)
+    for t in tasks:
+        assert t.reads == {k: 1 for k in small_base}
+    expected = tsv_fast.merge_layers(small_base, small_tasks, method=method)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_nan_found_while_streaming_names_the_task_and_key(small_base, small_tasks):
+    bad = dict(small_tasks[1])
+    bad["visual.proj"] = bad["visual.proj"].clone()
+    bad["visual.proj"][0, 0] = float("nan")
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'visual.proj' contains NaN"):
+        tsv_fast.merge_layers(small_base, [small_tasks[0], bad])

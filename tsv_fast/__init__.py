@@ -11,7 +11,7 @@ from .compress import compress, resolve_rank
 from .errors import TSVInputError, TSVRankWarning
 from .interference import Interference, interference
 from .keys import is_matrix_key, select_keys
-from .merge import merge_layers
+from .merge import iter_merge, merge_layers
 from .methods import METHODS
 from .ops import reconstruct
 from .solvers import SOLVERS
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "CompressedTask", "Interference", "METHODS", "SOLVERS", "TSVInputError", "TSVRankWarning",
-    "TaskVector", "backend", "compress", "interference", "is_matrix_key", "merge_layers", "reconstruct",
+    "TaskVector", "backend", "compress", "interference", "is_matrix_key", "iter_merge", "merge_layers", "reconstruct",
     "resolve_rank", "select_keys", "task_vectors", "__version__",
 ]

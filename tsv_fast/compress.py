@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .errors import TSVInputError
 from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank, select_keys
 from .solvers import get_solver
-from .tasks import CompressedTask, StateDict, Task, as_sources
+from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor
 
 def energy_rank(S: Tensor, energy: float) -> int:
     """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
@@ -63,7 +63,7 @@ def compress(
     dev = torch.device(device) if device is not None else None
     out = [CompressedTask(s.name) for s in sources]
     for key in tqdm(list(base), desc="compress", disable=not progress, unit="key"):
-        b = base[key] if dev is None else base[key].to(dev)
+        b = checked_base_tensor(base, key) if dev is None else checked_base_tensor(base, key).to(dev)
         if key not in selected or not is_mergeable(b):
             continue
         dtype = factor_dtype or b.dtype

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .keys import is_matrix_key, rank_per_task, select_keys
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources
+from .tasks import StateDict, Task, as_sources, checked_base_tensor
 from .tsv import singular_task_interference, task_factors
 
 _BLOCK = re.compile(r"^(.*?(?:resblocks|layers?|blocks?|h)\.\d+)\.")
@@ -59,7 +59,7 @@ def interference(
     dev = torch.device(device) if device is not None else None
     per_key, per_pair = {}, {}
     for key in tqdm(list(base), desc="interference", disable=not progress, unit="key"):
-        b = base[key] if dev is None else base[key].to(dev)
+        b = checked_base_tensor(base, key) if dev is None else checked_base_tensor(base, key).to(dev)
         k = rank_per_task(b.shape, len(sources)) if b.ndim == 2 else 0
         if key not in selected or not is_matrix_key(key, b) or k == 0:
             continue

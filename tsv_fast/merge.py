@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -13,7 +13,70 @@ from .errors import TSVInputError, TSVRankWarning
 from .keys import is_mergeable, select_keys
 from .methods import KeyContext, get_method
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources
+from .tasks import StateDict, Task, as_sources, checked_base_tensor, tensor_meta
+
+
+def iter_merge(
+    base: StateDict,
+    tasks: Sequence[Task],
+    method: str = "tsv",
+    alpha: float | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    solver: str = "exact",
+    out_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **options,
+) -> Iterator[tuple[str, Tensor]]:
+    """Merge ``tasks`` into ``base``, yielding ``(key, merged tensor)`` in the base's key order.
+
+    This is the streaming form of :func:`merge_layers`: with lazily loaded inputs, only
+    one key's tensors (of all tasks) are alive at a time, and the caller can write each
+    result out as it comes. Arguments as in :func:`merge_layers`; all input checks run
+    before the first key is yielded.
+    """
+    spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
+                                            device, options)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method)
+
+
+def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):
+    spec = get_method(method)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise TSVInputError(f"method {method!r} has no option(s) {sorted(unknown)}; "
+                            f"its options are {sorted(spec.options) or 'none'}")
+    get_solver(solver)
+    sources = as_sources(base, tasks, names)
+    selected = select_keys(base, include, exclude)
+    if not any(tensor_meta(base, k, "base")[1].is_floating_point for k in selected):
+        raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no floating key to merge")
+    ctx = KeyContext(
+        alpha=spec.default_alpha if alpha is None else float(alpha),
+        solver=solver,
+        device=torch.device(device) if device is not None else None,
+        options={**spec.options, **options},
+    )
+    return spec, sources, selected, ctx
+
+
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method):
+    for key in tqdm(list(base), desc=f"merge ({method})", disable=not progress, unit="key"):
+        b = checked_base_tensor(base, key)
+        if ctx.device is not None:
+            b = b.to(ctx.device)
+        if key in selected and is_mergeable(b):
+            yield key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
+        else:
+            yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
+    if ctx.zero_rank_keys:
+        warnings.warn(
+            f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
+            f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
+            TSVRankWarning, stacklevel=3)
 
 
 def merge_layers(
@@ -51,34 +114,5 @@ def merge_layers(
         options: method options: ``rank`` for TSV-M (per-task k: an int, a fraction of
             r, or None for the paper's floor(r/T)); ``density`` for TIES (0.2).
     """
-    spec = get_method(method)
-    unknown = set(options) - set(spec.options)
-    if unknown:
-        raise TSVInputError(f"method {method!r} has no option(s) {sorted(unknown)}; "
-                            f"its options are {sorted(spec.options) or 'none'}")
-    get_solver(solver)
-    sources = as_sources(base, tasks, names)
-    selected = select_keys(base, include, exclude)
-    if not any(is_mergeable(base[k]) for k in selected):
-        raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no floating key to merge")
-    ctx = KeyContext(
-        alpha=spec.default_alpha if alpha is None else float(alpha),
-        solver=solver,
-        device=torch.device(device) if device is not None else None,
-        options={**spec.options, **options},
-    )
-    merged = {}
-    for key in tqdm(list(base), desc=f"merge ({method})", disable=not progress, unit="key"):
-        b = base[key]
-        if ctx.device is not None:
-            b = b.to(ctx.device)
-        if key in selected and is_mergeable(b):
-            merged[key] = spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
-        else:
-            merged[key] = b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
-    if ctx.zero_rank_keys:
-        warnings.warn(
-            f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
-            f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
-            TSVRankWarning, stacklevel=2)
-    return merged
+    return dict(iter_merge(base, tasks, method, alpha, names=names, include=include, exclude=exclude,
+                           solver=solver, out_dtype=out_dtype, device=device, progress=progress, **options))

@@ -140,10 +140,10 @@ class TaskSource:
         dtype = _compute_dtype(base_tensor)
         if self.compressed is not None:
             d = self.compressed.delta(key)
-        elif self.base is not None:  # fine-tuned weights
-            d = self.state[key].to(device, dtype) - self.base[key].to(device, dtype)
+        elif self.base is not None:  # fine-tuned weights; the base tensor was checked by the caller
+            d = _finite(self.state[key], f"task {self.name!r}", key).to(device, dtype) - base_tensor.to(device, dtype)
         else:  # task vector
-            d = self.state.get(key)
+            d = _finite(self.state[key], f"task {self.name!r}", key) if key in self.state else None
         if d is None:
             return torch.zeros(base_tensor.shape, dtype=dtype, device=device)
         return d.to(device, dtype)
@@ -153,10 +153,24 @@ class TaskSource:
         return None if self.compressed is None else self.compressed.factors.get(key)
 
 
+def _finite(t: Tensor, owner: str, key: str) -> Tensor:
+    """NaN/Inf are checked when a tensor is read, so lazily loaded checkpoints are read once."""
+    if not torch.isfinite(t).all():
+        raise TSVInputError(f"{owner}: key {key!r} contains NaN or Inf")
+    return t
+
+
+def checked_base_tensor(base: StateDict, key: str) -> Tensor:
+    """``base[key]``, refusing NaN/Inf in floating tensors."""
+    t = base[key]
+    return _finite(t, "base", key) if t.is_floating_point() else t
+
+
 def as_sources(base: StateDict, tasks: Sequence[Task], names: Sequence[str] | None = None) -> list[TaskSource]:
     """Validate every task against ``base`` and wrap it as a :class:`TaskSource`.
 
-    Raises :class:`TSVInputError` naming the task, the key and the problem.
+    Keys, shapes and dtypes are checked here, before any work; values (NaN/Inf) when
+    each tensor is read. Raises :class:`TSVInputError` naming the task, the key and the problem.
     """
     if isinstance(tasks, Mapping):
         raise TSVInputError("tasks must be a sequence of state dicts / task vectors / compressed tasks, "
@@ -190,38 +204,44 @@ def _first(items: list[str], n: int = 5) -> str:
     return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
+def tensor_meta(state: StateDict, key: str, owner: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of ``state[key]`` without reading its values when the mapping can tell
+    (a lazy checkpoint mapping may define ``meta(key) -> (shape, dtype)``)."""
+    if hasattr(state, "meta"):
+        shape, dtype = state.meta(key)
+        return tuple(shape), dtype
+    t = state[key]
+    if not isinstance(t, Tensor):
+        raise TSVInputError(f"{owner}: key {key!r} is a {type(t).__name__}, not a tensor")
+    return tuple(t.shape), t.dtype
+
+
 def _check_base(base: StateDict) -> None:
     if not isinstance(base, Mapping) or len(base) == 0:
         raise TSVInputError("base must be a non-empty state dict (name → tensor)")
-    for key, t in base.items():
-        if not isinstance(t, Tensor):
-            raise TSVInputError(f"base: key {key!r} is a {type(t).__name__}, not a tensor")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise TSVInputError(f"base: key {key!r} contains NaN or Inf")
+    for key in base:
+        tensor_meta(base, key, "base")
 
 
 def _check_state(base: StateDict, state: StateDict, name: str, is_delta: bool) -> None:
-    floating = [k for k, t in base.items() if is_mergeable(t)]
+    owner = f"task {name!r}"
+    floating = [k for k in base if tensor_meta(base, k, "base")[1].is_floating_point]
     missing = [k for k in floating if k not in state]
     if missing and not is_delta:  # task vectors may omit zero deltas
-        raise TSVInputError(f"task {name!r}: {len(missing)} key(s) of the base are missing: {_first(missing)}")
+        raise TSVInputError(f"{owner}: {len(missing)} key(s) of the base are missing: {_first(missing)}")
     extra = [k for k in state if k not in base]
     if extra:
-        raise TSVInputError(f"task {name!r}: {len(extra)} key(s) are not in the base: {_first(extra)}")
+        raise TSVInputError(f"{owner}: {len(extra)} key(s) are not in the base: {_first(extra)}")
     for key in floating:
         if key not in state:
             continue
-        t = state[key]
-        if not isinstance(t, Tensor):
-            raise TSVInputError(f"task {name!r}: key {key!r} is a {type(t).__name__}, not a tensor")
-        if tuple(t.shape) != tuple(base[key].shape):
-            raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, "
-                                f"base has {tuple(base[key].shape)}")
-        if not t.is_floating_point():
-            raise TSVInputError(f"task {name!r}: key {key!r} has dtype {t.dtype}, expected a floating dtype "
-                                f"like the base ({base[key].dtype})")
-        if not torch.isfinite(t).all():
-            raise TSVInputError(f"task {name!r}: key {key!r} contains NaN or Inf")
+        shape, dtype = tensor_meta(state, key, owner)
+        base_shape, base_dtype = tensor_meta(base, key, "base")
+        if shape != base_shape:
+            raise TSVInputError(f"{owner}: key {key!r} has shape {shape}, base has {base_shape}")
+        if not dtype.is_floating_point:
+            raise TSVInputError(f"{owner}: key {key!r} has dtype {dtype}, expected a floating dtype "
+                                f"like the base ({base_dtype})")
 
 
 def _check_compressed(base: StateDict, task: CompressedTask, name: str) -> None:
@@ -235,11 +255,9 @@ def _check_compressed(base: StateDict, task: CompressedTask, name: str) -> None:
             raise TSVInputError(f"task {name!r}: key {key!r}: factors U{tuple(U.shape)} S{tuple(S.shape)} "
                                 f"V{tuple(V.shape)} do not fit base shape {tuple(base[key].shape)}")
         for part, t in zip("USV", (U, S, V)):
-            if not torch.isfinite(t).all():
-                raise TSVInputError(f"task {name!r}: key {key!r}: factor {part} contains NaN or Inf")
+            _finite(t, f"task {name!r}", f"{key}::{part}")
     for key, t in task.deltas.items():
         if tuple(t.shape) != tuple(base[key].shape):
             raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, "
                                 f"base has {tuple(base[key].shape)}")
-        if not torch.isfinite(t).all():
-            raise TSVInputError(f"task {name!r}: key {key!r} contains NaN or Inf")
+        _finite(t, f"task {name!r}", key)
