@@ -37,6 +37,7 @@ def compress(
     factor_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    stats: dict | None = None,
 ) -> list[CompressedTask]:
     """TSV-C of every task: per matrix key ``U[:, :k]``, ``S[:k]``, ``V[:, :k]``.
 
@@ -48,6 +49,9 @@ def compress(
             task's squared singular values (so k differs between tasks).
         include, exclude: fnmatch globs; unselected keys are not stored (zero delta).
         factor_dtype: dtype of the stored factors and deltas (default: the base's).
+        solver: ``"exact"``, ``"svd"`` or ``"randomized"`` (see :mod:`tsv_fast.solvers`).
+        stats: if a dict is given, ``stats["residuals"][key]`` gets each task's relative
+            error ‖τ − τ_k‖_F/‖τ‖_F (every solver, measured at run time).
 
     Keys whose delta is exactly zero (a frozen tower) are not stored. Returns one
     :class:`CompressedTask` per task, able to rebuild the task with ``.apply(base)``.
@@ -76,10 +80,14 @@ def compress(
             continue
         if energy is None:
             k = resolve_rank(b.shape, rank, T)
-            U, S, V = solve(deltas, k)
+            U, S, V, _ = solve(deltas, k)
             ks = [k] * len(sources)
+            if stats is not None:
+                kept = (U * S.unsqueeze(-2)) @ V.mT
+                err = (deltas - kept).flatten(1).norm(dim=1) / deltas.flatten(1).norm(dim=1).clamp(min=1e-30)
+                stats.setdefault("residuals", {})[key] = err.tolist()
         else:
-            U, S, V = solve(deltas, min(b.shape))
+            U, S, V, _ = solve(deltas, min(b.shape))
             ks = [energy_rank(s, energy) for s in S]
         for i, (task, keep) in enumerate(zip(out, nonzero)):
             if keep:

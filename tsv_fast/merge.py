@@ -29,6 +29,7 @@ def iter_merge(
     out_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    stats: dict | None = None,
     **options,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge ``tasks`` into ``base``, yielding ``(key, merged tensor)`` in the base's key order.
@@ -40,7 +41,7 @@ def iter_merge(
     """
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method, stats)
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):
@@ -63,7 +64,7 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     return spec, sources, selected, ctx
 
 
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method):
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method, stats):
     for key in tqdm(list(base), desc=f"merge ({method})", disable=not progress, unit="key"):
         b = checked_base_tensor(base, key)
         if ctx.device is not None:
@@ -72,6 +73,8 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method)
             yield key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
+    if stats is not None:
+        stats.update(solver=ctx.solver, zero_rank_keys=ctx.zero_rank_keys, residuals=ctx.residuals)
     if ctx.zero_rank_keys:
         warnings.warn(
             f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
@@ -92,6 +95,7 @@ def merge_layers(
     out_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    stats: dict | None = None,
     **options,
 ) -> dict[str, Tensor]:
     """Merge ``tasks`` into ``base`` and return the merged state dict.
@@ -106,13 +110,18 @@ def merge_layers(
         include, exclude: fnmatch globs choosing the keys to merge; the other keys,
             and integer buffers, keep the base's tensor (the same object, not a copy,
             unless ``out_dtype`` asks for a cast).
-        solver: top-k SVD solver for TSV-M (``"exact"``).
+        solver: top-k SVD solver for TSV-M: ``"exact"`` (default), ``"svd"`` (the
+            authors' thin SVD) or ``"randomized"`` (approximate; see :mod:`tsv_fast.solvers`).
         out_dtype: dtype of merged tensors (default: each base tensor's dtype).
         device: where to compute (default: where the base tensors are); the result
             stays there.
         progress: show a progress bar over keys.
+        stats: if a dict is given, it is filled with ``solver``, ``zero_rank_keys`` and
+            ``residuals`` (key → per-task relative error ‖τ − τ_k‖_F/‖τ‖_F of an
+            approximate solver's top-k, measured at run time).
         options: method options: ``rank`` for TSV-M (per-task k: an int, a fraction of
             r, or None for the paper's floor(r/T)); ``density`` for TIES (0.2).
     """
     return dict(iter_merge(base, tasks, method, alpha, names=names, include=include, exclude=exclude,
-                           solver=solver, out_dtype=out_dtype, device=device, progress=progress, **options))
+                           solver=solver, out_dtype=out_dtype, device=device, progress=progress, stats=stats,
+                           **options))

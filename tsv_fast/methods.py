@@ -29,6 +29,7 @@ class KeyContext:
     device: torch.device | None = None
     options: dict = field(default_factory=dict)
     zero_rank_keys: list[str] = field(default_factory=list)
+    residuals: dict[str, list[float]] = field(default_factory=dict)  # approximate solvers' errors
 
 
 MergeFn = Callable[[str, Tensor, Sequence[TaskSource], KeyContext], Tensor]
@@ -69,7 +70,7 @@ def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCon
     if k == 0:
         ctx.zero_rank_keys.append(key)
         return base.clone()
-    U, S, V = tsv_merge_factors(task_factors(sources, key, base, k, ctx.solver, ctx.device))
+    U, S, V = tsv_merge_factors(task_factors(sources, key, base, k, ctx.solver, ctx.device, ctx.residuals))
     return ops.reconstruct(base, U, S, V, ctx.alpha)
 
 

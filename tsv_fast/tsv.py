@@ -17,19 +17,22 @@ from .tasks import Factors, TaskSource
 
 def task_factors(
     sources: Sequence[TaskSource], key: str, base_tensor: Tensor, k: int,
-    solver: str = "exact", device: torch.device | None = None,
+    solver: str = "exact", device: torch.device | None = None, residuals: dict | None = None,
 ) -> list[Factors]:
     """The k leading singular triplets of every task's delta for ``key`` (TSV-C, step 1 of TSV-M).
 
     Dense tasks are stacked and factorised in one batched solver call; compressed tasks
-    give their stored factors (already at most their stored rank).
+    give their stored factors (already at most their stored rank). An approximate
+    solver's relative residual per task goes into ``residuals[key]`` when given.
     """
     device = device or base_tensor.device
     dense = [i for i, s in enumerate(sources) if s.factors(key) is None]
     out: list[Factors | None] = [None] * len(sources)
     if dense:
         stack = torch.stack([sources[i].delta(key, base_tensor, device) for i in dense])
-        U, S, V = get_solver(solver)(stack, k)
+        U, S, V, residual = get_solver(solver)(stack, k)
+        if residuals is not None and residual is not None:
+            residuals[key] = residual.tolist()
         for j, i in enumerate(dense):
             out[i] = (U[j], S[j], V[j])
         del stack
@@ -50,20 +53,41 @@ def concat_factors(factors: Sequence[Factors]) -> Factors:
 def polar_factor(X: Tensor) -> Tensor:
     """Nearest matrix with orthonormal columns (orthogonal Procrustes): ``X = P D Qᵀ → P Qᵀ``.
 
-    Computed by SVD in float64: the concatenated U is often ill-conditioned (SPEC.md),
-    and the float32 error grows like eps·cond (2.7e-4 in Δ at cond 7e3 in our tests;
-    ~1e-8 in float64). The result is orthonormal and finite even when X is
-    rank-deficient; there the null-space directions are an arbitrary orthonormal
-    completion, weighted in Δ by the duplicated tasks' singular values.
+    The textbook SVD route, in float64; kept as the definition that
+    :func:`whitening` is checked against.
     """
     P, _, Qh = torch.linalg.svd(X.double(), full_matrices=False)
     return (P @ Qh).to(X.dtype)
 
 
+def whitening(X: Tensor) -> Tensor:
+    """``W = (XᵀX)^(-1/2)`` in float64 (c×c), so that ``X W`` is the polar factor of X.
+
+    Costs a c×c Gram matrix and one float64 ``eigh`` instead of an SVD of the tall X.
+    float64 matters: X is often ill-conditioned (SPEC.md) and its Gram matrix squares
+    the condition number. Directions whose singular value is below ``8·eps`` of X's
+    dtype (relative to the largest) are numerically duplicated tasks: there X W is
+    set to zero (pseudo-inverse) instead of an arbitrary orthonormal completion, so
+    duplicated tasks merge to their common part and the result is always finite.
+    """
+    G = X.double().mT @ X.double()
+    w, Q = torch.linalg.eigh(G)
+    rcond = 8 * torch.finfo(X.dtype).eps
+    keep = w > (rcond ** 2) * w[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)
+    inv_sqrt = torch.where(keep, w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
+
+
 def tsv_merge_factors(factors: Sequence[Factors]) -> Factors:
-    """TSV-M steps 2–3: concatenate and whiten; ``Δ = U⊥ diag(S) V⊥ᵀ``."""
+    """TSV-M steps 2–3: concatenate and whiten both sides; ``Δ = U⊥ diag(S) V⊥ᵀ``.
+
+    ``U⊥ = U W_U`` is formed in float64 and only then rounded: being orthonormal it
+    survives rounding, whereas ``U`` times an ill-conditioned ``W_U`` would not.
+    """
     U, S, V = concat_factors(factors)
-    return polar_factor(U), S, polar_factor(V)
+    U_perp = (U.double() @ whitening(U)).to(U.dtype)
+    V_perp = (V.double() @ whitening(V)).to(V.dtype)
+    return U_perp, S, V_perp
 
 
 def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:
