@@ -21,7 +21,7 @@ def deltas_vs_reference(base, merged, expected):
 
 
 @pytest.mark.parametrize("method,alpha,tol", [
-    ("tsv", 1.0, 2e-4), ("tsv", 0.7, 2e-4), ("task_arithmetic", 0.3, 1e-5), ("mean", 1.0, 1e-5), ("ties", 1.0, 1e-5),
+    ("tsv", 1.0, 2e-5), ("tsv", 0.7, 2e-5), ("task_arithmetic", 0.3, 1e-5), ("mean", 1.0, 1e-5), ("ties", 1.0, 1e-5),
 ])
 def test_methods_match_float64_reference(small_base, small_tasks, method, alpha, tol):
     merged = tsv_fast.merge_layers(small_base, small_tasks, method=method, alpha=alpha)
@@ -33,7 +33,7 @@ def test_methods_match_float64_reference(small_base, small_tasks, method, alpha,
 def test_default_alphas_follow_the_methods(small_base, small_tasks):
     tsv = tsv_fast.merge_layers(small_base, small_tasks)  # default method is TSV-M, α = 1
     ta = tsv_fast.merge_layers(small_base, small_tasks, method="task_arithmetic")  # λ = 0.3
-    assert deltas_vs_reference(small_base, tsv, ref.merge(small_base, small_tasks, "tsv", 1.0)) < 2e-4
+    assert deltas_vs_reference(small_base, tsv, ref.merge(small_base, small_tasks, "tsv", 1.0)) < 2e-5
     assert deltas_vs_reference(small_base, ta, ref.merge(small_base, small_tasks, "task_arithmetic", 0.3)) < 1e-5
 
 
@@ -47,7 +47,7 @@ def test_tsv_on_realistic_spectra_and_overlap(T):
     tasks = [{k: w + 0.01 * (0.8 * power_law_matrix(m, n, gen, 0.5) + 0.6 * common) for k, w in base.items()}
              for _ in range(T)]
     merged = tsv_fast.merge_layers(base, tasks)
-    assert deltas_vs_reference(base, merged, ref.merge(base, tasks, "tsv", 1.0)) < 1e-3
+    assert deltas_vs_reference(base, merged, ref.merge(base, tasks, "tsv", 1.0)) < 1e-4
 
 
 def test_task_vectors_and_compressed_tasks_merge_like_finetuned(small_base, small_tasks):
@@ -194,8 +194,8 @@ def test_merge_on_cuda_matches_cpu(small_base, small_tasks):
 def test_more_synthetic_seeds_agree_with_reference(small_base):
     tasks = synthetic_finetuned(small_base, 3, seed=7, decay=1.0, shared=0.6)
     merged = tsv_fast.merge_layers(small_base, tasks)
-    # decay 1 + strong overlap: cond(V) ~ 7e3, float32 top-k factors give ~1e-4 (SPEC target: 1e-3)
-    assert deltas_vs_reference(small_base, merged, ref.merge(small_base, tasks, "tsv", 1.0)) < 5e-4
+    # decay 1 + strong overlap: cond(V) ~ 7e3; float32 SVD factors were 1e-4 off, float64 Gram ones ~2e-6
+    assert deltas_vs_reference(small_base, merged, ref.merge(small_base, tasks, "tsv", 1.0)) < 2e-5
 
 
 class CountingLazyDict(dict):
@@ -232,3 +232,13 @@ def test_nan_found_while_streaming_names_the_task_and_key(small_base, small_task
     bad["visual.proj"][0, 0] = float("nan")
     with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'visual.proj' contains NaN"):
         tsv_fast.merge_layers(small_base, [small_tasks[0], bad])
+
+
+@pytest.mark.parametrize("solver,tol", [("svd", 5e-4), ("randomized", None)])
+def test_other_solvers_through_merge_layers(small_base, small_tasks, solver, tol):
+    merged = tsv_fast.merge_layers(small_base, small_tasks, solver=solver)
+    error = deltas_vs_reference(small_base, merged, ref.merge(small_base, small_tasks, "tsv", 1.0))
+    if tol is not None:
+        assert error < tol
+    else:  # approximate by design (SPEC.md: flat tails make Δ differ by tens of percent); finite and close-ish
+        assert all(torch.isfinite(v).all() for v in merged.values()) and error < 1.0
