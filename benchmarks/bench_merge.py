@@ -54,6 +54,23 @@ def reference_tsv_m(base: dict, taus: list[dict], topk=full_svd_topk) -> dict:
     return out
 
 
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_extra_bytes(fn) -> tuple[int, object]:
+    """Peak resident memory of ``fn()`` above what was resident before it (Linux VmHWM,
+    reset through /proc/self/clear_refs); includes the output it returns."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS:")
+    result = fn()
+    return (_rss_kib("VmHWM:") - before) * 1024, result
+
+
 def best_of(fn, repeat: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
@@ -95,6 +112,20 @@ def main() -> None:
             err = max(((out[k] - ref[k]).norm() / (ref[k] - blocks[k]).norm()).item() for k in blocks)
             cells.append(f"{t:.2f} s, **{t_ref / t:.2f}×**, err {err:.1e}")
         print(f"| {args.model} ×{args.blocks} blocks | {T} | " + " | ".join(cells) + " |")
+
+    print("\n| peak extra memory of one key's TSV-M (3072×768, CPU) | T | one key of all tasks (MiB) | "
+          "output (MiB) | peak above inputs, incl. output (MiB) | extra ÷ input batch |")
+    print("|---|---|---|---|---|---|")
+    for T in args.tasks:
+        key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+        one = {key: blocks[key]}
+        tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(one, T, seed=2)]
+        tsv_fast.merge_layers(one, tvs)  # warm-up: allocator pools, LAPACK workspaces
+        batch = T * blocks[key].numel() * 4
+        out_bytes = blocks[key].numel() * 4
+        extra, _ = peak_extra_bytes(lambda: tsv_fast.merge_layers(one, tvs))
+        print(f"| exact | {T} | {batch / 2**20:.0f} | {out_bytes / 2**20:.0f} | {extra / 2**20:.0f} "
+              f"| {(extra - out_bytes) / batch:.2f}× |")
 
     print("\n| reconstruct W0 + U diag(S) Vᵀ | shape | k | PyTorch (ms) | tsv_fast op (ms) | ratio |")
     print("|---|---|---|---|---|---|")

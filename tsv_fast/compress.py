@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .errors import TSVInputError
 from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank, select_keys
 from .solvers import get_solver
-from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor
+from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, stack_deltas
 
 def energy_rank(S: Tensor, energy: float) -> int:
     """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
@@ -71,7 +71,7 @@ def compress(
         if key not in selected or not is_mergeable(b):
             continue
         dtype = factor_dtype or b.dtype
-        deltas = torch.stack([s.delta(key, b, dev) for s in sources])
+        deltas = stack_deltas(sources, key, b, dev)
         nonzero = deltas.flatten(1).any(1).tolist()
         if not is_matrix_key(key, b):
             for task, d, keep in zip(out, deltas, nonzero):

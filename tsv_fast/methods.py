@@ -16,7 +16,7 @@ from torch import Tensor
 from . import ops
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
-from .tasks import TaskSource
+from .tasks import TaskSource, stack_deltas
 from .tsv import task_factors, tsv_merge_factors
 
 
@@ -45,7 +45,7 @@ class MergeMethod:
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
-    return torch.stack([s.delta(key, base, device) for s in sources])
+    return stack_deltas(sources, key, base, device)
 
 
 def _mean_delta(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import ops
 from .errors import TSVInputError
 
 
@@ -50,17 +51,30 @@ def _short_side(A: Tensor) -> tuple[Tensor, bool]:
 def exact_topk(A: Tensor, k: int) -> TopK:
     """Top-k from ``eigh(XᵀX)`` in float64 on the short side; the long-side vectors are
     ``X V / s``. Directions with ``s`` below the input's rounding level get a zero
-    vector (their singular value is noise, so they carry nothing)."""
+    vector (their singular value is noise, so they carry nothing).
+
+    One matrix at a time: LAPACK and cuSOLVER run large eigenproblems one by one
+    anyway, and the float64 copies, Gram matrix and eigenvectors then cost one
+    matrix's worth of memory instead of the whole batch's.
+    """
     dtype = A.dtype
     X, tall = _short_side(A)
-    X = X.double()
-    w, Q = torch.linalg.eigh(X.mT @ X)
-    w, Q = w.flip(-1)[..., :k], Q.flip(-1)[..., :k]
-    s = w.clamp(min=0).sqrt()
-    noise = s[..., :1] * (torch.finfo(dtype).eps * 4 * max(A.shape[-2:]) ** 0.5)
-    Y = (X @ Q) / torch.where(s > noise, s, torch.inf).unsqueeze(-2)
+    lead = A.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])
+    p, q = X.shape[-2:]
+    Y = torch.empty(X.shape[0], p, k, dtype=dtype, device=A.device)
+    Q = torch.empty(X.shape[0], q, k, dtype=dtype, device=A.device)
+    S = torch.empty(X.shape[0], k, dtype=dtype, device=A.device)
+    for i, x in enumerate(X):
+        x64 = x.double()
+        w, vecs = torch.linalg.eigh(x64.mT @ x64)
+        w, vecs = w.flip(-1)[:k], vecs.flip(-1)[:, :k]
+        s = w.clamp(min=0).sqrt()
+        noise = s[:1] * (torch.finfo(dtype).eps * 4 * max(p, q) ** 0.5)
+        Y[i] = (x64 @ vecs) / torch.where(s > noise, s, torch.inf)
+        Q[i], S[i] = vecs, s
     U, V = (Y, Q) if tall else (Q, Y)
-    return TopK(U.to(dtype), s.to(dtype), V.to(dtype))
+    return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
 
 
 def orthonormalize(Y: Tensor) -> Tensor:
@@ -97,7 +111,9 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     for _ in range(power_iters):
         Q = orthonormalize(X @ orthonormalize(X.mT @ Q))
     B = (Q.mT @ X).double()  # (ℓ, n): the small projected problem
-    w, Z = torch.linalg.eigh(B @ B.mT)
+    # On a GPU the whole batch of ℓ×ℓ problems is one Jacobi kernel launch (one CUDA block per
+    # matrix); torch.linalg.eigh would loop over them. On a CPU LAPACK is faster (benchmarks/bench_eigh.py).
+    w, Z = (ops.batched_eigh if B.is_cuda else torch.linalg.eigh)(B @ B.mT)
     w, Z = w.flip(-1)[..., :k], Z.flip(-1)[..., :k]
     s = w.clamp(min=0).sqrt()
     noise = s[..., :1] * (torch.finfo(dtype).eps * 4 * max(A.shape[-2:]) ** 0.5)

@@ -153,6 +153,17 @@ class TaskSource:
         return None if self.compressed is None else self.compressed.factors.get(key)
 
 
+def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
+                 device: torch.device | None = None) -> Tensor:
+    """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer, so
+    the peak is the batch plus one task's tensor (not twice the batch, as ``torch.stack`` of a list)."""
+    device = device or base_tensor.device
+    out = torch.empty(len(sources), *base_tensor.shape, dtype=_compute_dtype(base_tensor), device=device)
+    for i, s in enumerate(sources):
+        out[i] = s.delta(key, base_tensor, device)
+    return out
+
+
 def _finite(t: Tensor, owner: str, key: str) -> Tensor:
     """NaN/Inf are checked when a tensor is read, so lazily loaded checkpoints are read once."""
     if not torch.isfinite(t).all():

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .solvers import get_solver
-from .tasks import Factors, TaskSource
+from .tasks import Factors, TaskSource, stack_deltas
 
 
 def task_factors(
@@ -29,7 +29,7 @@ def task_factors(
     dense = [i for i, s in enumerate(sources) if s.factors(key) is None]
     out: list[Factors | None] = [None] * len(sources)
     if dense:
-        stack = torch.stack([sources[i].delta(key, base_tensor, device) for i in dense])
+        stack = stack_deltas([sources[i] for i in dense], key, base_tensor, device)
         U, S, V, residual = get_solver(solver)(stack, k)
         if residuals is not None and residual is not None:
             residuals[key] = residual.tolist()

@@ -1,0 +1,83 @@
+"""batched_eigh (compiled CPU op, parallel-ordered Jacobi) vs torch.linalg.eigh on a batch
+of small symmetric matrices, side by side in one run, with the ratio.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_eigh.py [--batch 96] [--sizes 32 64 106 128]
+
+On the CPU, LAPACK (syevd) is expected to win for n >= ~64: Jacobi does several times
+more flops and this CPU path is plain scalar code.  The op exists for the GPU, where
+torch.linalg.eigh loops over the batch (cuSOLVER's batched syevj stops at 32x32); on a
+CUDA machine pass --device cuda to time the kernel instead.  Absolute times on a shared
+machine are noisy; the ratio measured in the same run is the signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
+
+import torch  # noqa: E402
+
+from tsv_fast import ops  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_of(fn, repeat: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 106, 128])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    ok, why = ops.load_extension()
+    if not ok:
+        raise SystemExit(why)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+    print(f"# {where}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; batch {args.batch}; best of {args.repeat}")
+    print("| n | dtype | batched_eigh (ms) | torch.linalg.eigh (ms) | ratio eigh/batched | max |dw|/||A|| |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for n in args.sizes:
+        for dtype in (torch.float32, torch.float64):
+            X = torch.randn(args.batch, n, n, generator=g, dtype=torch.float64)
+            A = ((X + X.mT) / 2).to(dtype).to(dev)
+            t_op = best_of(lambda: torch.ops.tsv_fast.batched_eigh(A), args.repeat, sync)
+            t_ref = best_of(lambda: torch.linalg.eigh(A), args.repeat, sync)
+            w, _ = torch.ops.tsv_fast.batched_eigh(A)
+            wr = torch.linalg.eigvalsh(A.double().cpu())
+            err = ((w.double().cpu() - wr).abs().amax(-1) / torch.linalg.matrix_norm(A.double().cpu())).max()
+            print(f"| {n} | {str(dtype)[6:]} | {1e3 * t_op:.1f} | {1e3 * t_ref:.1f} | "
+                  f"{t_ref / t_op:.2f} | {err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
