@@ -34,6 +34,23 @@ def lowrank_topk(tau, k):
     return U[:, :k], S[:k], V[:, :k]
 
 
+def cupy_topk(tau, k):
+    """(c): cupy.linalg.svd per matrix (GPU only), results handed back to torch without copies."""
+    import cupy
+
+    U, S, Vh = cupy.linalg.svd(cupy.asarray(tau), full_matrices=False)
+    return (torch.as_tensor(U[:, :k], device=tau.device), torch.as_tensor(S[:k], device=tau.device),
+            torch.as_tensor(Vh[:k].T, device=tau.device))
+
+
+def cupy_available(device: str) -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return device == "cuda"
+
+
 def reference_tsv_m(base: dict, taus: list[dict], topk=full_svd_topk) -> dict:
     """The authors' algorithm, written plainly: per-task SVDs, concatenate, SVD-polar both sides."""
     T = len(taus)
@@ -74,10 +91,21 @@ def peak_extra_bytes(fn) -> tuple[int, object]:
 def best_of(fn, repeat: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times), result
+
+
+def _cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -86,28 +114,33 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[8])
     p.add_argument("--blocks", type=int, default=1, help="transformer blocks to merge (default 1)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (task weights already on the device)")
     args = p.parse_args()
     width, _, patch, image = CLIP_VITS[args.model]
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {tsv_fast.backend()}")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"# {gpu}, torch {torch.__version__}; {tsv_fast.backend()}")
     base = clip_vit_base(width, args.blocks, patch, image)
-    blocks = {k: v for k, v in base.items() if ".resblocks." in k}
+    blocks = {k: v.to(args.device) for k, v in base.items() if ".resblocks." in k}
     print("Speed-up = time of (a) / time of the row; error = max over keys of ‖Δ − Δ_(a)‖/‖Δ_(a)‖.\n")
-    print("| model | T | (a) reference | (b) svd_lowrank loop | (d) tsv-fast exact | (e) tsv-fast randomized |")
-    print("|---|---|---|---|---|---|")
+    cupy = cupy_available(args.device)
+    print("| model | T | (a) reference | (b) svd_lowrank loop |" + (" (c) cupy svd |" if cupy else "")
+          + " (d) tsv-fast exact | (e) tsv-fast randomized |")
+    print("|---|---|---|---|---|---|" + ("---|" if cupy else ""))
     for T in args.tasks:
-        taus = synthetic_task_vectors(blocks, T, seed=1)
+        taus = [{k: v.to(args.device) for k, v in t.items()} for t in synthetic_task_vectors(
+            {k: v.cpu() for k, v in blocks.items()}, T, seed=1)]
         tvs = [tsv_fast.TaskVector(t) for t in taus]
         runs = {
             "a": lambda: reference_tsv_m(blocks, taus),
             "b": lambda: reference_tsv_m(blocks, taus, lowrank_topk),
+            **({"c": lambda: reference_tsv_m(blocks, taus, cupy_topk)} if cupy else {}),
             "d": lambda: tsv_fast.merge_layers(blocks, tvs, solver="exact"),
             "e": lambda: tsv_fast.merge_layers(blocks, tvs, solver="randomized"),
         }
         results = {name: best_of(fn, args.repeat) for name, fn in runs.items()}
         t_ref, ref = results["a"]
         cells = [f"{t_ref:.2f} s"]
-        for name in "bde":
+        for name in [n for n in runs if n != "a"]:
             t, out = results[name]
             err = max(((out[k] - ref[k]).norm() / (ref[k] - blocks[k]).norm()).item() for k in blocks)
             cells.append(f"{t:.2f} s, **{t_ref / t:.2f}×**, err {err:.1e}")
@@ -116,7 +149,7 @@ def main() -> None:
     print("\n| peak extra memory of one key's TSV-M (3072×768, CPU) | T | one key of all tasks (MiB) | "
           "output (MiB) | peak above inputs, incl. output (MiB) | extra ÷ input batch |")
     print("|---|---|---|---|---|---|")
-    for T in args.tasks:
+    for T in args.tasks if args.device == "cpu" else []:
         key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
         one = {key: blocks[key]}
         tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(one, T, seed=2)]
@@ -130,10 +163,10 @@ def main() -> None:
     print("\n| reconstruct W0 + U diag(S) Vᵀ | shape | k | PyTorch (ms) | tsv_fast op (ms) | ratio |")
     print("|---|---|---|---|---|---|")
     for m, n, k in [(3072, 768, 768), (768, 768, 96)]:
-        W0, U, S, V = torch.randn(m, n), torch.randn(m, k), torch.rand(k), torch.randn(n, k)
+        W0, U, S, V = (t.to(args.device) for t in (torch.randn(m, n), torch.randn(m, k), torch.rand(k), torch.randn(n, k)))
         t_torch = statistics.median(best_of(lambda: torch.addmm(W0, U * S, V.T), 1)[0] for _ in range(5))
         t_op = statistics.median(best_of(lambda: ops.reconstruct(W0, U, S, V, 1.0), 1)[0] for _ in range(5))
-        print(f"| CPU float32 | {m}×{n} | {k} | {1e3 * t_torch:.1f} | {1e3 * t_op:.1f} | {t_torch / t_op:.2f}× |")
+        print(f"| {args.device} float32 | {m}×{n} | {k} | {1e3 * t_torch:.1f} | {1e3 * t_op:.1f} | {t_torch / t_op:.2f}× |")
 
 
 if __name__ == "__main__":
