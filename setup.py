@@ -71,6 +71,7 @@ setup(
     packages=find_packages(include=["tsv_fast", "tsv_fast.*"]),
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors", "tqdm", "pyyaml"],  # torch deliberately omitted
+    entry_points={"console_scripts": ["tsv-fast=tsv_fast.cli:main"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -17,6 +17,7 @@ import torch
 
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
+from tsv_fast.plots import plot_sti_summary
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     _print(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo_synthetic.json").write_text(json.dumps(summary, indent=2))
-    png = _plot(report, args.out / "demo_sti.png")
+    png = plot_sti_summary(report, args.out / "demo_sti.png")
     print(f"\nwrote {args.out / 'demo_synthetic.json'}" + (f" and {png}" if png else ""))
     return summary
 
@@ -110,33 +111,6 @@ def _print(s: dict) -> None:
     print("\ntimings (s)")
     for name, seconds in s["timings_s"].items():
         print(f"  {name:<20} {seconds:8.2f}")
-
-
-def _plot(report, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return None
-    blocks = report.by_block()
-    pairs = sum(report.per_pair.values())
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(range(len(blocks)), list(blocks.values()))
-    ax1.set_xticks(range(len(blocks)), [b.split(".")[-1] if b[-1].isdigit() else b.split(".")[-1][:6]
-                                        for b in blocks], rotation=90)
-    ax1.set(title="STI per block", xlabel="block", ylabel="STI (sum over matrix keys)")
-    im = ax2.imshow(pairs.numpy(), cmap="viridis")
-    ax2.set_xticks(range(len(report.tasks)), report.tasks, rotation=90)
-    ax2.set_yticks(range(len(report.tasks)), report.tasks)
-    ax2.set_title("STI per task pair (sum over keys)")
-    fig.colorbar(im, ax=ax2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ from .tsv import singular_task_interference, task_factors
 _BLOCK = re.compile(r"^(.*?(?:resblocks|layers?|blocks?|h)\.\d+)\.")
 
 
+def block_of(key: str) -> str | None:
+    """The transformer block a key belongs to (``visual.transformer.resblocks.3``), or None."""
+    m = _BLOCK.match(key)
+    return m.group(1) if m else None
+
+
 @dataclass
 class Interference:
     """STI of each matrix key (``per_key``) and of each task pair (``per_pair``, T×T)."""
@@ -31,8 +37,7 @@ class Interference:
         keys outside blocks are reported under their own name."""
         out: dict[str, float] = {}
         for key, value in self.per_key.items():
-            m = _BLOCK.match(key)
-            group = m.group(1) if m else key
+            group = block_of(key) or key
             out[group] = out.get(group, 0.0) + value
         return out
 

@@ -24,7 +24,12 @@ def is_matrix_key(name: str, tensor: torch.Tensor) -> bool:
     Everything else (biases, LayerNorm, ``class_embedding``, the 4-D ``conv1``,
     ``logit_scale``, ``text_projection``) is merged by averaging task vectors.
     """
-    return tensor.ndim == 2 and tensor.is_floating_point() and "text_projection" not in name
+    return is_matrix_meta(name, tensor.shape, tensor.dtype)
+
+
+def is_matrix_meta(name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """:func:`is_matrix_key` from a shape and dtype, for checkpoints not read yet."""
+    return len(shape) == 2 and dtype.is_floating_point and "text_projection" not in name
 
 
 def rank_per_task(shape: Sequence[int], num_tasks: int) -> int:

@@ -49,9 +49,13 @@ def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Te
 
 
 def _mean_delta(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
-    """Running sum, so only two key-sized buffers are alive whatever the number of tasks."""
-    total = sources[0].delta(key, base, device).clone()
-    for s in sources[1:]:
+    """Running sum, so only two key-sized buffers are alive whatever the number of tasks.
+
+    The first two deltas are added out of place: a task vector's delta may be the
+    caller's own tensor, which must not be modified."""
+    first = sources[0].delta(key, base, device)
+    total = first + sources[1].delta(key, base, device) if len(sources) > 1 else first.clone()
+    for s in sources[2:]:
         total += s.delta(key, base, device)
     return total.div_(len(sources))
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import ops
 from .errors import TSVInputError
-from .keys import is_matrix_key, is_mergeable
+from .keys import is_matrix_meta, is_mergeable
 
 StateDict = Mapping[str, Tensor]
 Factors = tuple[Tensor, Tensor, Tensor]  # U (m, k), S (k,), V (n, k)
@@ -260,15 +260,16 @@ def _check_compressed(base: StateDict, task: CompressedTask, name: str) -> None:
     if extra:
         raise TSVInputError(f"task {name!r}: {len(extra)} key(s) are not in the base: {_first(extra)}")
     for key, (U, S, V) in task.factors.items():
-        m, n = base[key].shape if base[key].ndim == 2 else (None, None)
-        if not is_matrix_key(key, base[key]) or U.ndim != 2 or V.ndim != 2 or S.ndim != 1 \
+        shape, dtype = tensor_meta(base, key, "base")
+        m, n = shape if len(shape) == 2 else (None, None)
+        if not is_matrix_meta(key, shape, dtype) or U.ndim != 2 or V.ndim != 2 or S.ndim != 1 \
                 or U.shape[0] != m or V.shape[0] != n or not (U.shape[1] == S.shape[0] == V.shape[1]):
             raise TSVInputError(f"task {name!r}: key {key!r}: factors U{tuple(U.shape)} S{tuple(S.shape)} "
-                                f"V{tuple(V.shape)} do not fit base shape {tuple(base[key].shape)}")
+                                f"V{tuple(V.shape)} do not fit base shape {shape}")
         for part, t in zip("USV", (U, S, V)):
             _finite(t, f"task {name!r}", f"{key}::{part}")
     for key, t in task.deltas.items():
-        if tuple(t.shape) != tuple(base[key].shape):
-            raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, "
-                                f"base has {tuple(base[key].shape)}")
+        shape, _ = tensor_meta(base, key, "base")
+        if tuple(t.shape) != shape:
+            raise TSVInputError(f"task {name!r}: key {key!r} has shape {tuple(t.shape)}, base has {shape}")
         _finite(t, f"task {name!r}", key)

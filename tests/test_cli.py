@@ -1,0 +1,247 @@
+"""The `tsv-fast` command line, in-process through cli.main (plus one subprocess run)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tsv_fast
+from tsv_fast import cli, writer
+from tsv_fast.checkpoints import open_checkpoint
+from tsv_fast.tasks import CompressedTask
+
+LAST_KEY = "visual.transformer.resblocks.1.mlp.c_proj.weight"  # read late in a merge: fails mid-stream
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory, small_base, small_tasks):
+    """base.safetensors and three fine-tuned tasks t0..t2 on disk."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    save_file(small_base, folder / "base.safetensors")
+    for i, t in enumerate(small_tasks[:3]):
+        save_file(t, folder / f"t{i}.safetensors")
+    return folder
+
+
+@pytest.fixture
+def work(tmp_path, disk, monkeypatch):
+    """A fresh folder with links to the checkpoints, as the working directory."""
+    for f in disk.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+TASKS = ["base.safetensors", "t0.safetensors", "t1.safetensors", "t2.safetensors"]
+
+
+def run(*argv, expect=0):
+    code = cli.main([str(a) for a in argv])
+    assert code == expect, f"exit code {code}, expected {expect}"
+
+
+def listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_merge_matches_library_and_records_inputs(work, small_base, small_tasks, capsys):
+    run("merge", *TASKS, "-o", "merged.safetensors")
+    out = load_file("merged.safetensors")
+    expected = tsv_fast.merge_layers(small_base, small_tasks[:3])
+    assert list(out) == list(load_file("base.safetensors"))
+    assert all(torch.allclose(out[k], expected[k], atol=1e-6) for k in expected)
+    record = json.loads((work / "merged.safetensors.json").read_text())
+    assert record["method"] == "tsv" and record["alpha"] == 1.0 and record["version"] == tsv_fast.__version__
+    assert record["ranks_per_task"]["256x64"] == 21
+    assert [t["path"] for t in record["inputs"]["tasks"]] == TASKS[1:]
+    assert record["inputs"]["base"]["files"][0]["size"] == (work / "base.safetensors").stat().st_size
+    with safe_open("merged.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["tsv_fast"]) == record
+    assert "merged 3 tasks (tsv, alpha 1)" in capsys.readouterr().out
+
+
+def test_merge_options_dtype_and_shards(work, small_base, small_tasks):
+    run("merge", *TASKS, "-o", "ties", "--method", "ties", "--density", "0.5", "--alpha", "0.7", "--dtype", "bf16",
+        "--max-shard-size", "200KB", "--exclude", "*.ln_*", "-q")
+    merged = open_checkpoint("ties")
+    assert len(merged.files) > 1 and (work / "ties" / "model.safetensors.index.json").exists()
+    expected = tsv_fast.merge_layers(small_base, small_tasks[:3], method="ties", alpha=0.7, density=0.5,
+                                     exclude="*.ln_*", out_dtype=torch.bfloat16)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert json.loads((work / "ties" / "tsv_fast_merge.json").read_text())["options"] == {"density": 0.5}
+    run("merge", *TASKS, "-o", "r.safetensors", "--rank", "4", "-q")
+    assert json.loads((work / "r.safetensors.json").read_text())["ranks_per_task"]["256x64"] == 4
+
+
+def test_dry_run_reads_headers_only(work, capsys):
+    before = listing(work)
+    run("merge", *TASKS, "-o", "m", "--dry-run")
+    text = capsys.readouterr().out
+    assert "dry run" in text and "10 matrix keys" in text and "256x64: k=21" in text and "memory" in text
+    run("compress", *TASKS, "-o", "store", "--dry-run")
+    assert "per task" in capsys.readouterr().out
+    assert listing(work) == before
+
+
+def test_yaml_config(work, small_base, small_tasks, capsys):
+    config = {"base": "base.safetensors", "tasks": TASKS[1:], "output": "from_yaml.safetensors",
+              "method": "task_arithmetic", "alpha": 0.5, "include": "visual.transformer.*"}
+    (work / "job.yaml").write_text(yaml.safe_dump(config))
+    run("merge", "job.yaml", "-q")
+    expected = tsv_fast.merge_layers(small_base, small_tasks[:3], method="task_arithmetic", alpha=0.5,
+                                     include="visual.transformer.*")
+    out = load_file("from_yaml.safetensors")
+    assert all(torch.allclose(out[k], expected[k], atol=1e-6) for k in expected)
+    run("merge", "job.yaml", "-o", "override.safetensors", "--alpha", "0.2", "-q")  # flags override the file
+    assert json.loads((work / "override.safetensors.json").read_text())["alpha"] == 0.2
+    capsys.readouterr()
+    for bad, problem in [({"alhpa": 1}, "unknown field 'alhpa'"),
+                         ({"alpha": "high"}, "field 'alpha': expected a number"),
+                         ({"tasks": "t0.safetensors"}, "field 'tasks': expected a list of paths"),
+                         ({"method": "nope"}, "unknown merge method 'nope'")]:
+        (work / "bad.yaml").write_text(yaml.safe_dump({**config, **bad}))
+        run("merge", "bad.yaml", expect=2)
+        err = capsys.readouterr().err
+        assert err.startswith("tsv-fast: error: bad.yaml") or "nope" in err, err
+        assert problem in err and err.count("\n") == 1
+
+
+def test_compress_store_rebuilds_tasks(work, small_base, small_tasks):
+    run("compress", *TASKS, "-o", "store", "-q")
+    manifest = json.loads((work / "store" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["t0", "t1", "t2"] and manifest["num_tasks"] == 3
+    expected = tsv_fast.compress(small_base, small_tasks[:3])
+    for entry, exp in zip(manifest["tasks"], expected):
+        task = CompressedTask.from_state_dict(load_file(work / "store" / entry["file"]), entry["name"])
+        assert task.nbytes() == entry["bytes"] == exp.nbytes()
+        rebuilt, want = task.apply(small_base), exp.apply(small_base)
+        assert all(torch.allclose(rebuilt[k], want[k], atol=1e-6) for k in want)
+    run("compress", *TASKS[:2], "-o", "one", "--energy", "0.5", "-q")
+    assert len(json.loads((work / "one" / "manifest.json").read_text())["tasks"]) == 1
+
+
+def test_interference_report(work, small_base, small_tasks):
+    run("interference", *TASKS, "-o", "sti", "-q")
+    files = listing(work / "sti")
+    assert files == ["sti.json", "sti_by_depth.png", "sti_heatmap.png", "sti_per_layer.csv", "sti_per_pair.csv"]
+    report = json.loads((work / "sti" / "sti.json").read_text())
+    expected = tsv_fast.interference(small_base, small_tasks[:3])
+    assert report["tasks"] == ["t0", "t1", "t2"]
+    assert report["per_key"] == pytest.approx(expected.per_key, rel=1e-5)
+    rows = (work / "sti" / "sti_per_pair.csv").read_text().splitlines()
+    assert rows[0] == "key,task_a,task_b,sti" and len(rows) == 1 + 3 * len(expected.per_key)
+
+
+def test_inspect(work, capsys):
+    run("inspect", "base.safetensors")
+    out = capsys.readouterr().out
+    assert "32 tensors" in out and "visual.proj" in out and "64x32" in out and "10 matrix keys" in out
+    run("inspect", "t0.safetensors", "t1.safetensors", "--base", "base.safetensors", "-q")
+    out = capsys.readouterr().out
+    assert "of its energy on average at k = floor(r/2)" in out
+    run("inspect", "t0.safetensors", "--base", "base.safetensors", "--num-tasks", "8")
+    assert "energy@k" in capsys.readouterr().out
+
+
+def _bad_inputs(work):
+    """(name, command line, words the error must contain) for each kind of bad input."""
+    base = load_file(work / "t0.safetensors")
+    nan = dict(base)
+    nan[LAST_KEY] = nan[LAST_KEY].clone()
+    nan[LAST_KEY][0, 0] = float("nan")
+    save_file(nan, work / "nan.safetensors")
+    shape = {**base, "visual.proj": torch.zeros(64, 33)}
+    save_file(shape, work / "shape.safetensors")
+    keys = {k: v for k, v in base.items() if "ln_" not in k}
+    save_file(keys, work / "keys.safetensors")
+    data = (work / "t1.safetensors").read_bytes()
+    (work / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save(torch.nn.Linear(2, 2), work / "model.pt")
+    (work / "exists.safetensors").write_bytes(b"old")
+    merge = ["merge", "base.safetensors", "t0.safetensors"]
+    return [
+        ("missing file", [*merge, "nope.safetensors", "-o", "o.safetensors"], ["nope.safetensors", "no such file"]),
+        ("truncated", [*merge, "trunc.safetensors", "-o", "o.safetensors"], ["trunc.safetensors", "truncated"]),
+        ("pickle", [*merge, "model.pt", "-o", "o.safetensors"], ["model.pt", "--unsafe-pickle"]),
+        ("keys", [*merge, "keys.safetensors", "-o", "o.safetensors"],
+         ["keys.safetensors", "missing", "visual.ln_post.bias", "(and"]),
+        ("shape", [*merge, "shape.safetensors", "-o", "o.safetensors"],
+         ["shape.safetensors", "visual.proj", "(64, 33)"]),
+        ("nan", [*merge, "nan.safetensors", "-o", "o.safetensors"], ["nan.safetensors", LAST_KEY, "NaN"]),
+        ("one task", [*merge, "-o", "o.safetensors"], ["at least 2 task"]),
+        ("duplicate", [*merge, "./t0.safetensors", "-o", "o.safetensors"], ["t0.safetensors", "given twice"]),
+        ("method", [*merge, "t1.safetensors", "-o", "o.safetensors", "--method", "magic"], ["unknown merge method"]),
+        ("option", [*merge, "t1.safetensors", "-o", "o.safetensors", "--method", "mean", "--density", "0.3"],
+         ["no option", "density"]),
+        ("flag", [*merge, "t1.safetensors", "-o", "o.safetensors", "--densty", "0.3"], ["unrecognized", "--densty"]),
+        ("exists", [*merge, "t1.safetensors", "-o", "exists.safetensors"], ["exists.safetensors", "--overwrite"]),
+        ("is input", [*merge, "t1.safetensors", "-o", "t1.safetensors", "--overwrite"],
+         ["t1.safetensors", "is one of the inputs"]),
+        ("sti one task", ["interference", "base.safetensors", "t0.safetensors", "-o", "r"], ["at least 2"]),
+        ("compress dup", ["compress", "base.safetensors", "base.safetensors", "-o", "s"], ["given twice"]),
+        ("compress dtype", ["compress", "base.safetensors", "t0.safetensors", "-o", "s", "--dtype", "int4"],
+         ["--dtype", "int4"]),
+        ("bad yaml", ["merge", "nope.yaml"], ["nope.yaml", "cannot read"]),
+    ]
+
+
+def test_bad_input_one_line_exit_2_nothing_left(work, capsys):
+    for name, argv, words in _bad_inputs(work):
+        before = listing(work)
+        capsys.readouterr()
+        run(*argv, expect=2)
+        err = capsys.readouterr().err
+        assert err.startswith("tsv-fast: error: ") and err.count("\n") == 1, (name, err)
+        assert all(w in err for w in words), (name, err)
+        assert listing(work) == before, name
+    assert (work / "exists.safetensors").read_bytes() == b"old"
+
+
+def test_disk_full_leaves_nothing(work, capsys, monkeypatch):
+    calls = []
+
+    def disk_full(f, tensor):
+        calls.append(1)
+        if len(calls) == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    monkeypatch.setattr(writer, "_write_tensor", disk_full)
+    before = listing(work)
+    run("merge", *TASKS, "-o", "full", "--max-shard-size", "100KB", expect=2)
+    err = capsys.readouterr().err
+    assert err.startswith("tsv-fast: error: full/model-0000") and "write failed: No space left on device" in err
+    assert listing(work) == before
+
+
+def test_sigterm_leaves_nothing(work, capsys, monkeypatch):
+    monkeypatch.setattr(writer, "_write_tensor", lambda f, tensor: os.kill(os.getpid(), signal.SIGTERM))
+    before = listing(work)
+    run("merge", *TASKS, "-o", "m", expect=130)
+    assert "interrupted" in capsys.readouterr().err and listing(work) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
+
+
+def test_unexpected_error_exit_1(work, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "iter_merge", boom)
+    run("merge", *TASKS, "-o", "x.safetensors", expect=1)
+    err = capsys.readouterr().err
+    assert "unexpected RuntimeError: kaboom (run with -v" in err and "Traceback" not in err
+    run("merge", *TASKS, "-o", "x.safetensors", "-v", expect=1)
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_python_m_help():
+    done = subprocess.run([sys.executable, "-m", "tsv_fast", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "merge" in done.stdout and "inspect" in done.stdout

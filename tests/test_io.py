@@ -1,0 +1,234 @@
+"""Reading checkpoints lazily and safely, and writing outputs atomically (tsv_fast.checkpoints / writer)."""
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tsv_fast
+from tsv_fast import checkpoints, writer
+from tsv_fast.checkpoints import CheckpointError, SafetensorsCheckpoint, fingerprint, open_checkpoint
+from tsv_fast.writer import Entry, OutputError, check_output, entries_of, parse_size, plan_shards, write_safetensors
+
+
+def _listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def _sharded(folder, state, max_bytes):
+    write_safetensors(folder, entries_of(state), state.items(), metadata={}, max_shard_bytes=max_bytes)
+    return folder
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def test_safetensors_checkpoint_is_lazy(tmp_path, small_base, monkeypatch):
+    save_file(small_base, tmp_path / "base.safetensors")
+    ckpt = open_checkpoint(tmp_path / "base.safetensors")
+    assert isinstance(ckpt, SafetensorsCheckpoint)
+    assert set(ckpt) == set(small_base) and len(ckpt) == len(small_base)
+    reads = []
+    real = checkpoints.safe_open
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "safe_open", counting)
+    for key, t in small_base.items():  # meta and membership come from the header: no file access
+        assert ckpt.meta(key) == (tuple(t.shape), t.dtype)
+        assert key in ckpt
+    assert "nope" not in ckpt and reads == []
+    key = "visual.proj"
+    assert torch.equal(ckpt[key], small_base[key]) and len(reads) == 1
+    with pytest.raises(KeyError):
+        ckpt["nope"]
+
+
+def test_sharded_folder_and_prefix(tmp_path, small_base):
+    full = {**small_base, "transformer.w": torch.randn(4, 4), "logit_scale": torch.tensor(4.6)}
+    folder = _sharded(tmp_path / "hf", full, max_bytes=100_000)
+    assert (folder / "model.safetensors.index.json").is_file()
+    ckpt = open_checkpoint(folder)
+    assert len(ckpt.files) > 1 and set(ckpt) == set(full)
+    assert all(torch.equal(ckpt[k], full[k]) for k in full)
+    assert set(open_checkpoint(folder / "model.safetensors.index.json")) == set(full)
+    visual = open_checkpoint(folder, prefix="visual.")
+    assert set(visual) == set(small_base)  # names kept as they are
+    with pytest.raises(CheckpointError, match="no key starts with 'text.'"):
+        open_checkpoint(folder, prefix="text.")
+
+
+def test_sharded_index_problems(tmp_path, small_base):
+    folder = _sharded(tmp_path / "hf", small_base, max_bytes=100_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (folder / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}: shard listed in .* is missing"):
+        open_checkpoint(folder)
+    (tmp_path / "bad.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid sharded-checkpoint index"):
+        open_checkpoint(tmp_path / "bad.index.json")
+
+
+def test_bad_files(tmp_path, small_base):
+    with pytest.raises(CheckpointError, match="missing.safetensors: no such file"):
+        open_checkpoint(tmp_path / "missing.safetensors")
+    save_file(small_base, tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.safetensors: not a valid safetensors file"):
+        open_checkpoint(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable PyTorch checkpoint"):
+        open_checkpoint(tmp_path / "junk.pt")
+
+
+def test_torch_state_dicts(tmp_path, small_base):
+    torch.save(small_base, tmp_path / "flat.pt")
+    torch.save(small_base, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)  # no mmap possible
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in small_base.items()}}, tmp_path / "open_clip.pt")
+    for name in ("flat.pt", "legacy.bin", "open_clip.pt"):
+        ckpt = open_checkpoint(tmp_path / name)
+        assert set(ckpt) == set(small_base), name
+        assert all(torch.equal(ckpt[k], v) for k, v in small_base.items())
+    assert set(open_checkpoint(tmp_path / "open_clip.pt", prefix="visual.transformer.")) == \
+        {k for k in small_base if k.startswith("visual.transformer.")}
+    torch.save({"weights": [1, 2], "w": torch.zeros(2)}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="odd.pt: weights: is a list, not a tensor"):
+        open_checkpoint(tmp_path / "odd.pt")
+
+
+def test_pickled_model_refused_unless_opted_in(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt: holds pickled Python objects.*--unsafe-pickle"):
+        open_checkpoint(tmp_path / "model.pt")
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        state = open_checkpoint(tmp_path / "model.pt", unsafe_pickle=True)
+    assert torch.equal(state["weight"], model.weight.detach())
+
+
+def test_fingerprint(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1 << 20)}, path)  # 4 MiB: head and tail are hashed, not the middle
+    first = fingerprint(path)
+    assert first["size"] == path.stat().st_size and first == fingerprint(path)
+    save_file({"a": torch.ones(1 << 20)}, path)
+    assert fingerprint(path)["sha256_head_tail"] != first["sha256_head_tail"]
+
+
+def test_streamed_merge_matches_in_memory(tmp_path, small_base, small_tasks):
+    save_file(small_base, tmp_path / "base.safetensors")
+    for i, t in enumerate(small_tasks):
+        save_file(t, tmp_path / f"t{i}.safetensors")
+    lazy = [open_checkpoint(tmp_path / f"t{i}.safetensors") for i in range(len(small_tasks))]
+    streamed = tsv_fast.merge_layers(open_checkpoint(tmp_path / "base.safetensors"), lazy)
+    expected = tsv_fast.merge_layers(small_base, small_tasks)
+    assert all(torch.allclose(streamed[k], expected[k], atol=1e-6) for k in expected)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def test_roundtrip_all_dtypes_and_metadata(tmp_path):
+    state = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
+             "f64": torch.randn(3).double(), "i64": torch.arange(7), "scalar": torch.tensor(1.5),
+             "empty": torch.zeros(0, 3), "bool": torch.tensor([True, False]), "view": torch.randn(4, 6)[:, ::2]}
+    files = write_safetensors(tmp_path / "x.safetensors", entries_of(state), state.items(),
+                              metadata={"format": "pt", "tsv_fast": "{}"}, record={"method": "tsv"})
+    assert [f.name for f in files] == ["x.safetensors", "x.safetensors.json"]
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "tsv_fast": "{}"}
+    assert json.loads((tmp_path / "x.safetensors.json").read_text()) == {"method": "tsv"}
+    assert _listing(tmp_path) == ["x.safetensors", "x.safetensors.json"]  # no staging folder left
+
+
+def test_sharded_output_layout(tmp_path, small_base):
+    total = sum(t.numel() * t.element_size() for t in small_base.values())
+    files = write_safetensors(tmp_path / "out", entries_of(small_base), small_base.items(), metadata={"format": "pt"},
+                              record={"a": 1}, max_shard_bytes=200_000)
+    names = [f.name for f in files]
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) == 4 and shards[0] == "model-00001-of-00004.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total and set(index["weight_map"]) == set(small_base)
+    assert "tsv_fast_merge.json" in names
+    assert all(os.path.getsize(tmp_path / "out" / s) < 200_000 + 10_000 for s in shards)
+    with pytest.raises(OutputError, match="larger than the shard limit"):
+        write_safetensors(tmp_path / "one.safetensors", entries_of(small_base), small_base.items(), metadata={},
+                          max_shard_bytes=200_000)
+    assert not (tmp_path / "one.safetensors").exists()
+
+
+def test_plan_shards_and_sizes():
+    entries = [Entry(str(i), (n,), torch.float32) for i, n in enumerate([10, 10, 30, 5])]
+    assert [[e.key for e in s] for _, s in plan_shards(entries, 80)] == [["0", "1"], ["2"], ["3"]]
+    assert plan_shards(entries, None) == [("model.safetensors", entries)]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("5 parsecs")
+
+
+def test_failed_write_leaves_nothing(tmp_path, small_base, monkeypatch):
+    (tmp_path / "keep.txt").write_text("untouched")
+    calls = []
+    real = writer._write_tensor
+
+    def disk_full(f, tensor):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, tensor)
+
+    monkeypatch.setattr(writer, "_write_tensor", disk_full)
+    for out, limit in ((tmp_path / "m.safetensors", None), (tmp_path / "folder", 100_000)):
+        calls.clear()
+        with pytest.raises(OutputError) as info:
+            write_safetensors(out, entries_of(small_base), small_base.items(), metadata={}, record={},
+                              max_shard_bytes=limit)
+        message = str(info.value)  # names the destination (not the staging folder) and the key
+        assert message.startswith(str(out)) and ".safetensors: visual." in message
+        assert message.endswith("write failed: No space left on device")
+        assert _listing(tmp_path) == ["keep.txt"]
+
+
+def test_error_in_producer_and_overwrite(tmp_path, small_base):
+    def failing():
+        for i, item in enumerate(small_base.items()):
+            if i == 3:
+                raise tsv_fast.TSVInputError("task 't': key 'k' contains NaN or Inf")
+            yield item
+
+    out = tmp_path / "out"
+    with pytest.raises(tsv_fast.TSVInputError):
+        write_safetensors(out, entries_of(small_base), failing(), metadata={})
+    assert _listing(tmp_path) == []
+    write_safetensors(out, entries_of(small_base), small_base.items(), metadata={}, record={"v": 1})
+    with pytest.raises(OutputError, match="already exists"):
+        write_safetensors(out, entries_of(small_base), small_base.items(), metadata={})
+    half = {k: v.half() if v.is_floating_point() else v for k, v in small_base.items()}
+    write_safetensors(out, entries_of(half), half.items(), metadata={}, overwrite=True)
+    assert load_file(out / "model.safetensors")["visual.proj"].dtype == torch.float16
+    assert not (out / "tsv_fast_merge.json").exists()  # the old folder was replaced, not merged into
+    assert _listing(tmp_path) == ["out", "out/model.safetensors"]
+
+
+def test_check_output(tmp_path):
+    src = tmp_path / "models" / "a.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(b"x")
+    with pytest.raises(OutputError, match="is one of the inputs"):
+        check_output(src, [src], overwrite=True)
+    with pytest.raises(OutputError, match="is one of the inputs"):  # replacing the folder would delete it
+        check_output(tmp_path / "models", [src], overwrite=True)
+    with pytest.raises(OutputError, match="already exists"):
+        check_output(tmp_path / "models", [], overwrite=False)
+    check_output(tmp_path / "new.safetensors", [src], overwrite=False)

@@ -1,0 +1,292 @@
+"""Reading checkpoints from disk: lazily for safetensors, safely for PyTorch pickles.
+
+* safetensors files and sharded Hugging Face folders (``model.safetensors.index.json``)
+  open as a :class:`SafetensorsCheckpoint`: shapes and dtypes come from the headers
+  (its ``meta(key)`` lets the merge check everything before reading a value), and each
+  tensor is read from disk only when asked for, with no reference kept, so a streaming
+  merge holds about one key of every task at a time.
+* PyTorch ``.pt/.bin/.pth/.ckpt`` state dicts load with ``weights_only=True`` (memory
+  mapped when the file allows). Wrappers such as ``{"state_dict": ...}`` and the DDP
+  ``module.`` prefix are removed. Whole pickled models (as the CLIP task-vector
+  checkpoints of the literature are) are refused unless ``unsafe_pickle=True``, because
+  unpickling them runs code from the file.
+
+Every failure raises :class:`CheckpointError` naming the file (and key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from .errors import TSVInputError
+
+INDEX_NAME = "model.safetensors.index.json"
+TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+UNSAFE_FLAG = "--unsafe-pickle"
+
+# safetensors dtype names (the format's spec) <-> torch dtypes
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+class CheckpointError(TSVInputError):
+    """A checkpoint that cannot be read; the message starts with the file (and key)."""
+
+
+class SafetensorsCheckpoint(Mapping[str, Tensor]):
+    """Lazy ``name → tensor`` view of one safetensors file or of the shards of one model.
+
+    Only the headers are read when it is built; ``self[key]`` reads that tensor (the
+    file is opened for the call and the mapping is released after it), so no tensor
+    stays in memory because of this object.
+    """
+
+    def __init__(self, files: list[Path], label: str, weight_map: Mapping[str, str] | None = None,
+                 prefix: str | None = None):
+        self.label = label
+        self.files = files
+        self._file: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for path in files:
+            with _safe_open(path, label) as handle:
+                names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+                for key in names:
+                    if weight_map is not None and weight_map.get(key) != path.name:
+                        continue
+                    if prefix and not key.startswith(prefix):
+                        continue
+                    part = handle.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{label}: {key}: unsupported dtype {part.get_dtype()}")
+                    self._file[key] = path
+                    self._meta[key] = (tuple(part.get_shape()), dtype)
+        if weight_map is not None:
+            lost = [k for k, f in weight_map.items() if k not in self._file and (not prefix or k.startswith(prefix))]
+            if lost:
+                raise CheckpointError(f"{label}: {lost[0]}: listed in {INDEX_NAME} (in {weight_map[lost[0]]}) "
+                                      f"but not found in that shard ({len(lost)} such key(s))")
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype from the header, without reading the tensor."""
+        return self._meta[key]
+
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(*m) for m in self._meta.values())
+
+    def __getitem__(self, key: str) -> Tensor:
+        path = self._file[key]  # KeyError for unknown keys, as a Mapping should
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: {key}: cannot read the tensor: {exc}") from exc
+
+    def __contains__(self, key: object) -> bool:  # the Mapping default would read the tensor
+        return key in self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __repr__(self) -> str:
+        return f"SafetensorsCheckpoint({self.label!r}, {len(self)} tensors, {len(self.files)} file(s))"
+
+
+class TorchCheckpoint(dict):
+    """A state dict loaded from a PyTorch file, with the ``files`` it came from."""
+
+    def __init__(self, state: Mapping[str, Tensor], label: str, files: list[Path]):
+        super().__init__(state)
+        self.label, self.files = label, files
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.values())
+
+
+Checkpoint = SafetensorsCheckpoint | TorchCheckpoint
+
+
+def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint file or folder (format from its name, or sniffed from its first bytes).
+
+    Args:
+        path: a ``.safetensors`` file, a folder or index file of a sharded Hugging Face
+            checkpoint, or a PyTorch ``.pt/.bin/.pth/.ckpt`` file.
+        prefix: keep only keys starting with this (e.g. ``"visual."`` for the image tower
+            of a full open_clip checkpoint); names are kept as they are.
+        unsafe_pickle: allow whole pickled models (``torch.load(weights_only=False)``);
+            only for files you trust, since unpickling can run arbitrary code.
+    """
+    label = str(path)
+    kind, files, weight_map = _resolve(Path(path))
+    if kind == "safetensors":
+        ckpt: Checkpoint = SafetensorsCheckpoint(files, label, weight_map, prefix)
+    else:
+        state = _load_torch(files[0], label, unsafe_pickle)
+        if prefix:
+            state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        ckpt = TorchCheckpoint(state, label, files)
+    if len(ckpt) == 0:
+        if prefix:
+            starts = sorted({k.split(".")[0] + "." for k in open_checkpoint(path, unsafe_pickle=unsafe_pickle)})
+            raise CheckpointError(f"{label}: no key starts with {prefix!r} (keys start with {', '.join(starts[:8])})")
+        raise CheckpointError(f"{label}: the checkpoint holds no tensors")
+    return ckpt
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files that make up a checkpoint (the shards and index of a sharded one)."""
+    kind, files, weight_map = _resolve(Path(path))
+    index = [Path(path) if Path(path).is_file() else Path(path) / INDEX_NAME] if weight_map is not None else []
+    return index + files
+
+
+def fingerprint(path: str | Path) -> dict:
+    """A fast identity record of a file: size and sha256 of its first and last MiB, plus the
+    whole safetensors header when it is longer. Hashing whole multi-GB checkpoints would
+    cost more than the merge; this still tells files apart in practice."""
+    path = Path(path)
+    size = path.stat().st_size
+    mib = 1 << 20
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(mib)
+        if path.suffix == ".safetensors" and len(head) >= 8:
+            header_end = 8 + int.from_bytes(head[:8], "little")
+            if header_end > len(head):
+                head += f.read(header_end - len(head))
+        digest.update(head)
+        if size > len(head):
+            f.seek(max(len(head), size - mib))
+            digest.update(f.read())
+    return {"file": str(path), "size": size, "sha256_head_tail": digest.hexdigest()}
+
+
+FINGERPRINT_METHOD = ("sha256 of the first MiB (or the whole safetensors header when longer) "
+                      "and of the last MiB of each file, with its size; not a hash of the whole file")
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+def _resolve(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """(format, files, weight map of a sharded checkpoint) for a path a user gave."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return _resolve(path / INDEX_NAME)
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return "safetensors", found, None
+        what = f"{len(found)} .safetensors files" if found else "no .safetensors file"
+        raise CheckpointError(f"{path}: folder has no {INDEX_NAME} and {what}; give the file itself")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a valid sharded-checkpoint index ({exc!r})") from exc
+        files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {path} is missing")
+        return "safetensors", files, weight_map
+    if path.suffix == ".safetensors":
+        return "safetensors", [path], None
+    if path.suffix in TORCH_SUFFIXES:
+        return "torch", [path], None
+    return ("torch" if _looks_like_torch(path) else "safetensors"), [path], None
+
+
+def _looks_like_torch(path: Path) -> bool:
+    """A torch.save zip archive, or a (legacy) pickle: protocol byte 0x80 first."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return magic == b"PK" or magic[:1] == b"\x80"
+
+
+def _safe_open(path: Path, label: str):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _load_torch(path: Path, label: str, unsafe_pickle: bool) -> dict[str, Tensor]:
+    if not _looks_like_torch(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?): neither a torch.save zip "
+                              f"archive nor a pickle")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?): "
+                                  f"{str(exc).splitlines()[0]}") from exc
+        if not unsafe_pickle:
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, not just tensors (e.g. a whole saved model); "
+                f"loading it would run code from the file. Convert it to a state dict, or pass "
+                f"{UNSAFE_FLAG} if you trust its source") from None
+        warnings.warn(f"{path}: loading with weights_only=False ({UNSAFE_FLAG}): this runs code from the file",
+                      stacklevel=3)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # e.g. the pickled model's class cannot be imported
+            raise CheckpointError(f"{path}: unpickling failed: {type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # torch raises assorted errors on garbage bytes
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, Tensor]:
+    """A flat ``name → tensor`` dict from what ``torch.load`` returned."""
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):  # a whole module (unsafe mode only)
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (name → tensor)")
+    if not all(isinstance(v, Tensor) for v in obj.values()):
+        for wrapper in _WRAPPER_KEYS:  # {"state_dict": {...}, "epoch": 3, ...}
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) or hasattr(inner, "state_dict"):
+                return _unwrap(inner, path)
+        key, value = next((k, v) for k, v in obj.items() if not isinstance(v, Tensor))
+        raise CheckpointError(f"{path}: {key}: is a {type(value).__name__}, not a tensor (expected a flat "
+                              f"name → tensor dict, or one under {'/'.join(_WRAPPER_KEYS)})")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
