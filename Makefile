@@ -40,7 +40,7 @@ build/.ext-built: $(VENV)/.installed $(EXT_SOURCES)
 test: pytest ctest
 
 pytest: build
-	$(PY) -m pytest -q
+	TSV_FAST_REQUIRE_EXT=1 $(PY) -m pytest -q
 
 ctest: $(VENV)/.installed
 	mkdir -p build && cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > build/cmake.log || (cat build/cmake.log; exit 1)

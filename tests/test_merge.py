@@ -242,3 +242,15 @@ def test_other_solvers_through_merge_layers(small_base, small_tasks, solver, tol
         assert error < tol
     else:  # approximate by design (SPEC.md: flat tails make Δ differ by tens of percent); finite and close-ish
         assert all(torch.isfinite(v).all() for v in merged.values()) and error < 1.0
+
+
+def test_pure_pytorch_fallback_gives_the_same_merge(small_base, small_tasks, monkeypatch):
+    """Without the compiled extension the package still works, and backend() says why."""
+    from tsv_fast import ops
+
+    compiled = tsv_fast.merge_layers(small_base, small_tasks)
+    monkeypatch.setattr(ops, "_EXT_STATUS", (False, "compiled extension not available (test)"))
+    assert not tsv_fast.backend().extension and "not available" in str(tsv_fast.backend())
+    fallback = tsv_fast.merge_layers(small_base, small_tasks)
+    for key in compiled:
+        torch.testing.assert_close(fallback[key], compiled[key], rtol=1e-5, atol=1e-6)
