@@ -105,3 +105,15 @@ def test_rank_and_energy_together_are_refused(small_base, small_tasks):
 def test_default_rank_uses_num_tasks(small_base, small_tasks):
     task = tsv_fast.compress(small_base, small_tasks[:1], num_tasks=8)[0]
     assert task.rank("visual.transformer.resblocks.0.mlp.c_fc.weight") == math.floor(64 / 8)
+
+
+def test_scalar_keys_and_independent_storage(small_base, small_tasks):
+    """0-d keys (open_clip's logit_scale) compress, and no task's tensors pin another task's memory."""
+    base = {**small_base, "logit_scale": torch.tensor(2.5)}
+    tasks = [{**t, "logit_scale": torch.tensor(2.5 + i)} for i, t in enumerate(small_tasks)]
+    compressed = tsv_fast.compress(base, tasks)
+    assert "logit_scale" not in compressed[0].deltas  # a zero delta is not stored
+    assert [float(c.deltas["logit_scale"]) for c in compressed[1:]] == [1.0, 2.0, 3.0]
+    for c in compressed:
+        for t in [x for f in c.factors.values() for x in f] + list(c.deltas.values()):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -3,6 +3,8 @@
 * :func:`merge_layers` — TSV-M and the baselines (Task Arithmetic, TIES, averaging).
 * :func:`compress` — TSV-C: per-task low-rank factors that rebuild each task.
 * :func:`interference` — Singular Task Interference per layer and task pair.
+* :class:`TaskStore` / :class:`MultiTaskModel` — many compressed tasks over one base,
+  served per task, as mixed batches or as merges (open_clip CLIP ViT).
 * :func:`backend` — whether the compiled C++/CUDA ops or the pure-PyTorch path is used.
 """
 
@@ -15,12 +17,14 @@ from .merge import iter_merge, merge_layers
 from .methods import METHODS
 from .ops import reconstruct
 from .solvers import SOLVERS
+from .runtime import MultiTaskModel
+from .store import TaskStore
 from .tasks import CompressedTask, TaskVector, task_vectors
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "CompressedTask", "Interference", "METHODS", "SOLVERS", "TSVInputError", "TSVRankWarning",
+    "Backend", "CompressedTask", "Interference", "METHODS", "MultiTaskModel", "TaskStore", "SOLVERS", "TSVInputError", "TSVRankWarning",
     "TaskVector", "backend", "compress", "interference", "is_matrix_key", "iter_merge", "merge_layers", "reconstruct",
     "resolve_rank", "select_keys", "task_vectors", "__version__",
 ]

@@ -45,8 +45,9 @@ from .merge import iter_merge
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
+from .store import TaskStore
 from .tasks import as_sources, tensor_meta
-from .writer import (Entry, OutputError, SafetensorsWriter, check_output, entries_of, human_size, parse_size,
+from .writer import (Entry, OutputError, check_output, human_size, parse_size,
                      plan_shards, staged_output, write_safetensors)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -409,24 +410,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           include=args.include, exclude=args.exclude, solver=args.solver or "exact",
                           factor_dtype=dtype, device=_device(args.device or "auto"), progress=_progress(args))
     files = _unique_names(task_paths)
-    manifest = _record("compress", rank=rank, energy=args.energy, num_tasks=T, solver=args.solver or "exact",
-                       dtype=args.dtype, include=args.include, exclude=args.exclude, prefix=args.prefix,
-                       base=_input_record([base_path])[0], tasks=[])
     with staged_output(store, folder=True, overwrite=args.overwrite) as stage:
+        # The store format of tsv_fast.TaskStore (manifest with the base fingerprint), so
+        # TaskStore / MultiTaskModel open what this command writes.
+        task_store = TaskStore(stage, base=base, default_rank=rank, num_tasks=T, dtype=dtype)
+        settings = _record("compress", rank=rank, energy=args.energy, num_tasks=T, solver=args.solver or "exact",
+                           dtype=args.dtype, include=args.include, exclude=args.exclude, prefix=args.prefix,
+                           base=_input_record([base_path])[0])
         for task, path, name in zip(compressed, task_paths, files):
-            flat = task.to_state_dict()
-            writer = SafetensorsWriter(stage, [(f"{name}.safetensors", entries_of(flat))],
-                                       {"format": "pt", "tsv_fast_task": name})
-            try:
-                for key, tensor in flat.items():
-                    writer.write(key, tensor)
-                writer.finish()
-            finally:
-                writer.abort()
-            manifest["tasks"].append({"name": name, "file": f"{name}.safetensors", "bytes": task.nbytes(),
-                                      "ranks": {k: task.rank(k) for k in task.factors},
-                                      "source": _input_record([path])[0]})
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            task_store.add(name, task, info={"source": _input_record([path])[0], "compress": settings})
     total = sum(t.nbytes() for t in compressed)
     _say(args, f"compressed {len(tasks)} task(s) into {store}: {human_size(total)} "
                f"({100 * total / (len(tasks) * base.nbytes()):.1f}% of {len(tasks)} checkpoint(s)), "

@@ -72,11 +72,11 @@ def compress(
             continue
         dtype = factor_dtype or b.dtype
         deltas = stack_deltas(sources, key, b, dev)
-        nonzero = deltas.flatten(1).any(1).tolist()
+        nonzero = deltas.reshape(len(sources), -1).any(1).tolist()  # reshape: 0-d keys (logit_scale) too
         if not is_matrix_key(key, b):
             for task, d, keep in zip(out, deltas, nonzero):
                 if keep:
-                    task.deltas[key] = d.to(dtype)
+                    task.deltas[key] = d.to(dtype).clone()  # own storage: tasks must not pin each other
             continue
         if energy is None:
             k = resolve_rank(b.shape, rank, T)
@@ -92,5 +92,6 @@ def compress(
         for i, (task, keep) in enumerate(zip(out, nonzero)):
             if keep:
                 k = ks[i]
-                task.factors[key] = tuple(t.to(dtype).contiguous() for t in (U[i, :, :k], S[i, :k], V[i, :, :k]))
+                task.factors[key] = tuple(t.to(dtype).clone(memory_format=torch.contiguous_format)
+                                          for t in (U[i, :, :k], S[i, :k], V[i, :, :k]))
     return out

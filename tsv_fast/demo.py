@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 import tsv_fast
 from tsv_fast.keys import is_matrix_key

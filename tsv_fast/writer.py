@@ -94,6 +94,21 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Se
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
 
 
+def atomic_write_file(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 @contextmanager
 def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
     """A fresh staging folder next to ``out``, moved into place when the block succeeds.

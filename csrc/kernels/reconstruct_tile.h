@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define TSV_HD __host__ __device__ __forceinline__
-#else
-#define TSV_HD inline
-#endif
+#include "host_device.h"
 
 namespace tsv_fast {
 namespace tile {

@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include "check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -16,20 +18,12 @@
 
 namespace {
 
+using tsv_fast_test::expect_value_error;
+using tsv_fast_test::failures;
+
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using OpFn = Pair(const at::Tensor&, int64_t, double);
 using EmuFn = Pair(const at::Tensor&, int64_t, double, int64_t);
-int failures = 0;
-
-#define EXPECT(cond, ...)                                         \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      ++failures;                                                 \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-    }                                                             \
-  } while (0)
 
 Pair call(const std::string& impl, const at::Tensor& A) {
   auto& d = c10::Dispatcher::singleton();
@@ -100,20 +94,6 @@ void check_case(const std::string& impl, const at::Tensor& A64, const at::Tensor
   const at::Tensor I = at::eye(A.size(-1), at::kDouble);
   const double oerr = (at::matmul(Vd.transpose(-1, -2), Vd) - I).abs().max().item<double>();
   EXPECT(oerr <= oeps, "%s: |V^T V - I| = %.3g > %.3g", tag.c_str(), oerr, oeps);
-}
-
-template <typename F>
-void expect_value_error(const char* what, const char* needle, F&& f) {
-  try {
-    f();
-    EXPECT(false, "%s: no error raised", what);
-  } catch (const c10::ValueError& e) {
-    const std::string msg = e.what_without_backtrace();
-    EXPECT(msg.find(needle) != std::string::npos, "%s: message '%s' lacks '%s'", what, msg.c_str(),
-           needle);
-  } catch (const std::exception& e) {
-    EXPECT(false, "%s: raised the wrong exception type: %s", what, e.what());
-  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include "check.h"
+
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -12,19 +14,11 @@
 
 namespace {
 
+using tsv_fast_test::expect_value_error;
+using tsv_fast_test::failures;
+
 using OpFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         double);
-int failures = 0;
-
-#define EXPECT(cond, ...)                         \
-  do {                                            \
-    if (!(cond)) {                                \
-      ++failures;                                 \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);          \
-      std::fprintf(stderr, "\n");                 \
-    }                                             \
-  } while (0)
 
 c10::TypedOperatorHandle<OpFn> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<OpFn>();
@@ -95,20 +89,6 @@ void check_case(const char* op_name, int64_t B, bool batched, int64_t m, int64_t
     if (!(err <= tol)) ++bad, worst = std::max(worst, err);
   }
   EXPECT(bad == 0, "%s: %d elements out of tolerance (worst abs err %.3g)", what.c_str(), bad, worst);
-}
-
-template <typename F>
-void expect_value_error(const char* what, const char* needle, F&& f) {
-  try {
-    f();
-    EXPECT(false, "%s: no error raised", what);
-  } catch (const c10::ValueError& e) {
-    const std::string msg = e.what_without_backtrace();
-    EXPECT(msg.find(needle) != std::string::npos, "%s: message '%s' lacks '%s'", what, msg.c_str(),
-           needle);
-  } catch (const std::exception& e) {
-    EXPECT(false, "%s: raised the wrong exception type: %s", what, e.what());
-  }
 }
 
 }  // namespace

@@ -1,0 +1,274 @@
+"""MultiTaskModel against the materialised reference model (open_clip with the task's
+weights loaded, run with ``encode_image``), the segmented op against float64, exports."""
+
+import json
+
+import pytest
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from safetensors.torch import load_file
+
+import tsv_fast
+from tsv_fast import TSVInputError, compress
+from tsv_fast.peft_export import export_peft
+from tsv_fast.runtime import MultiTaskModel, merge_compressed
+from tsv_fast.runtime_ops import group_rows, segmented_lowrank_apply
+from tsv_fast.store import TaskStore
+from tsv_fast.synthetic import synthetic_task_vectors
+
+TOL = 1e-4  # max relative error, float32
+
+
+def tiny_clip(seed=0, **vision):
+    torch.manual_seed(seed)
+    cfg = dict(layers=2, width=64, patch_size=16, image_size=64, head_width=32)
+    cfg.update(vision)
+    return CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(**cfg),
+                text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=1)).eval()
+
+
+def finetune(model, n, seed=1):
+    """Fine-tuned state dicts: synthetic deltas on every floating image-tower key; text tower frozen."""
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    visual = {k: v for k, v in base.items() if k.startswith("visual.")}
+    return base, [{k: v + tau[k] if k in tau else v.clone() for k, v in base.items()}
+                  for tau in synthetic_task_vectors(visual, n, seed=seed, scale=0.2)]
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = tiny_clip()
+    base, fts = finetune(model, 3)
+    store = TaskStore(tmp_path_factory.mktemp("rt") / "store", base=base)
+    for i, ft in enumerate(fts):
+        store.add(f"t{i}", ft, rank=[None, 0.25, 3][i])  # different ranks per task
+    mt = MultiTaskModel(model, store, calibration_batches=(1, 4))
+    return mt, store, base, torch.randn(6, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """encode_image of a separate open_clip model with the task's full weights loaded."""
+    mt, _, _, _ = setup
+    ref = tiny_clip(seed=5)
+
+    def run(task_id, images):
+        ref.load_state_dict(mt.state_dict_for(task_id))
+        with torch.no_grad():
+            return ref.encode_image(images)
+    return run
+
+
+def test_segmented_lowrank_apply_matches_float64():
+    gen = torch.Generator().manual_seed(0)
+    N, n, m = 11, 7, 5
+    x = torch.randn(N, n, generator=gen)
+    offsets = [0, 4, 4, 9, 11]  # one empty segment
+    ranks = [2, 3, None, 1]
+    U = [None if k is None else torch.randn(m, k, generator=gen) for k in ranks]
+    S = [None if k is None else torch.rand(k, generator=gen) for k in ranks]
+    V = [None if k is None else torch.randn(n, k, generator=gen) for k in ranks]
+    y0 = torch.randn(N, m, generator=gen)
+    out = segmented_lowrank_apply(x, offsets, U, S, V, out=y0.clone())
+    expect = y0.double().clone()
+    for i in range(4):
+        if U[i] is not None:
+            delta = U[i].double() @ torch.diag(S[i].double()) @ V[i].double().T  # m×n, dense
+            expect[offsets[i]:offsets[i + 1]] += x[offsets[i]:offsets[i + 1]].double() @ delta.T
+    torch.testing.assert_close(out.double(), expect, rtol=0, atol=1e-5)
+    bf = segmented_lowrank_apply(x, offsets, [u if u is None else u.bfloat16() for u in U],
+                                 [s if s is None else s.bfloat16() for s in S],
+                                 [v if v is None else v.bfloat16() for v in V])
+    assert bf.dtype == torch.float32 and bf.shape == (N, m)
+    with pytest.raises(TSVInputError, match="offsets"):
+        segmented_lowrank_apply(x, [0, 5, 3, 9, 11], U, S, V)
+    with pytest.raises(TSVInputError, match="do not fit"):
+        segmented_lowrank_apply(torch.randn(N, n + 1), offsets, U, S, V)
+
+
+def test_group_rows():
+    order, offsets, tasks = group_rows(["b", "a", "b", None, "a"])
+    assert tasks == ["b", "a", None] and offsets == [0, 2, 4, 5]
+    assert order.tolist() == [0, 2, 1, 4, 3]
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "materialise", "auto"])
+def test_select_matches_materialised_model(setup, reference, strategy):
+    mt, _, _, x = setup
+    mt.strategy = strategy
+    try:
+        for name in [None, "t0", "t1", "t2"]:
+            mt.select(name)
+            assert rel(mt(x), reference(name, x)) <= TOL, (name, strategy)
+            if name is not None and strategy != "auto":
+                assert mt.last_strategy == strategy
+            torch.testing.assert_close(mt(x, normalize=True), torch.nn.functional.normalize(reference(name, x), dim=-1),
+                                       rtol=0, atol=TOL)
+    finally:
+        mt.strategy = "auto"
+        mt.select(None)
+
+
+def test_auto_strategy_is_measured(setup):
+    mt, _, _, x = setup
+    mt.strategy = "auto"
+    mt.select("t0")
+    mt(x[:1])
+    table = next(iter(mt.calibration.values()))
+    assert set(table) == {1, 4} and all(set(t) == {"lowrank", "materialise"} for t in table.values())
+    t1 = table[1]
+    assert mt.last_strategy == min(t1, key=t1.get)
+    assert mt.crossover("t0") in (None, 1, 4)
+    with pytest.raises(TSVInputError, match="strategy"):
+        mt.strategy = "guess"
+    mt.select(None)
+
+
+def test_mixed_batch_matches_per_row_reference(setup, reference):
+    mt, _, _, x = setup
+    merged = mt.merge(["t0", "t2"])
+    ids = ["t2", "t0", None, merged, "t0", "t1"]
+    out = mt(x, task_ids=ids)
+    for i, t in enumerate(ids):
+        assert rel(out[i], reference(t, x)[i]) <= TOL, (i, t)
+    # one task for every row equals select()
+    same = mt(x, task_ids=["t1"] * 6)
+    assert rel(same, reference("t1", x)) <= TOL
+    with pytest.raises(TSVInputError, match="unknown task 'nope'"):
+        mt(x, task_ids=["t0"] * 5 + ["nope"])
+    with pytest.raises(TSVInputError, match="entries"):
+        mt(x, task_ids=["t0"])
+
+
+def test_merge_from_store_matches_merge_layers(setup, reference):
+    mt, store, base, x = setup
+    loaded = [store.load(n) for n in ["t0", "t1", "t2"]]
+    for names, alpha in [(["t0", "t1", "t2"], 1.0), (["t1", "t2"], 0.7)]:
+        mid = mt.merge(names, alpha)
+        assert mt.merge(names, alpha) == mid  # cached
+        dense = tsv_fast.merge_layers(base, [loaded[int(n[1])] for n in names], alpha=alpha)
+        ours = mt.state_dict_for(mid)
+        for k, t in dense.items():
+            if t.is_floating_point():
+                assert (ours[k] - t).abs().max() <= 1e-5 * max(t.abs().max(), 1e-6), k
+        ref = tiny_clip(seed=3)
+        ref.load_state_dict(dense)
+        with torch.no_grad():
+            expect = ref.encode_image(x)
+        mt.select(mid)
+        for s in ("lowrank", "materialise"):
+            mt.strategy = s
+            assert rel(mt(x), expect) <= TOL
+    mt.strategy = "auto"
+    mt.select(None)
+
+
+def test_merge_compressed_equals_dense_merge_for_subsets(setup):
+    _, store, base, _ = setup
+    tasks = [store.load("t0"), store.load("t2")]
+    merged = merge_compressed(base, tasks, 1.0)
+    dense = tsv_fast.merge_layers(base, tasks)
+    rebuilt = merged.apply(base)
+    for k, t in dense.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(rebuilt[k], t, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_store_and_variants(tmp_path):
+    """bf16 factors; LayerScale, avg pooling, LN after pooling, output tokens."""
+    model = tiny_clip(seed=2, ls_init_value=0.5, pool_type="avg", final_ln_after_pool=True, output_tokens=True)
+    base, fts = finetune(model, 2, seed=4)
+    store = TaskStore(tmp_path / "s", base=base, dtype="bfloat16")
+    for i, ft in enumerate(fts):
+        store.add(f"t{i}", ft)
+    assert any(k.endswith("ls_1.gamma") for k in store.load("t0").deltas)
+    mt = MultiTaskModel(model, store, strategy="lowrank")
+    ref = tiny_clip(seed=9, ls_init_value=0.5, pool_type="avg", final_ln_after_pool=True, output_tokens=True)
+    x = torch.randn(3, 3, 64, 64)
+    ids = ["t1", "t0", "t1"]
+    pooled, tokens = mt(x, task_ids=ids)
+    for i, t in enumerate(ids):
+        ref.load_state_dict(mt.state_dict_for(t))
+        with torch.no_grad():
+            p_ref, tok_ref = ref.encode_image(x)
+        assert rel(pooled[i], p_ref[i]) <= TOL and rel(tokens[i], tok_ref[i]) <= TOL
+        mt.strategy = "materialise"
+        mt.select(t)
+        assert rel(mt(x)[0], p_ref) <= TOL
+        mt.strategy = "lowrank"
+
+
+def _storage_bytes(task) -> int:
+    tensors = [t for f in task.factors.values() for t in f] + list(task.deltas.values())
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def test_resident_bytes_are_the_stored_bytes(setup):
+    mt, store, base, _ = setup
+    stored = sum(store.nbytes(n) for n in store.names())
+    merged = sum(mt.task(n).nbytes() for n in mt.names() if n not in store.names())
+    assert mt.nbytes() == stored + merged
+    assert sum(_storage_bytes(mt.task(n)) for n in mt.names()) == mt.nbytes()  # nothing else kept alive
+    # tasks straight from compress() are slices of one batched solver output: compacted on load
+    _, fts = finetune(mt.model, 3, seed=6)
+    tasks = compress(base, fts, exclude="logit_scale")
+    fresh = MultiTaskModel(mt.model, tasks)
+    assert sum(_storage_bytes(fresh.task(n)) for n in fresh.names()) == fresh.nbytes() == sum(t.nbytes() for t in tasks)
+
+
+def test_refuses_other_base_and_unsupported_models(setup, tmp_path):
+    _, store, _, _ = setup
+    with pytest.raises(TSVInputError, match="different base"):
+        MultiTaskModel(tiny_clip(seed=7), store)
+    with pytest.raises(TSVInputError, match="attentional pooling"):
+        MultiTaskModel(tiny_clip(attentional_pool=True), [])
+    with pytest.raises(TSVInputError, match="no adapter"):
+        MultiTaskModel(torch.nn.Linear(2, 2), [])
+    with pytest.raises(TSVInputError, match="unknown task"):
+        MultiTaskModel(tiny_clip(), []).select("t0")
+
+
+def test_export_state_dict_and_safetensors(setup, reference, tmp_path):
+    mt, _, _, x = setup
+    path = mt.export("t1", tmp_path / "t1.safetensors")
+    state = load_file(path)
+    ref = tiny_clip(seed=11)
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        assert rel(ref.encode_image(x), reference("t1", x)) == 0.0
+    assert set(state) == set(mt.model.state_dict())
+
+
+def test_export_peft_adapter(setup, tmp_path):
+    mt, store, base, _ = setup
+    # ranks differ between keys (energy-based), so lower ranks are zero-padded up to r
+    _, fts = finetune(mt.model, 1, seed=8)
+    ct = compress(base, fts, energy=0.6, exclude="logit_scale")[0]  # 0-d keys: see report
+    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+        report = export_peft(ct, tmp_path / "lora", mt.model)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == report.rank
+    linear_keys = [k for k in ct.factors if k.endswith(("out_proj.weight", "c_fc.weight", "c_proj.weight"))]
+    assert sorted(config["target_modules"]) == sorted(k.removesuffix(".weight") for k in linear_keys)
+    assert any(k.endswith("in_proj_weight") for k in report.skipped_keys)
+    assert len({ct.rank(k) for k in linear_keys}) > 1  # padding exercised
+    weights = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert len(weights) == 2 * len(linear_keys)
+    for key in linear_keys:
+        m = key.removesuffix(".weight")
+        A = weights[f"base_model.model.{m}.lora_A.weight"].double()
+        B = weights[f"base_model.model.{m}.lora_B.weight"].double()
+        assert A.shape == (report.rank, base[key].shape[1]) and B.shape == (base[key].shape[0], report.rank)
+        U, S, V = (t.double() for t in ct.factors[key])
+        scaling = config["lora_alpha"] / config["r"]
+        torch.testing.assert_close(scaling * B @ A, U @ torch.diag(S) @ V.T, rtol=0, atol=1e-6)
+    # through the runtime, for a stored task
+    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+        out = mt.export_peft("t0", tmp_path / "lora_t0")
+    assert out.rank == max(store.ranks("t0")[m + ".weight"] for m in out.target_modules)
+    with pytest.raises(TSVInputError, match="not empty"):
+        mt.export_peft("t0", tmp_path / "lora_t0")

@@ -1,0 +1,183 @@
+"""TaskStore: format, exact sizes, rank options, fingerprint refusal, atomic writes."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+import tsv_fast.store as store_mod
+from tsv_fast import CompressedTask, TSVInputError, compress
+from tsv_fast.store import MANIFEST, TaskStore, base_fingerprint, expected_nbytes
+
+
+@pytest.fixture
+def base(small_base):
+    # a frozen "text tower" next to the image tower, plus a 0-d logit_scale
+    b = dict(small_base)
+    b["text.token_embedding.weight"] = torch.randn(50, 16)
+    b["text.ln_final.weight"] = torch.ones(16)
+    b["logit_scale"] = torch.tensor(2.5)
+    b["position_ids"] = torch.arange(8)
+    return b
+
+
+@pytest.fixture
+def finetuned(base, small_tasks):
+    """Image-tower deltas from the shared synthetic tasks; text tower frozen; logit_scale tuned."""
+    out = []
+    for i, ft in enumerate(small_tasks[:3]):
+        d = dict(base)
+        d.update(ft)
+        d["logit_scale"] = base["logit_scale"] + 0.1 * (i + 1)
+        out.append(d)
+    return out
+
+
+def _data_bytes(path) -> int:
+    """Bytes of the tensor data in a safetensors file (file size minus its header)."""
+    raw = path.read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    return len(raw) - 8 - header
+
+
+def _implied_bytes(base, ranks, delta_keys, itemsize=None) -> int:
+    """Independent count: (m + n + 1)·k per matrix key, the whole tensor elsewhere."""
+    total = 0
+    for key, k in ranks.items():
+        m, n = base[key].shape
+        total += (m + n + 1) * k * (itemsize or base[key].element_size())
+    for key in delta_keys:
+        total += base[key].numel() * (itemsize or base[key].element_size())
+    return total
+
+
+def test_store_roundtrip_manifest_and_default_rank(tmp_path, base, finetuned):
+    store = TaskStore(tmp_path / "s", base=base)
+    for i, ft in enumerate(finetuned):
+        store.add(f"task{i}", ft)
+    assert store.names() == ["task0", "task1", "task2"]
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert manifest["base"]["fingerprint"] == base_fingerprint(base)
+    assert manifest["version"] and manifest["num_tasks"] == 8 and manifest["dtype"] is None
+    entry = manifest["tasks"][0]
+    for key, k in entry["ranks"].items():
+        assert k == min(base[key].shape) // 8  # the store's default: floor(r/8)
+    # frozen text tower not stored; tuned logit_scale stored; integer buffers never
+    assert not any(k.startswith("text.") for k in [*entry["ranks"], *entry["deltas"]])
+    assert "logit_scale" in entry["deltas"] and "position_ids" not in entry["deltas"]
+    reopened = TaskStore(tmp_path / "s", base=base)
+    assert reopened.names() == store.names()
+    loaded = reopened.load("task1")
+    ref = compress(base, [finetuned[1]], num_tasks=8)[0]
+    for key, (U, S, V) in ref.factors.items():
+        U2, S2, V2 = loaded.factors[key]
+        torch.testing.assert_close((U2 * S2) @ V2.T, (U * S) @ V.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded.deltas["logit_scale"], torch.tensor(0.2), rtol=0, atol=1e-6)
+    # opening without the base still reads (no add)
+    ro = TaskStore(tmp_path / "s")
+    assert ro.names() == store.names()
+    with pytest.raises(TSVInputError, match="needs the base"):
+        ro.add("x", finetuned[0])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_stored_bytes_equal_what_the_ranks_imply(tmp_path, base, finetuned, dtype):
+    store = TaskStore(tmp_path / "s", base=base, dtype=dtype)
+    entry = store.add("a", finetuned[0])
+    itemsize = dtype.itemsize if dtype else None
+    implied = _implied_bytes(base, entry["ranks"], entry["deltas"], itemsize)
+    assert entry["bytes"] == implied == store.nbytes("a")
+    assert expected_nbytes(base, entry["ranks"], entry["deltas"], dtype) == implied
+    assert _data_bytes(tmp_path / "s" / "a.safetensors") == implied  # no hidden copies in the file
+    report = store.size_report()["a"]
+    assert report["ratio"] == pytest.approx(implied / sum(t.numel() * t.element_size() for t in base.values()))
+    loaded = store.load("a")
+    assert loaded.nbytes() == implied
+    assert all(t.dtype == (dtype or torch.float32) for f in loaded.factors.values() for t in f)
+
+
+def test_rank_options(tmp_path, base, finetuned):
+    store = TaskStore(tmp_path / "s", base=base, default_rank=0.25, num_tasks=4)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # 256×64, r = 64
+    assert store.add("default", finetuned[0])["ranks"][key] == 16  # floor(0.25·64)
+    assert store.add("int", finetuned[0], rank=5)["ranks"][key] == 5
+    assert store.add("clamped", finetuned[0], rank=10_000)["ranks"][key] == 64
+    assert store.add("frac", finetuned[0], rank=0.5)["ranks"][key] == 32
+    full = store.load("clamped").apply(base)  # full rank rebuilds the fine-tuned model
+    for k, t in finetuned[0].items():
+        if t.is_floating_point():
+            torch.testing.assert_close(full[k], t, rtol=0, atol=2e-6)
+    with pytest.raises(TSVInputError, match="rank"):
+        store.add("bad", finetuned[0], rank=1.5)
+    with pytest.raises(TSVInputError, match="num_tasks"):
+        TaskStore(tmp_path / "s", num_tasks=8)  # fixed at creation
+    store2 = TaskStore(tmp_path / "s2", base=base, num_tasks=2)
+    assert store2.add("a", finetuned[0])["ranks"][key] == 32  # floor(64/2)
+
+
+def test_fingerprint_refuses_another_base(tmp_path, base, finetuned):
+    TaskStore(tmp_path / "s", base=base).add("a", finetuned[0])
+    other = dict(base)
+    key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    other[key] = base[key].clone()
+    other[key].view(-1)[0] += 1.0  # a sampled position (stride start)
+    assert base_fingerprint(other) != base_fingerprint(base)
+    with pytest.raises(TSVInputError, match="different base"):
+        TaskStore(tmp_path / "s", base=other)
+    assert base_fingerprint({k: v.clone() for k, v in base.items()}) == base_fingerprint(base)
+    assert base_fingerprint({**base, "logit_scale": base["logit_scale"].double()}) != base_fingerprint(base)
+    # a task file copied in from another store is refused on load
+    TaskStore(tmp_path / "o", base=other).add("a", finetuned[0])
+    (tmp_path / "s" / "a.safetensors").write_bytes((tmp_path / "o" / "a.safetensors").read_bytes())
+    with pytest.raises(TSVInputError, match="another base"):
+        TaskStore(tmp_path / "s").load("a")
+
+
+def test_remove_add_compressed_and_errors(tmp_path, base, finetuned):
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    store.add("b", finetuned[1])
+    store.remove("a")
+    assert store.names() == ["b"] and not (tmp_path / "s" / "a.safetensors").exists()
+    assert TaskStore(tmp_path / "s").names() == ["b"]
+    with pytest.raises(TSVInputError, match="no task named 'a'"):
+        store.load("a")
+    with pytest.raises(TSVInputError, match="exists"):
+        store.add("b", finetuned[1])
+    store.add("b", finetuned[2], overwrite=True)
+    assert store.names() == ["b"]
+    with pytest.raises(TSVInputError, match="task name"):
+        store.add("../evil", finetuned[0])
+    ct = compress(base, [finetuned[0]], rank=3)[0]
+    entry = store.add("pre", ct)
+    assert set(entry["ranks"].values()) == {3}
+    bad = CompressedTask("x", {"visual.proj": (torch.zeros(3, 1), torch.zeros(1), torch.zeros(3, 1))})
+    with pytest.raises(TSVInputError, match="visual.proj"):
+        store.add("x", bad)
+    with pytest.raises(TSVInputError, match="no task store"):
+        TaskStore(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f").write_text("x")
+    with pytest.raises(TSVInputError, match="non-empty"):
+        TaskStore(tmp_path / "junk", base=base)
+
+
+def test_failed_write_leaves_store_unchanged(tmp_path, base, finetuned, monkeypatch):
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+
+    def boom(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.add("b", finetuned[1])
+    with pytest.raises(OSError, match="disk full"):
+        store.add("a", finetuned[1], overwrite=True)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    assert after == before  # no partial file, no temp file, manifest untouched
+    assert TaskStore(tmp_path / "s").names() == ["a"]

@@ -1,0 +1,340 @@
+"""A folder of compressed tasks (TSV-C) over one base model: the deployment format.
+
+Layout::
+
+    STORE/manifest.json         names, per-key ranks, dtype, base fingerprint, version
+    STORE/<name>.safetensors    one task: ``key::U`` (m×k), ``key::S`` (k), ``key::V`` (n×k)
+                                per matrix key, ``key::delta`` for the other keys
+
+Keys whose delta is exactly zero (a frozen text tower) are not stored. Every write goes
+to a temporary file in the folder and is renamed into place (``os.replace``), task
+file first, manifest second, so a crash never leaves a half-written task or a manifest
+entry without its file. One writer at a time: there is no lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .compress import compress
+from .errors import TSVInputError
+from .keys import Rank, is_matrix_key, resolve_rank
+from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
+from .writer import atomic_write_file
+
+__all__ = ["TaskStore", "base_fingerprint", "expected_nbytes", "MANIFEST", "FINGERPRINT_METHOD"]
+
+MANIFEST = "manifest.json"
+FORMAT = "tsv-fast task store"
+FORMAT_VERSION = 1
+_SAMPLES = 64
+FINGERPRINT_METHOD = (f"sha256 over the sorted key names, shapes and dtypes of the base and, per tensor, "
+                      f"{_SAMPLES} values at a fixed stride (as float64 / int64); it tells bases apart, "
+                      f"not every single-value edit")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def base_fingerprint(base: StateDict) -> str:
+    """Cheap, deterministic identity of a base state dict (see ``FINGERPRINT_METHOD``).
+
+    Reads 64 values per tensor rather than hashing every byte, so fingerprinting a
+    ViT-B/32 costs milliseconds; device and storage layout do not change it, dtype does.
+    """
+    h = hashlib.sha256()
+    for key in sorted(base):
+        t = base[key]
+        h.update(f"{key}|{tuple(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // _SAMPLES)
+            sample = flat[::step][:_SAMPLES].cpu()
+            sample = sample.double() if sample.is_floating_point() else sample.long()
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _DTYPES.values():
+            raise TSVInputError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise TSVInputError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+class TaskStore:
+    """Compressed tasks over one base, in a folder (see the module docstring for the layout).
+
+    Args:
+        path: the store folder (created with its manifest when absent; needs ``base``).
+        base: the base state dict. Required to create a store and to :meth:`add`; when
+            given for an existing store it must match the stored fingerprint.
+        default_rank: rank used by :meth:`add` when it is given none: an int k, a float
+            f in (0, 1] (floor(f·r)), or None for floor(r / ``num_tasks``).
+        num_tasks: T in the default floor(r/T) (8, the paper's setting).
+        dtype: dtype of the stored factors and deltas (float32, float16, bfloat16);
+            None keeps each base tensor's dtype.
+
+    ``default_rank``, ``num_tasks`` and ``dtype`` are fixed when the store is created and
+    read from the manifest afterwards; giving a different value when reopening is an error.
+    """
+
+    def __init__(self, path: str | os.PathLike, base: StateDict | None = None, *, default_rank: Rank = None,
+                 num_tasks: int | None = None, dtype: torch.dtype | str | None = None):
+        self.path = Path(path)
+        self.base = base
+        dtype = _parse_dtype(dtype)
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            self._manifest = self._read_manifest(manifest_path)
+            self._check_reopen(default_rank, num_tasks, dtype)
+            if base is not None:
+                self._check_base(base)
+        else:
+            if base is None:
+                raise TSVInputError(f"no task store at {self.path} (no {MANIFEST}); give base= to create one")
+            if self.path.exists() and not self.path.is_dir():
+                raise TSVInputError(f"task store path {self.path} exists and is not a folder")
+            if self.path.exists() and any(self.path.iterdir()):
+                raise TSVInputError(f"{self.path} is a non-empty folder without {MANIFEST}: not a task store; "
+                                    f"refusing to create one there")
+            if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int)
+                                          or num_tasks < 1):
+                raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+            if default_rank is not None:
+                resolve_rank((1, 1), default_rank, 1)  # validates the value
+            self._manifest = self._new_manifest(base, default_rank, num_tasks or 8, dtype)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_manifest()
+
+    # ------------------------------------------------------------------ manifest
+    def _new_manifest(self, base: StateDict, default_rank: Rank, num_tasks: int, dtype) -> dict:
+        from . import __version__
+
+        keys = {}
+        total = 0
+        for key in base:
+            shape, dt = tensor_meta(base, key, "base")
+            keys[key] = {"shape": list(shape), "dtype": _dtype_name(dt)}
+            total += _numel(shape) * dt.itemsize
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool": "tsv-fast", "version": __version__,
+                "default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype),
+                "base": {"fingerprint": base_fingerprint(base), "fingerprint_method": FINGERPRINT_METHOD,
+                         "nbytes": total, "keys": keys},
+                "tasks": []}
+
+    def _read_manifest(self, path: Path) -> dict:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TSVInputError(f"{path}: cannot read the task store manifest: {e}") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), list):
+            raise TSVInputError(f"{path}: not a task store manifest (no 'tasks' list)")
+        if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise TSVInputError(f"{path}: format version {manifest['format_version']} is newer than this "
+                                f"tsv-fast reads ({FORMAT_VERSION}); upgrade tsv-fast")
+        for i, entry in enumerate(manifest["tasks"]):
+            if not isinstance(entry, dict) or "name" not in entry or "file" not in entry:
+                raise TSVInputError(f"{path}: tasks[{i}] lacks 'name' or 'file'")
+        manifest.setdefault("num_tasks", 8)
+        manifest.setdefault("default_rank", None)
+        manifest.setdefault("dtype", None)
+        if "base" not in manifest or "fingerprint" not in manifest.get("base", {}):
+            warnings.warn(f"{path}: the manifest has no base fingerprint (written by another tool?); the base "
+                          f"cannot be checked, only the keys and shapes of each task", stacklevel=3)
+        return manifest
+
+    def _check_reopen(self, default_rank, num_tasks, dtype) -> None:
+        m = self._manifest
+        given = {"default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype)}
+        for field, value in given.items():
+            if value is not None and value != m[field]:
+                raise TSVInputError(f"task store {self.path}: {field}={value!r} differs from the store's "
+                                    f"{m[field]!r} (fixed when the store was created)")
+
+    def _check_base(self, base: StateDict) -> None:
+        stored = self._manifest.get("base", {}).get("fingerprint")
+        if stored is None:
+            return
+        got = base_fingerprint(base)
+        if got != stored:
+            keys = self._manifest["base"].get("keys", {})
+            diff = [k for k in keys if k not in base] + [k for k in base if k not in keys]
+            hint = f"; keys differ, e.g. {diff[:3]}" if diff else ""
+            raise TSVInputError(f"task store {self.path} was built from a different base: fingerprint "
+                                f"{got[:12]}… of the given base vs {stored[:12]}… in {MANIFEST}{hint}")
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self._manifest, indent=1)
+        atomic_write_file(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest (names, ranks, dtype, base fingerprint, version)."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._manifest.get("base", {}).get("fingerprint")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return _parse_dtype(self._manifest["dtype"])
+
+    @property
+    def num_tasks(self) -> int:
+        return self._manifest["num_tasks"]
+
+    @property
+    def default_rank(self) -> Rank:
+        return self._manifest["default_rank"]
+
+    # ------------------------------------------------------------------ tasks
+    def names(self) -> list[str]:
+        """Stored task names, in the order they were added."""
+        return [e["name"] for e in self._manifest["tasks"]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __len__(self) -> int:
+        return len(self._manifest["tasks"])
+
+    def _entry(self, name: str) -> dict:
+        for e in self._manifest["tasks"]:
+            if e["name"] == name:
+                return e
+        raise TSVInputError(f"task store {self.path}: no task named {name!r}; stored: {self.names()}")
+
+    def add(self, name: str, task: Task, rank: Rank = None, *, overwrite: bool = False,
+            solver: str = "exact", info: dict | None = None) -> dict[str, Any]:
+        """Compress ``task`` (a fine-tuned state dict, a ``TaskVector`` or an already
+        ``CompressedTask``) and store it as ``name``; returns its manifest entry.
+
+        ``rank``: an int k (clamped to r), a float f in (0, 1] (floor(f·r) per matrix
+        key), or None for the store's default. A ``CompressedTask`` is stored with the
+        ranks it has (``rank`` must be None), cast to the store's dtype. ``info`` (JSON-able)
+        is kept in the task's manifest entry, e.g. where the task came from.
+        """
+        if self.base is None:
+            raise TSVInputError(f"task store {self.path}: adding a task needs the base: TaskStore(path, base=...)")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise TSVInputError(f"task name {name!r} must be 1-128 characters from A-Z a-z 0-9 . _ + - "
+                                f"(it names a file), not starting with . _ + -")
+        if name in self.names() and not overwrite:
+            raise TSVInputError(f"task store {self.path}: a task named {name!r} exists; remove it first or "
+                                f"pass overwrite=True")
+        dtype = self.dtype
+        if isinstance(task, CompressedTask):
+            if rank is not None:
+                raise TSVInputError(f"task {name!r} is already compressed; rank= applies only to dense tasks")
+            as_sources(self.base, [task], [name])  # keys and factor shapes against the base
+            ct = CompressedTask(name, {k: tuple(t.to(dtype or self.base[k].dtype) for t in f)
+                                       for k, f in task.factors.items()},
+                                {k: t.to(dtype or self.base[k].dtype) for k, t in task.deltas.items()})
+        else:
+            ct = compress(self.base, [task], self.default_rank if rank is None else rank,
+                          num_tasks=self.num_tasks, names=[name], solver=solver, factor_dtype=dtype)[0]
+        flat = ct.to_state_dict()
+        file = f"{name}.safetensors"
+        meta = {"format": "pt", "tsv_fast_task": name, "base_fingerprint": self.fingerprint or ""}
+        atomic_write_file(self.path / file, lambda tmp: save_file(flat, tmp, metadata=meta))
+        entry = {"name": name, "file": file, "bytes": ct.nbytes(),
+                 "ranks": {k: ct.rank(k) for k in ct.factors}, "deltas": sorted(ct.deltas),
+                 "dtype": _dtype_name(dtype), **({"info": info} if info else {})}
+        tasks = [e for e in self._manifest["tasks"] if e["name"] != name]
+        self._manifest["tasks"] = tasks + [entry]
+        self._write_manifest()
+        return dict(entry)
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``: the manifest entry goes first (atomic rewrite), then the file."""
+        entry = self._entry(name)
+        self._manifest["tasks"] = [e for e in self._manifest["tasks"] if e["name"] != name]
+        self._write_manifest()
+        try:
+            (self.path / entry["file"]).unlink()
+        except FileNotFoundError:
+            pass
+
+    def load(self, name: str, device: str | torch.device | None = None) -> CompressedTask:
+        """Read one task's factors and deltas (fresh tensors, nothing shared with other tasks)."""
+        entry = self._entry(name)
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise TSVInputError(f"task store {self.path}: file {entry['file']!r} of task {name!r} is missing")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+                meta = f.metadata() or {}
+                flat = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types
+            raise TSVInputError(f"{path}: cannot read task {name!r}: {e}") from None
+        stored = meta.get("base_fingerprint")
+        if stored and self.fingerprint and stored != self.fingerprint:
+            raise TSVInputError(f"{path}: task {name!r} was built from another base (fingerprint {stored[:12]}… "
+                                f"vs the store's {self.fingerprint[:12]}…)")
+        return CompressedTask.from_state_dict(flat, name)
+
+    def ranks(self, name: str) -> dict[str, int]:
+        return dict(self._entry(name).get("ranks", {}))
+
+    # ------------------------------------------------------------------ sizes
+    def nbytes(self, name: str) -> int:
+        """Bytes of the stored tensors of ``name`` (the file adds only its JSON header)."""
+        return self._entry(name)["bytes"]
+
+    @property
+    def base_nbytes(self) -> int:
+        """Bytes of the full base model (every tensor of the base state dict)."""
+        return self._manifest["base"]["nbytes"]
+
+    def size_report(self) -> dict[str, dict[str, float]]:
+        """Per task: stored bytes, file bytes and their ratio to the full model's bytes."""
+        out = {}
+        for e in self._manifest["tasks"]:
+            file_bytes = (self.path / e["file"]).stat().st_size
+            out[e["name"]] = {"bytes": e["bytes"], "file_bytes": file_bytes,
+                              "ratio": e["bytes"] / self.base_nbytes}
+        return out
+
+    def __repr__(self) -> str:
+        return f"TaskStore({str(self.path)!r}, tasks={self.names()})"
+
+
+def expected_nbytes(base: StateDict, ranks: Mapping[str, int], delta_keys, dtype: torch.dtype | None) -> int:
+    """Bytes a task must take given its ranks: ``(m + n + 1)·k`` per matrix key plus the
+    whole non-matrix deltas, in the store dtype (the base's when None)."""
+    total = 0
+    for key, k in ranks.items():
+        b = base[key]
+        if not is_matrix_key(key, b):
+            raise TSVInputError(f"key {key!r} has a rank but is not a matrix key")
+        total += (b.shape[0] + b.shape[1] + 1) * k * (dtype or b.dtype).itemsize
+    for key in delta_keys:
+        total += base[key].numel() * (dtype or base[key].dtype).itemsize
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
