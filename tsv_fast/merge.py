@@ -41,7 +41,7 @@ def iter_merge(
     """
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method, stats)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats)
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):
@@ -64,8 +64,8 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     return spec, sources, selected, ctx
 
 
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, method, stats):
-    for key in tqdm(list(base), desc=f"merge ({method})", disable=not progress, unit="key"):
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats):
+    for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
         b = checked_base_tensor(base, key)
         if ctx.device is not None:
             b = b.to(ctx.device)
