@@ -16,4 +16,15 @@ TORCH_LIBRARY(tsv_fast, m) {
   // CPU emulation of the CUDA kernel; force_path: -1 auto (as on sm_90),
   // 0 global-memory workspace, 1 shared-memory workspace.  For testing.
   m.def("batched_eigh_emulated(Tensor A, int max_sweeps=30, float tol=0.0, int force_path=-1) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  // Segmented low-rank apply (SGMV): for every segment s of rows
+  // offsets[s]:offsets[s+1] with factor slot p = slots[s] (-1: none) and rank
+  // k = ranks[p]:  out[rows] += alpha * ((x[rows] V[p,:,:k]) * S[p,:k]) U[p,:,:k]^T.
+  // Functional form returns a copy of base, updated; the _ form updates out in
+  // place (see csrc/segmented.h).
+  m.def("segmented_lowrank_apply(Tensor base, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> Tensor");
+  m.def("segmented_lowrank_apply_(Tensor(a!) out, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> ()");
+  // Same ops, computed on CPU by running the CUDA kernels' phase functions
+  // thread by thread (csrc/cpu/segmented_emulated.cpp).  For testing.
+  m.def("segmented_lowrank_apply_emulated(Tensor base, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> Tensor");
+  m.def("segmented_lowrank_apply_emulated_(Tensor(a!) out, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> ()");
 }

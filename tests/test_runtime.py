@@ -202,9 +202,13 @@ def test_bfloat16_store_and_variants(tmp_path):
         mt.strategy = "lowrank"
 
 
-def _storage_bytes(task) -> int:
-    tensors = [t for f in task.factors.values() for t in f] + list(task.deltas.values())
-    return sum(t.untyped_storage().nbytes() for t in tensors)
+def _storage_bytes(*tasks) -> int:
+    """Bytes of the distinct storages behind the tasks' tensors (a shared table counts once)."""
+    storages = {}
+    for task in tasks:
+        for t in [t for f in task.factors.values() for t in f] + list(task.deltas.values()):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def test_resident_bytes_are_the_stored_bytes(setup):
@@ -212,12 +216,17 @@ def test_resident_bytes_are_the_stored_bytes(setup):
     stored = sum(store.nbytes(n) for n in store.names())
     merged = sum(mt.task(n).nbytes() for n in mt.names() if n not in store.names())
     assert mt.nbytes() == stored + merged
-    assert sum(_storage_bytes(mt.task(n)) for n in mt.names()) == mt.nbytes()  # nothing else kept alive
+    mt(setup[3], task_ids=["t0", "t1", "t2", "t0", "t1", "t2"])  # mixed batch: factor tables are packed
+    assert _storage_bytes(*[mt.task(n) for n in mt.names()]) == mt.nbytes()  # nothing else pinned
+    task_storages = {t.untyped_storage().data_ptr() for n in mt.names() for f in mt.task(n).factors.values()
+                     for t in f}
+    assert mt._packed and all(entry[1].untyped_storage().data_ptr() in task_storages  # the table is the copy
+                              for entry in mt._packed.values())
     # tasks straight from compress() are slices of one batched solver output: compacted on load
     _, fts = finetune(mt.model, 3, seed=6)
     tasks = compress(base, fts, exclude="logit_scale")
     fresh = MultiTaskModel(mt.model, tasks)
-    assert sum(_storage_bytes(fresh.task(n)) for n in fresh.names()) == fresh.nbytes() == sum(t.nbytes() for t in tasks)
+    assert _storage_bytes(*[fresh.task(n) for n in fresh.names()]) == fresh.nbytes() == sum(t.nbytes() for t in tasks)
 
 
 def test_refuses_other_base_and_unsupported_models(setup, tmp_path):

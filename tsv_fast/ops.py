@@ -56,6 +56,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"tsv_fast::{name}")(reconstruct_fake)
 
     _register_eigh_fakes()
+    _register_segmented_fakes()
 
 
 def _check_reconstruct_args(base: Tensor, U: Tensor, S: Tensor, V: Tensor) -> None:
@@ -206,3 +207,238 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Ten
     if ok and not needs_grad and _has_kernel("batched_eigh", _DISPATCH_KEYS.get(A.device.type)):
         return tuple(torch.ops.tsv_fast.batched_eigh(A, int(max_sweeps), float(tol)))
     return _batched_eigh_torch(A, max_sweeps, tol)
+
+
+# ---------------------------------------------------------------------------
+# segmented_lowrank_apply: the SGMV pattern of LoRA servers, one call per layer
+# for a whole mixed-task batch (csrc/segmented.h, csrc/kernels/segmented_lowrank.h,
+# csrc/cpu/segmented*.cpp, csrc/cuda/segmented.cu).
+#
+#   out[a:b] += alpha * ((x[a:b] V_p[:, :k]) * S_p[:k]) U_p[:, :k]^T
+#   for every segment s: a, b = offsets[s], offsets[s+1]; p = slots[s] (-1: none); k = ranks[p]
+#
+# The factors live in a padded table of P slots, U (P, m, kmax), S (P, kmax),
+# V (P, n, kmax), ranks (P,), built once with `pack_factors` when the tasks are
+# loaded; a call passes only the row offsets and each segment's slot.
+# ---------------------------------------------------------------------------
+
+__all__ += ["pack_factors", "segmented_lowrank_apply_packed"]
+
+
+def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
+                 shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pack per-slot factors into the table of :func:`segmented_lowrank_apply_packed`.
+
+    ``U_list[p]``, ``S_list[p]``, ``V_list[p]`` are (m, k_p), (k_p,), (n, k_p) (a delta
+    ``U diag(S) Vᵀ`` of shape m×n), or all three None for a slot without a delta
+    (rank 0). Returns ``(U, S, V, ranks)``: U (P, m, kmax), S (P, kmax), V (P, n, kmax),
+    zero-padded beyond each slot's rank, in ``dtype`` (default: the promoted dtype of the
+    factors) on the factors' device, and ranks (P,) int64 on the CPU. ``shape=(m, n)``
+    is needed only when every entry is None.
+    """
+    from .errors import TSVInputError
+
+    P = len(U_list)
+    if not (len(S_list) == len(V_list) == P):
+        raise TSVInputError(f"pack_factors: got {len(U_list)} U, {len(S_list)} S and {len(V_list)} V")
+    m, n = shape if shape is not None else (None, None)
+    ranks, dtypes, device = [], [], None
+    for p, (u, s, v) in enumerate(zip(U_list, S_list, V_list)):
+        if u is None and s is None and v is None:
+            ranks.append(0)
+            continue
+        if u is None or s is None or v is None or u.dim() != 2 or s.dim() != 1 or v.dim() != 2:
+            raise TSVInputError(f"pack_factors: slot {p}: U, S, V must be (m, k), (k,), (n, k) or all None, got "
+                                f"{None if u is None else tuple(u.shape)}, {None if s is None else tuple(s.shape)}, "
+                                f"{None if v is None else tuple(v.shape)}")
+        m = u.shape[0] if m is None else m
+        n = v.shape[0] if n is None else n
+        if u.shape[0] != m or v.shape[0] != n or not (u.shape[1] == s.shape[0] == v.shape[1]):
+            raise TSVInputError(f"pack_factors: slot {p}: U{tuple(u.shape)} S{tuple(s.shape)} V{tuple(v.shape)} do "
+                                f"not fit a delta of shape ({m}, {n})")
+        ranks.append(u.shape[1])
+        dtypes += [u.dtype, s.dtype, v.dtype]
+        device = u.device if device is None else device
+    if m is None:
+        raise TSVInputError("pack_factors: every slot is None: pass shape=(m, n)")
+    if dtype is None:
+        dtype = torch.float32
+        if dtypes:
+            dtype = dtypes[0]
+            for d in dtypes[1:]:
+                dtype = torch.promote_types(dtype, d)
+    kmax = max(ranks, default=0)
+    U = torch.zeros(P, m, kmax, dtype=dtype, device=device)
+    S = torch.zeros(P, kmax, dtype=dtype, device=device)
+    V = torch.zeros(P, n, kmax, dtype=dtype, device=device)
+    for p, (u, s, v) in enumerate(zip(U_list, S_list, V_list)):
+        if u is not None:
+            k = ranks[p]
+            U[p, :, :k] = u
+            S[p, :k] = s
+            V[p, :, :k] = v
+    return U, S, V, torch.tensor(ranks, dtype=torch.long)
+
+
+def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor,
+                          U: Tensor, S: Tensor, V: Tensor, ranks: Tensor, values: bool = True) -> None:
+    """Same checks, in the same order and words, as csrc/segmented.h; raises ValueError.
+    ``values=False`` skips the checks that read index values (fake tensors)."""
+    for name, t, want, layout in (("x", x, 2, "(N, n)"), (out_name, out, 2, "(N, m)"), ("U", U, 3, "(P, m, kmax)"),
+                                  ("S", S, 2, "(P, kmax)"), ("V", V, 3, "(P, n, kmax)")):
+        if t.dim() != want:
+            raise ValueError(f"{op}: {name} must be {want}-D {layout}, got a {t.dim()}-D tensor of shape {list(t.shape)}")
+    for name, t in (("x", x), (out_name, out), ("U", U), ("S", S), ("V", V)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must have a floating dtype (float32, float64, float16 or bfloat16), "
+                             f"got {t.dtype}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"{op}: {out_name} has dtype {out.dtype} but x has dtype {x.dtype}; "
+                         f"these arguments must share one dtype")
+    for name, t in (("S", S), ("V", V)):
+        if t.dtype != U.dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but U has dtype {U.dtype}; "
+                             f"these arguments must share one dtype")
+    for name, t in ((out_name, out), ("U", U), ("S", S), ("V", V)):
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all inputs must be on the same device")
+    N, n, m = x.shape[0], x.shape[1], out.shape[1]
+    P, kmax = U.shape[0], U.shape[2]
+
+    def need(name, t, d, expected, what, ref_name, ref):
+        if t.shape[d] != expected:
+            raise ValueError(f"{op}: {name}.size({d}) must equal {what} = {expected}, but {name} has shape "
+                             f"{list(t.shape)} and {ref_name} has shape {list(ref.shape)}")
+
+    need(out_name, out, 0, N, "N (rows of x)", "x", x)
+    need("U", U, 1, m, f"m (columns of {out_name})", out_name, out)
+    need("V", V, 0, P, "P (factor slots, U.size(0))", "U", U)
+    need("V", V, 1, n, "n (columns of x)", "x", x)
+    need("V", V, 2, kmax, "kmax (U.size(2))", "U", U)
+    need("S", S, 0, P, "P (factor slots, U.size(0))", "U", U)
+    need("S", S, 1, kmax, "kmax (U.size(2))", "U", U)
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"{op}: offsets must be 1-D with T+1 >= 1 entries, got shape {list(offsets.shape)}")
+    T = offsets.shape[0] - 1
+    for name, t, length, what in (("offsets", offsets, T + 1, "T+1"), ("slots", slots, T, "T (offsets has T+1 entries)"),
+                                  ("ranks", ranks, P, "P (factor slots, U.size(0))")):
+        if t.dtype != torch.int64:
+            raise ValueError(f"{op}: {name} must have dtype int64, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != length:
+            raise ValueError(f"{op}: {name} must be 1-D of length {what} = {length}, got shape {list(t.shape)}")
+        if t.device.type != "cpu" and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; {name} must be on the CPU or on "
+                             f"x's device")
+    if not values:
+        return
+    o, sl, rk = (t.tolist() if t.device.type == "cpu" else None for t in (offsets, slots, ranks))
+    if o is not None:
+        if o[0] < 0 or o[T] > N:
+            raise ValueError(f"{op}: offsets must lie within [0, N = {N}], got offsets[0] = {o[0]} and "
+                             f"offsets[{T}] = {o[T]}")
+        for s in range(T):
+            if o[s + 1] < o[s]:
+                raise ValueError(f"{op}: offsets must be non-decreasing, but offsets[{s + 1}] = {o[s + 1]} < "
+                                 f"offsets[{s}] = {o[s]}")
+    if sl is not None:
+        for s, p in enumerate(sl):
+            if not -1 <= p < P:
+                raise ValueError(f"{op}: slots[{s}] = {p} is not a factor slot: must be -1 (no delta) or in "
+                                 f"[0, P = {P})")
+    if rk is not None:
+        for p, k in enumerate(rk):
+            if not 0 <= k <= kmax:
+                raise ValueError(f"{op}: ranks[{p}] = {k} must lie within [0, kmax = {kmax}] (kmax = U.size(2))")
+
+
+def _register_segmented_fakes() -> None:
+    def functional_fake(name):
+        def fake(base, x, offsets, slots, U, S, V, ranks, alpha):
+            _check_segmented_args(name, "base", base, x, offsets, slots, U, S, V, ranks, values=False)
+            return base.new_empty(base.shape)
+        return fake
+
+    def inplace_fake(name):
+        def fake(out, x, offsets, slots, U, S, V, ranks, alpha):
+            _check_segmented_args(name, "out", out, x, offsets, slots, U, S, V, ranks, values=False)
+        return fake
+
+    for name in ("segmented_lowrank_apply", "segmented_lowrank_apply_emulated"):
+        for op, make in ((name, functional_fake), (name + "_", inplace_fake)):
+            try:  # an extension built before this op existed: keep it usable
+                torch._C._dispatch_find_schema_or_throw(f"tsv_fast::{op}", "")
+            except RuntimeError:
+                continue
+            torch.library.register_fake(f"tsv_fast::{op}")(make(name))
+
+
+def _segmented_torch_(out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor, U: Tensor, S: Tensor, V: Tensor,
+                      ranks: Tensor, alpha: float = 1.0) -> Tensor:
+    """Pure-PyTorch in-place segmented apply: same checks and dtype rules as the kernels
+    (float32/float64 compute, one rounding of out); autograd works through it."""
+    _check_segmented_args("segmented_lowrank_apply", "out", out, x, offsets, slots, U, S, V, ranks)
+    ct = torch.float64 if torch.float64 in (x.dtype, U.dtype) else torch.float32
+    o, sl, rk = offsets.tolist(), slots.tolist(), ranks.tolist()
+    for s in range(len(sl)):
+        a, b, p = o[s], o[s + 1], sl[s]
+        if b == a or p < 0 or rk[p] == 0:
+            continue
+        k = rk[p]
+        t = (x[a:b].to(ct) @ V[p, :, :k].to(ct)) * S[p, :k].to(ct)  # shrink
+        Ut = U[p, :, :k].to(ct).T
+        seg = out[a:b]
+        if out.dtype == ct:
+            seg.addmm_(t, Ut, alpha=alpha)  # expand
+        else:
+            seg.copy_(torch.addmm(seg.to(ct), t, Ut, alpha=alpha))
+    return out
+
+
+def _as_index(v, name: str) -> Tensor:
+    if isinstance(v, Tensor):
+        return v
+    try:
+        return torch.tensor(list(v), dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"segmented_lowrank_apply: {name} must be a sequence of ints or an int64 tensor ({e})") from None
+
+
+def segmented_lowrank_apply_packed(x: Tensor, offsets, U: Tensor, S: Tensor, V: Tensor, ranks: Tensor,
+                                   out: Tensor | None = None, alpha: float = 1.0, slots=None) -> Tensor:
+    """``out[o_s:o_{s+1}] += α ((x[o_s:o_{s+1}] V_p) ⊙ S_p) U_pᵀ`` for every segment s, in one call.
+
+    Args:
+        x: (N, n) input rows, grouped by segment; float32/float64/float16/bfloat16.
+        offsets: T+1 non-decreasing row offsets within [0, N] (ints or an int64 tensor);
+            rows outside every segment are left alone.
+        U, S, V, ranks: the factor table of :func:`pack_factors`: (P, m, kmax), (P, kmax),
+            (P, n, kmax) in one float dtype (may differ from x's), ranks (P,) int64; only
+            the first ``ranks[p]`` columns of slot p are read.
+        out: (N, m) tensor of x's dtype, updated in place (typically ``x W0ᵀ + b``);
+            a new zero tensor when None.
+        slots: factor slot of each segment (T ints or an int64 tensor; -1 = no delta);
+            default ``range(T)`` (segment s uses slot s).
+
+    Returns ``out``. Accumulates in float32 (float64 if x or the factors are float64)
+    and rounds each output element once. Index tensors may be on the CPU (validated)
+    or, on CUDA, on the GPU (not validated, no device sync). Uses the compiled op for
+    x's device when the extension has one and no gradient is needed, else PyTorch.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"segmented_lowrank_apply: x must be 2-D (N, n), got a {x.dim()}-D tensor of shape "
+                         f"{list(x.shape)}")
+    offsets = _as_index(offsets, "offsets")
+    if slots is None:
+        slots = torch.arange(max(offsets.shape[0] - 1, 0) if offsets.dim() == 1 else 0, dtype=torch.long)
+    slots = _as_index(slots, "slots")
+    if out is None:
+        if U.dim() != 3:
+            raise ValueError(f"segmented_lowrank_apply: U must be 3-D (P, m, kmax), got a {U.dim()}-D tensor of "
+                             f"shape {list(U.shape)}")
+        out = x.new_zeros(x.shape[0], U.shape[1])
+    ok, _ = load_extension()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, U, S, V, out))
+    if ok and not needs_grad and _has_kernel("segmented_lowrank_apply_", _DISPATCH_KEYS.get(x.device.type)):
+        torch.ops.tsv_fast.segmented_lowrank_apply_(out, x, offsets, slots, U, S, V, ranks, float(alpha))
+        return out
+    return _segmented_torch_(out, x, offsets, slots, U, S, V, ranks, alpha)

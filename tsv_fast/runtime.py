@@ -91,11 +91,14 @@ class _Weights:
     """Every weight a forward pass reads, for a batch whose rows are grouped into task segments.
 
     ``base`` maps state-dict keys to the base tensors; ``segments`` cover the batch rows
-    in order; ``strategy`` picks how a single-segment batch uses the factors.
+    in order; ``strategy`` picks how a single-segment batch uses the factors; ``packed``,
+    when given, maps ``(key, transposed)`` to a packed factor table
+    ``(slot of each task name, U, S, V, ranks)`` used by mixed batches.
     """
 
-    def __init__(self, base: Mapping[str, Tensor], segments: Sequence[Segment], strategy: str = "lowrank"):
-        self.base, self.segments, self.strategy = base, list(segments), strategy
+    def __init__(self, base: Mapping[str, Tensor], segments: Sequence[Segment], strategy: str = "lowrank",
+                 packed=None):
+        self.base, self.segments, self.strategy, self.packed = base, list(segments), strategy, packed
         self.single = len(self.segments) == 1
         self.touched: set[str] = set()
 
@@ -149,8 +152,18 @@ class _Weights:
                 self._lowrank(x, y, [f], [0, x.shape[0]], transposed)
             return y
         y = mm(x, W0, b0)
-        self._lowrank(x, y, [self._factors(t, wkey) for t, _, _ in self.segments],
-                      [s for _, s, _ in self.segments] + [self.segments[-1][2]], transposed)
+        offsets = [s for _, s, _ in self.segments] + [self.segments[-1][2]]
+        factors = [self._factors(t, wkey) for t, _, _ in self.segments]
+        if self.packed is not None and any(f is not None for f in factors):
+            slot_of, U, S, V, ranks = self.packed(wkey, transposed)
+            slots = [-1 if t is None else slot_of.get(t.name, -1) for t, _, _ in self.segments]
+            self._lowrank_packed(x, y, offsets, slots, (U, S, V, ranks))
+            # tasks outside the table (another rank, e.g. a merge): the per-segment loop
+            rest = [f if slot < 0 else None for f, slot in zip(factors, slots)]
+            if any(f is not None for f in rest):
+                self._lowrank(x, y, rest, offsets, transposed)
+        elif self.packed is None:
+            self._lowrank(x, y, factors, offsets, transposed)
         if bkey is not None:
             for task, s, e in self.segments:
                 db = self._dense_delta(task, bkey, b0)
@@ -173,6 +186,13 @@ class _Weights:
                 # W = U S Vᵀ used as x Wᵀ → ((x V) S) Uᵀ; used as x W → ((x U) S) Vᵀ
                 Us.append(U if transposed else V), Ss.append(S), Vs.append(V if transposed else U)
         segmented_lowrank_apply(x2, offsets, Us, Ss, Vs, out=y2)
+
+    @staticmethod
+    def _lowrank_packed(x: Tensor, y: Tensor, row_offsets: list[int], slots: list[int], table) -> None:
+        """All segments' low-rank terms in one op call (``ops.segmented_lowrank_apply_packed``)."""
+        per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 1  # tokens per row
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        ops.segmented_lowrank_apply_packed(x2, [o * per_row for o in row_offsets], *table, out=y2, slots=slots)
 
     # -- per-row parameters -----------------------------------------------------------------
     def layer_norm(self, x: Tensor, prefix: str, module: nn.LayerNorm) -> Tensor:
@@ -361,6 +381,7 @@ class MultiTaskModel(nn.Module):
         self._base = dict(model.state_dict())  # the model's own tensors, not copies
         device = self.adapter.device
         self._tasks: dict[str, CompressedTask] = {}
+        self._packed: dict[tuple[str, bool], tuple] = {}  # mixed-batch factor tables, see _packed_factors
         if isinstance(store, TaskStore):
             self._check_store_base(store)
             loaded = [store.load(n, device) for n in store.names()]
@@ -395,9 +416,43 @@ class MultiTaskModel(nn.Module):
         if name in self._tasks:
             raise TSVInputError(f"two tasks named {name!r}")
         as_sources(self._base, [task], [name])  # keys, shapes, finiteness against the model
+        self._packed.clear()  # the tables cover every task: rebuilt on next use
         self._tasks[name] = CompressedTask(
             name, {k: tuple(_compact(t.to(device)) for t in f) for k, f in task.factors.items()},
             {k: _compact(t.to(device)) for k, t in task.deltas.items()})
+
+    def _packed_factors(self, key: str, transposed: bool) -> tuple:
+        """``(slot of each task name, U, S, V, ranks)``: the factors of ``key`` of every task
+        of the most common rank, packed once (on first use by a mixed batch) for the
+        segmented op; the tasks' own factors then become views into the table, so it costs
+        no extra memory. Dropped (and rebuilt on next use) when a task is added.
+        ``transposed=False`` (a weight used as ``x W``) swaps the roles of U and V."""
+        entry = self._packed.get((key, transposed))
+        if entry is None:
+            with_key = {n: t.factors[key] for n, t in self._tasks.items() if t.factors.get(key) is not None}
+            ranks = [f[1].shape[0] for f in with_key.values()]
+            common = max(sorted(set(ranks)), key=ranks.count) if ranks else 0
+            # Only the tasks of the most common rank share the table: padding every task to a
+            # merge's rank Σk would multiply the memory. The others take the per-segment loop.
+            names = [n for n, f in with_key.items() if f[1].shape[0] == common]
+            for n, f in with_key.items():  # views into a dropped table must not keep it alive
+                if n not in names:
+                    self._tasks[n].factors[key] = tuple(_compact(t) for t in f)
+            fs = [with_key[n] for n in names]
+            W0 = self._base[key]
+            out_dim, in_dim = (W0.shape[0], W0.shape[1]) if transposed else (W0.shape[1], W0.shape[0])
+            U = [f[0] if transposed else f[2] for f in fs]
+            V = [f[2] if transposed else f[0] for f in fs]
+            table = ops.pack_factors(U, [f[1] for f in fs], V, shape=(out_dim, in_dim))
+            entry = ({n: i for i, n in enumerate(names)}, *table)
+            self._packed[(key, transposed)] = entry
+            Ut, St, Vt, _ = table
+            if all(t.dtype == Ut.dtype for f in fs for t in f):
+                # The table becomes the only copy: each task's factors are views into it.
+                for i, n in enumerate(names):
+                    view = (Ut[i], St[i], Vt[i]) if transposed else (Vt[i], St[i], Ut[i])
+                    self._tasks[n].factors[key] = view
+        return entry
 
     def names(self) -> list[str]:
         """Task ids this model serves: the stored tasks, then the merges made so far."""
@@ -469,7 +524,7 @@ class MultiTaskModel(nn.Module):
                 images = images[order.to(images.device)]
         strategy = self._choose(segments[0][0], B) if len(segments) == 1 else "lowrank"
         self.last_strategy = strategy
-        w = _Weights(self._base, segments, strategy)
+        w = _Weights(self._base, segments, strategy, packed=self._packed_factors if len(segments) > 1 else None)
         out = self.adapter.forward(w, images)
         self._check_keys(w)
         if order is not None:

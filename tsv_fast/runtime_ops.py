@@ -5,10 +5,11 @@ one contiguous segment of rows; then ``y = x W0ᵀ`` is one GEMM over the whole 
 each segment adds its own low-rank term ``((x_seg V_t) ⊙ S_t) U_tᵀ`` (SPEC.md: the SGMV
 pattern of Punica / S-LoRA / vLLM's LoRA kernels).
 
-This module is the pure-PyTorch implementation and the seam for a fused C++/CUDA op:
-``segmented_lowrank_apply`` has the signature such a kernel would take (row offsets
-plus per-segment factors), so a compiled version can replace the loop without touching
-the runtime.
+``segmented_lowrank_apply`` here takes per-segment factor lists, packs them
+(:func:`tsv_fast.ops.pack_factors`) and runs the compiled op
+(:func:`tsv_fast.ops.segmented_lowrank_apply_packed`: one call for all segments; CPU
+GEMMs per segment, a shrink/expand SGMV kernel pair on CUDA), or its pure-PyTorch
+fallback. The runtime packs each layer's factors once and calls the packed op itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from . import ops
 from .errors import TSVInputError
 
 __all__ = ["group_rows", "segmented_lowrank_apply"]
@@ -61,7 +63,8 @@ def segmented_lowrank_apply(
         U, S, V: per segment, factors (m, k_i), (k_i,), (n, k_i) of the segment's
             delta ``U diag(S) Vᵀ`` (m×n, the layout of an ``nn.Linear`` weight); None
             for a segment without a delta. Factors may be in another float dtype than
-            ``x`` (e.g. bfloat16 storage); they are cast per call.
+            ``x`` (e.g. bfloat16 storage); products accumulate in float32 (float64 if
+            anything is float64) and ``out`` is rounded once.
         out: (N, m) tensor updated in place (typically ``x W0ᵀ + b`` already); a new
             zero tensor when None.
 
@@ -89,10 +92,21 @@ def segmented_lowrank_apply(
         if Vi.shape[0] != x.shape[1] or Ui.shape[0] != out.shape[1] or not (Ui.shape[1] == Si.shape[0] == Vi.shape[1]):
             raise TSVInputError(f"segmented_lowrank_apply: segment {i}: U{tuple(Ui.shape)} S{tuple(Si.shape)} "
                                 f"V{tuple(Vi.shape)} do not fit x{tuple(x.shape)} → out{tuple(out.shape)}")
-        a, b = offsets[i], offsets[i + 1]
-        if b == a or Si.shape[0] == 0:
-            continue
-        dt = x.dtype
-        t = (x[a:b] @ Vi.to(dt)) * Si.to(dt)
-        out[a:b].addmm_(t, Ui.to(dt).T, alpha=alpha)
-    return out
+    present = [i for i in range(T) if U[i] is not None]
+    if not present:
+        return out
+    # The op reads a factor table (P, m, kmax) plus a slot per segment. One segment with
+    # factors (the single-task path) is a view of its factors; several are packed, which
+    # copies them: callers that reuse factors (the runtime's mixed batches) pack once with
+    # ops.pack_factors and call ops.segmented_lowrank_apply_packed directly.
+    slot = {i: p for p, i in enumerate(present)}
+    slots = [slot.get(i, -1) for i in range(T)]
+    if len(present) == 1:
+        i = present[0]
+        dt = U[i].dtype if U[i].dtype == S[i].dtype == V[i].dtype else torch.float32
+        table = (U[i].to(x.device, dt)[None], S[i].to(x.device, dt)[None], V[i].to(x.device, dt)[None],
+                 torch.tensor([S[i].shape[0]], dtype=torch.long))
+    else:
+        table = ops.pack_factors([U[i].to(x.device) for i in present], [S[i].to(x.device) for i in present],
+                                 [V[i].to(x.device) for i in present], shape=(out.shape[1], x.shape[1]))
+    return ops.segmented_lowrank_apply_packed(x, list(offsets), *table, out=out, alpha=alpha, slots=slots)
