@@ -78,15 +78,24 @@ def exact_topk(A: Tensor, k: int) -> TopK:
 
 
 def orthonormalize(Y: Tensor) -> Tensor:
-    """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down."""
+    """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down.
+
+    The first pass forms the ℓ×ℓ Gram matrix in float64 (tolerating cond(Y) up to ~1e8);
+    after it Q is orthonormal to a few digits, so the second pass can stay in Y's dtype.
+    """
     Q = Y
-    for _ in range(2):
-        Q64 = Q.double()  # the ℓ×ℓ Gram in float64 tolerates cond(Y) up to ~1e8
-        R, info = torch.linalg.cholesky_ex(Q64.mT @ Q64, upper=True)
+    for gram_dtype in (torch.float64, Y.dtype):
+        Qg = Q.to(gram_dtype)
+        R, info = torch.linalg.cholesky_ex((Qg.mT @ Qg).double(), upper=True)
         if bool((info != 0).any()):
             return torch.linalg.qr(Y).Q
         Q = torch.linalg.solve_triangular(R.to(Y.dtype), Q, upper=True, left=False)
     return Q
+
+
+def _squared_norms(X: Tensor) -> Tensor:
+    """‖X_i‖_F² per matrix, in float64 (from a float32 norm: one pass, no float64 copy)."""
+    return torch.linalg.vector_norm(X, dim=(-2, -1)).double().square()
 
 
 def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> TopK:
@@ -102,14 +111,14 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     ell = min(k + oversample, n)
     if 3 * ell > n:
         U, S, V, _ = exact_topk(A, k)
-        total = X.square().sum((-2, -1), dtype=torch.float64)
+        total = _squared_norms(X)
         kept = S.double().square().sum(-1)
         return TopK(U, S, V, ((total - kept).clamp(min=0) / total.clamp(min=1e-300)).sqrt())
     gen = torch.Generator(device=A.device).manual_seed(seed)
     omega = torch.randn(*X.shape[:-2], n, ell, generator=gen, device=A.device, dtype=dtype)
     Q = orthonormalize(X @ omega)
-    for _ in range(power_iters):
-        Q = orthonormalize(X @ orthonormalize(X.mT @ Q))
+    for _ in range(power_iters):  # one orthonormalisation per iteration: cond grows by s1/sℓ² at most
+        Q = orthonormalize(X @ (X.mT @ Q))
     B = (Q.mT @ X).double()  # (ℓ, n): the small projected problem
     # On a GPU the whole batch of ℓ×ℓ problems is one Jacobi kernel launch (one CUDA block per
     # matrix); torch.linalg.eigh would loop over them. On a CPU LAPACK is faster (benchmarks/bench_eigh.py).
@@ -120,7 +129,7 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     V = (B.mT @ Z) / torch.where(s > noise, s, torch.inf).unsqueeze(-2)
     U = Q.double() @ Z
     # ‖A − U S Vᵀ‖² = ‖A‖² − Σ s_i², since U S Vᵀ is the projection of A onto span(U).
-    total = X.square().sum((-2, -1), dtype=torch.float64)
+    total = _squared_norms(X)
     residual = ((total - w.clamp(min=0).sum(-1)).clamp(min=0) / total.clamp(min=1e-300)).sqrt()
     if not tall:
         U, V = V, U
