@@ -88,6 +88,31 @@ def peak_extra_bytes(fn) -> tuple[int, object]:
     return (_rss_kib("VmHWM:") - before) * 1024, result
 
 
+_PEAK_SCRIPT = """
+import json, sys, torch, tsv_fast
+sys.path.insert(0, {here!r})
+from bench_merge import peak_extra_bytes
+from tsv_fast.synthetic import synthetic_task_vectors
+key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+one = {{key: torch.randn(4 * {width}, {width}) * 0.02}}
+tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(one, {T}, seed=2)]
+extra, _ = peak_extra_bytes(lambda: tsv_fast.merge_layers(one, tvs))
+print(json.dumps([{T} * one[key].numel() * 4, one[key].numel() * 4, extra]))
+"""
+
+
+def _peak_extra_in_fresh_process(width: int, T: int) -> tuple[int, int, int]:
+    """One key's merge in a new interpreter, so nothing freed earlier hides or inflates the peak."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = _PEAK_SCRIPT.format(here=os.path.dirname(os.path.abspath(__file__)), width=width, T=T)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))
+
+
 def best_of(fn, repeat: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
@@ -150,13 +175,7 @@ def main() -> None:
           "output (MiB) | peak above inputs, incl. output (MiB) | extra ÷ input batch |")
     print("|---|---|---|---|---|---|")
     for T in args.tasks if args.device == "cpu" else []:
-        key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
-        one = {key: blocks[key]}
-        tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(one, T, seed=2)]
-        tsv_fast.merge_layers(one, tvs)  # warm-up: allocator pools, LAPACK workspaces
-        batch = T * blocks[key].numel() * 4
-        out_bytes = blocks[key].numel() * 4
-        extra, _ = peak_extra_bytes(lambda: tsv_fast.merge_layers(one, tvs))
+        batch, out_bytes, extra = _peak_extra_in_fresh_process(width, T)
         print(f"| exact | {T} | {batch / 2**20:.0f} | {out_bytes / 2**20:.0f} | {extra / 2**20:.0f} "
               f"| {(extra - out_bytes) / batch:.2f}× |")
 
