@@ -69,6 +69,7 @@ setup(
     version="0.1.0",
     description="Task Singular Vectors model merging with fused CPU/CUDA kernels",
     packages=find_packages(include=["tsv_fast", "tsv_fast.*"]),
+    package_data={"tsv_fast.evaluation": ["assets/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors", "tqdm", "pyyaml"],  # torch deliberately omitted
     entry_points={"console_scripts": ["tsv-fast=tsv_fast.cli:main"]},

@@ -1,0 +1,144 @@
+"""Smoke run of the vision-mini accuracy pipeline: files and the results schema, not accuracies.
+
+Uses the two scikit-learn digits tasks (scikit-learn is a dev requirement, so this data
+source is always there in CI); MNIST and Fashion-MNIST are checked only if installed.
+"""
+
+import gzip
+import json
+import struct
+
+import pytest
+import torch
+
+from tsv_fast.evaluation import data as evdata
+
+METHODS = ["pretrained", "finetuned", "weight_averaging", "task_arithmetic", "ties", "tsv_m", "tsv_c"]
+
+
+def test_vision_mini_tower_has_open_clip_keys():
+    from tsv_fast.evaluation.vision_mini import ASSET, VisionMini, load_pretrained
+
+    model = VisionMini()
+    keys = set(model.state_dict())
+    assert {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
+            "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.3.mlp.c_fc.weight",
+            "visual.ln_post.weight"} <= keys
+    assert ASSET.is_file() and ASSET.stat().st_size < 10e6
+    base = load_pretrained()
+    assert set(base) == keys and all(v.dtype == torch.float32 for v in base.values())
+    model.load_state_dict(base)
+    emb = model(torch.zeros(3, 28, 28, dtype=torch.uint8))
+    assert emb.shape == (3, 64) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_idx_reader_and_missing_source(tmp_path):
+    images = bytes([7]) * (2 * 28 * 28)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, 2, 28, 28) + images)
+    with open(tmp_path / "t10k-labels-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 2) + bytes([3, 9]))
+    got = evdata._load_idx_pair([tmp_path], "test", "X", "pkg")
+    assert got.images.shape == (2, 28, 28) and got.images.dtype == torch.uint8 and int(got.images[0, 0, 0]) == 7
+    assert got.labels.tolist() == [3, 9]
+    with pytest.raises(evdata.DatasetUnavailable, match="install_data.sh"):
+        evdata._load_idx_pair([tmp_path / "nowhere"], "train", "X", "pkg")
+
+
+def _clear_data_caches():
+    from tsv_fast.evaluation import vision_mini
+
+    for fn in (evdata.load_mnist, evdata.load_fashion, evdata.source_split, vision_mini._stroke_cuts):
+        fn.cache_clear()
+    vision_mini._TASK_DATA.clear()
+    vision_mini._SUBSETS.clear()
+
+
+def test_missing_package_skips_its_tasks(tmp_path, monkeypatch):
+    from tsv_fast.evaluation.vision_mini import TASKS, available_tasks
+
+    monkeypatch.setattr(evdata, "_fashion_dirs", lambda: [tmp_path])
+    _clear_data_caches()
+    try:
+        ok, missing = available_tasks(list(TASKS))
+    finally:
+        monkeypatch.undo()
+        _clear_data_caches()
+    fashion_tasks = {n for n, t in TASKS.items() if t.source == "fashion"}
+    assert fashion_tasks <= set(missing) and not fashion_tasks & set(ok)
+    assert all("dataset-fashion-mnist" in missing[n] for n in fashion_tasks)
+
+
+def test_tasks_are_defined_on_real_data():
+    from tsv_fast.evaluation.vision_mini import TASKS, available_tasks, task_data
+
+    ok, missing = available_tasks(list(TASKS))
+    if "digits" not in ok:
+        pytest.skip(f"scikit-learn digits unavailable: {missing.get('digits')}")
+    for name in ok:
+        for split in ("train", "val", "test"):
+            d = task_data(name, split)
+            assert d.images.shape[1:] == (28, 28) and d.images.dtype == torch.uint8
+            assert 0 <= int(d.labels.min()) and int(d.labels.max()) < len(TASKS[name].classes)
+        # every class occurs in the test split
+        assert set(task_data(name, "test").labels.tolist()) == set(range(len(TASKS[name].classes)))
+
+
+def test_smoke_vision_mini_pipeline(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="scikit-learn (the digits data source) is not installed")
+    pytest.importorskip("matplotlib", reason="matplotlib is needed for the plots")
+    from tsv_fast.evaluation.__main__ import main
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    argv = ["--benchmark", "vision-mini", "--task-names", "digits,digits_rotation", "--steps", "3",
+            "--head-shots", "4", "--val-size", "40", "--test-size", "60", "--grid", "small",
+            "--rank-fractions", "1/8,1/2", "--cache", str(cache), "--out", str(out),
+            "--json", str(out / "demo.json")]
+    main(argv + ["--jobs", "2"])  # fine-tunes in 2 worker processes
+    doc = json.loads((out / "demo.json").read_text())
+    assert doc["benchmark"] == "vision-mini"
+    assert doc["tasks"] == ["digits", "digits_rotation"]
+    assert set(METHODS) <= set(doc["methods"])
+    for name, m in doc["methods"].items():
+        assert set(m["per_task"]) == set(doc["tasks"]), name
+        assert all(0 <= v <= 1 for v in m["per_task"].values())
+        assert isinstance(m["avg_absolute"], float) and isinstance(m["avg_normalized"], float)
+    assert doc["methods"]["finetuned"]["avg_normalized"] == pytest.approx(1.0)
+    assert "lambda" in doc["methods"]["task_arithmetic"] and "lambda" in doc["methods"]["ties"]
+    t = doc["timings_s"]
+    for key in ("merge_tsv_m", "merge_task_arithmetic", "merge_ties", "merge_weight_averaging", "compress_tsv_c",
+                "finetune", "evaluation", "total"):
+        assert isinstance(t[key], (int, float)) and t[key] >= 0, key
+    assert t["finetune_cached"] is False
+    assert doc["sti"]["per_key"] and "visual.transformer.resblocks.0.attn.in_proj_weight" in doc["sti"]["per_key"]
+    assert [p["rank_fraction"] for p in doc["tsv_c_rank"]][:2] == [0.125, 0.5]
+    assert {"tsv_m_above_task_arithmetic", "tsv_m_above_ties", "tsv_c_at_least_99pct_of_finetuned"} <= set(doc["claims"])
+    for png in ("accuracy", "sti_heatmap", "sti_depth", "tsv_c_rank"):
+        path = out / f"vision-mini_{png}.png"
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "Task Arithmetic" in capsys.readouterr().out
+
+    # a rerun reuses the cached fine-tunes
+    main(argv + ["--no-plots", "--jobs", "1"])
+    again = json.loads((out / "demo.json").read_text())
+    assert again["timings_s"]["finetune_cached"] is True
+    assert again["methods"]["finetuned"]["per_task"] == doc["methods"]["finetuned"]["per_task"]
+
+
+def test_aggregate_seeds_means_and_spreads():
+    from tsv_fast.evaluation.report import aggregate_seeds, summarize
+
+    def run(seed, a, b):
+        ft = {"x": 0.9, "y": 0.8}
+        methods = {"finetuned": summarize(ft, ft), "tsv_m": {**summarize({"x": a, "y": b}, ft), "alpha": 1.0}}
+        return {"tasks": ["x", "y"], "methods": methods, "seed": seed,
+                "timings_s": {"merge_tsv_m": 0.1 * (seed + 1), "finetune_cached": seed == 0,
+                              "finetune_per_task": {"x": 1.0 + seed, "y": 2.0}}}
+
+    agg = aggregate_seeds([run(0, 0.5, 0.6), run(1, 0.7, 0.8)])
+    m = agg["methods"]["tsv_m"]
+    assert m["per_task"]["x"] == pytest.approx(0.6) and m["avg_absolute"] == pytest.approx(0.65)
+    assert m["avg_absolute_std"] == pytest.approx(0.1414, abs=1e-3) and m["alpha_per_seed"] == [1.0, 1.0]
+    assert agg["timings_s"] == {"merge_tsv_m": pytest.approx(0.15), "finetune_cached": False,
+                                "finetune_per_task": {"x": 1.5, "y": 2.0}}
+    assert len(agg["per_seed"]) == 2 and "tsv_m_above_task_arithmetic" not in agg["claims"]

@@ -1,0 +1,1 @@
+"""Real-data accuracy benchmarks (vision-mini)."""
