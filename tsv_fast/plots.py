@@ -13,7 +13,7 @@ from pathlib import Path
 from .interference import Interference, block_of
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -45,7 +45,7 @@ def _pairs(report: Interference) -> list[tuple[int, int]]:
 
 def plot_sti_heatmap(report: Interference, path: Path) -> Path | None:
     """STI per layer (rows: matrix keys, in depth order) and task pair (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not report.per_pair:
         return None
     import numpy as np
@@ -66,7 +66,7 @@ def plot_sti_heatmap(report: Interference, path: Path) -> Path | None:
 def plot_sti_by_depth(report: Interference, path: Path) -> Path | None:
     """STI against block depth, one line per kind of matrix (attn.in_proj, mlp.c_fc, ...)
     and one for their sum: the paper's observation is that interference grows with depth."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     lines: dict[str, dict[int, float]] = {}
@@ -92,7 +92,7 @@ def plot_sti_by_depth(report: Interference, path: Path) -> Path | None:
 
 def plot_sti_summary(report: Interference, path: Path) -> Path | None:
     """The demo's figure: STI per block (bars) and per task pair summed over keys (heatmap)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     blocks = report.by_block()

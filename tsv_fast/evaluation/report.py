@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -27,6 +26,8 @@ import torch
 from torch import Tensor
 
 import tsv_fast
+from tsv_fast.interference import Interference
+from tsv_fast.plots import plot_sti_by_depth, plot_sti_heatmap, pyplot
 
 StateDict = Mapping[str, Tensor]
 Evaluate = Callable[[StateDict, Sequence[str], str], dict[str, float]]
@@ -296,30 +297,9 @@ def write_json(result: dict, path: Path) -> Path:
 # --------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots", file=sys.stderr)
-        return None
-    return plt
-
-
-def _depth_order(key: str):
-    """Input-side keys first, then blocks by index, then the output projection."""
-    import re
-    m = re.search(r"resblocks\.(\d+)\.(.+)$", key)
-    if m:
-        return (1, int(m.group(1)), m.group(2))
-    return (0 if any(s in key for s in ("positional", "conv1", "class_embedding", "ln_pre")) else 2, 0, key)
-
-
 def plot_accuracy(result: dict, path: Path, title: str = "") -> Path | None:
     """Grouped bars: accuracy per task (and the average) per method."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     tasks, methods = result["tasks"], result["methods"]
@@ -345,66 +325,9 @@ def plot_accuracy(result: dict, path: Path, title: str = "") -> Path | None:
     return Path(path)
 
 
-def _pairs(tasks):
-    return [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
-
-
-def plot_sti_heatmap(result: dict, path: Path, title: str = "") -> Path | None:
-    """Heatmap of STI per matrix key (rows, by depth) and task pair (columns)."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    sti = result["sti"]
-    tasks, keys = sti["tasks"], sorted(sti["per_pair"], key=_depth_order)
-    pairs = _pairs(tasks)
-    data = torch.tensor([[sti["per_pair"][k][i][j] for i, j in pairs] for k in keys])
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(pairs) + 3), max(4, 0.3 * len(keys) + 1.5)))
-    im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(keys)))
-    ax.set_yticklabels([k.replace("visual.", "").replace("transformer.resblocks.", "blk") for k in keys], fontsize=7)
-    ax.set_xticks(range(len(pairs)))
-    ax.set_xticklabels([f"{tasks[i]}|{tasks[j]}" for i, j in pairs], rotation=90, fontsize=6)
-    fig.colorbar(im, ax=ax, label="STI")
-    ax.set_title(title or "singular task interference per layer and task pair")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_sti_depth(result: dict, path: Path, title: str = "") -> Path | None:
-    """STI per transformer block (summed over its matrices), and per matrix type, vs depth."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    import re
-    per_key = result["sti"]["per_key"]
-    series: dict[str, dict[int, float]] = {}
-    for key, v in per_key.items():
-        m = re.search(r"resblocks\.(\d+)\.(.+)$", key)
-        if m:
-            series.setdefault(m.group(2), {})[int(m.group(1))] = v
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if series:
-        depths = sorted({d for s in series.values() for d in s})
-        ax.plot(depths, [sum(s.get(d, 0.0) for s in series.values()) for d in depths], "k-o", label="block total")
-        for name, s in sorted(series.items()):
-            ax.plot(sorted(s), [s[d] for d in sorted(s)], "--.", label=name, alpha=0.8)
-        ax.set_xticks(depths)
-    ax.set_xlabel("transformer block")
-    ax.set_ylabel("STI")
-    ax.set_title(title or "STI by depth")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
 def plot_tsv_c_rank(result: dict, path: Path, title: str = "") -> Path | None:
     """TSV-C accuracy (normalised to fine-tuned, per task and average) vs kept rank fraction."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     points = [p for p in result["tsv_c_rank"] if not p.get("default")]
@@ -432,10 +355,12 @@ def plot_tsv_c_rank(result: dict, path: Path, title: str = "") -> Path | None:
 
 
 def write_plots(result: dict, out: Path, prefix: str) -> list[Path]:
+    raw = result["sti"]  # the STI figures are the CLI's (tsv_fast.plots), from the JSON form
+    sti = Interference(raw["tasks"], raw["per_key"], {k: torch.tensor(v) for k, v in raw["per_pair"].items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     made = [plot_accuracy(result, out / f"{prefix}_accuracy.png", f"{prefix}: accuracy per task"),
-            plot_sti_heatmap(result, out / f"{prefix}_sti_heatmap.png", f"{prefix}: STI per layer and task pair"),
-            plot_sti_depth(result, out / f"{prefix}_sti_depth.png", f"{prefix}: STI by depth"),
+            plot_sti_heatmap(sti, out / f"{prefix}_sti_heatmap.png"),
+            plot_sti_by_depth(sti, out / f"{prefix}_sti_depth.png"),
             plot_tsv_c_rank(result, out / f"{prefix}_tsv_c_rank.png", f"{prefix}: TSV-C accuracy vs kept rank")]
     return [p for p in made if p is not None]
