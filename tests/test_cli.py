@@ -245,3 +245,10 @@ def test_unexpected_error_exit_1(work, capsys, monkeypatch):
 def test_python_m_help():
     done = subprocess.run([sys.executable, "-m", "tsv_fast", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "merge" in done.stdout and "inspect" in done.stdout
+
+
+def test_bench_accuracy_forwards_to_the_evaluation(capsys):
+    from tsv_fast import cli
+
+    assert cli.main(["bench", "accuracy", "--help"]) == 0
+    assert "vision-mini" in capsys.readouterr().out

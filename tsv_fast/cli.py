@@ -664,7 +664,25 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--base", default=None, help="the pretrained checkpoint the FILEs were fine-tuned from")
     insp.add_argument("--num-tasks", type=int, default=None, help="T for k = floor(r/T) (default: number of FILEs)")
     insp.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser("bench", parents=[common], help="accuracy benchmarks on real fine-tunes (vision-mini)",
+                           description="tsv-fast bench accuracy --benchmark vision-mini [OPTIONS]: the real "
+                                       "evaluation of README.md (python -m tsv_fast.evaluation); every OPTION after "
+                                       "'accuracy' goes to it (see: tsv-fast bench accuracy --help).")
+    bench.add_argument("kind", choices=["accuracy"])
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of python -m tsv_fast.evaluation")
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .evaluation.__main__ import main as run_accuracy_benchmark
+
+    try:
+        run_accuracy_benchmark(args.options)
+    except SystemExit as exc:  # its own --help and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    return 0
 
 
 def _paragraphs(*texts: str) -> str:
