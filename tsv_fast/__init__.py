@@ -16,15 +16,15 @@ from .keys import is_matrix_key, select_keys
 from .merge import iter_merge, merge_layers
 from .methods import METHODS
 from .ops import reconstruct
-from .solvers import SOLVERS
 from .runtime import MultiTaskModel
+from .solvers import SOLVERS
 from .store import TaskStore
 from .tasks import CompressedTask, TaskVector, task_vectors
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "CompressedTask", "Interference", "METHODS", "MultiTaskModel", "TaskStore", "SOLVERS", "TSVInputError", "TSVRankWarning",
-    "TaskVector", "backend", "compress", "interference", "is_matrix_key", "iter_merge", "merge_layers", "reconstruct",
-    "resolve_rank", "select_keys", "task_vectors", "__version__",
+    "Backend", "CompressedTask", "Interference", "METHODS", "MultiTaskModel", "SOLVERS", "TSVInputError",
+    "TSVRankWarning", "TaskStore", "TaskVector", "__version__", "backend", "compress", "interference",
+    "is_matrix_key", "iter_merge", "merge_layers", "reconstruct", "resolve_rank", "select_keys", "task_vectors",
 ]
