@@ -110,6 +110,7 @@ def run_vision_mini(args) -> dict:
         "claims": result["claims"],
         "tsv_c_rank": result["tsv_c_rank"],
         "sti": result["sti"],
+        "solver_check": [{"seed": r["seed"], **r["solver_check"]} for r in runs],
         **({"per_seed": [{"seed": r["seed"], "methods": r["methods"], "selection": r["selection"]}
                          for r in result["per_seed"]]} if "per_seed" in result else {}),
         "machine": report.machine(),
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['benchmark']}: test accuracy (%), T = {len(result['tasks'])} tasks, "
           f"{args.seeds} seed(s); norm. = merged / fine-tuned")
     print(report.format_table(result))
+    for check in result["solver_check"]:
+        print(f"solver check (seed {check['seed']}): TSV-M α=1 avg {100 * check['tsv_m_exact']:.1f} (exact) vs "
+              f"{100 * check['tsv_m_randomized']:.1f} (randomized), {check['difference_points']:+.2f} points")
     tsv_c = result["methods"]["tsv_c"]
     fraction = tsv_c.get("storage_fraction", statistics.fmean(tsv_c.get("storage_fraction_per_seed", [0.0])))
     print(f"\nTSV-C stores {100 * fraction:.1f}% of a task's float bytes (rank floor(r/T) on every matrix)")

@@ -148,6 +148,13 @@ def compare_methods(
     results["tsv_m_val_alpha"] = {**summarize(evaluate_all(scaled(alpha), "test"), ft_acc), "alpha": alpha}
     # the timing of a plain TSV-M merge (the sweep's merge is the same call at α = 1)
     timer.timings["merge_tsv_m"] = timer.timings.pop("merge_tsv")
+    log("merging: TSV-M (α = 1) with the opt-in randomized solver, to compare with exact")
+    randomized = summarize(evaluate_all(merge("tsv", 1.0, solver="randomized"), "test"), ft_acc)
+    timer.timings["merge_tsv_m_randomized"] = timer.timings.pop("merge_tsv")
+    solver_check = {"tsv_m_exact": results["tsv_m"]["avg_absolute"],
+                    "tsv_m_randomized": randomized["avg_absolute"],
+                    "difference_points": 100 * (randomized["avg_absolute"] - results["tsv_m"]["avg_absolute"]),
+                    "randomized_per_task": randomized["per_task"]}
     timer.timings["merge_weight_averaging"] = timer.timings.pop("merge_mean")
 
     log("compressing: TSV-C at floor(r/T), then each task rebuilt and evaluated on itself")
@@ -185,7 +192,7 @@ def compare_methods(
 
     methods = {m: results[m] for m in METHOD_ORDER if m in results}
     return {"tasks": tasks, "methods": methods, "selection": selection, "tsv_c_rank": rank_sweep,
-            "sti": sti, "claims": check_claims(methods),
+            "sti": sti, "claims": check_claims(methods), "solver_check": solver_check,
             "timings_s": {k: round(v, 4) for k, v in timer.timings.items()}}
 
 
