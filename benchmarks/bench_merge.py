@@ -12,13 +12,13 @@ machine are noise; the ratio measured in the same run is the signal.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import tsv_fast
+from timing import cpu_model
 from tsv_fast import ops
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
@@ -126,13 +126,6 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return min(times), result
 
 
-def _cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
@@ -142,7 +135,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (task weights already on the device)")
     args = p.parse_args()
     width, _, patch, image = CLIP_VITS[args.model]
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
     print(f"# {gpu}, torch {torch.__version__}; {tsv_fast.backend()}")
     base = clip_vit_base(width, args.blocks, patch, image)
     blocks = {k: v.to(args.device) for k, v in base.items() if ".resblocks." in k}

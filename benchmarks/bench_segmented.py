@@ -22,38 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
 import torch
 import torch.nn.functional as F
 
+from timing import best_of, cpu_model  # noqa: E402
 from tsv_fast import ops
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def best_of(fn, repeat: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def loop_apply(x, offsets, Us, Ss, Vs, out):
