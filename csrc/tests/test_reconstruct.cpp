@@ -14,6 +14,7 @@
 
 namespace {
 
+using tsv_fast_test::expect_close;
 using tsv_fast_test::expect_value_error;
 using tsv_fast_test::failures;
 
@@ -49,15 +50,6 @@ void naive(const at::Tensor& base3, const at::Tensor& U3, const at::Tensor& S2, 
       }
 }
 
-double eps_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return 2.220446049250313e-16;
-    case at::kFloat: return 1.1920928955078125e-07;
-    case at::kHalf: return 9.765625e-04;
-    default: return 7.8125e-03;  // bfloat16
-  }
-}
-
 void check_case(const char* op_name, int64_t B, bool batched, int64_t m, int64_t n, int64_t k,
                 at::ScalarType base_t, at::ScalarType fac_t) {
   auto base = at::randn({B, m, n}).to(base_t);
@@ -80,15 +72,7 @@ void check_case(const char* op_name, int64_t B, bool batched, int64_t m, int64_t
   if (out.numel() != B * m * n) return;
   const bool f64 = base_t == at::kDouble || fac_t == at::kDouble;
   auto o = out.to(at::kDouble).contiguous().reshape({-1});
-  const double* op_ = o.data_ptr<double>();
-  int bad = 0;
-  double worst = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double tol = (f64 ? 1e-12 : 1e-5) * scale[i] + eps_of(base_t) * std::fabs(ref[i]) + 1e-30;
-    const double err = std::fabs(op_[i] - ref[i]);
-    if (!(err <= tol)) ++bad, worst = std::max(worst, err);
-  }
-  EXPECT(bad == 0, "%s: %d elements out of tolerance (worst abs err %.3g)", what.c_str(), bad, worst);
+  expect_close(what, o.data_ptr<double>(), ref, scale, f64, base_t);
 }
 
 }  // namespace

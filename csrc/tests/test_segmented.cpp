@@ -15,6 +15,7 @@
 
 namespace {
 
+using tsv_fast_test::expect_close;
 using tsv_fast_test::expect_value_error;
 using tsv_fast_test::failures;
 
@@ -34,15 +35,6 @@ c10::TypedOperatorHandle<InPlaceOp> inplace_op(const std::string& name) {
 
 at::Tensor i64(const std::vector<int64_t>& v) {
   return at::tensor(v, at::TensorOptions().dtype(at::kLong));
-}
-
-double eps_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return 2.220446049250313e-16;
-    case at::kFloat: return 1.1920928955078125e-07;
-    case at::kHalf: return 9.765625e-04;
-    default: return 7.8125e-03;  // bfloat16
-  }
 }
 
 struct Case {
@@ -104,15 +96,7 @@ void check_case(const std::string& name, bool inplace, const Case& c, at::Scalar
          "%s: wrong output dtype/shape", what.c_str());
   const bool f64 = xt == at::kDouble || ft == at::kDouble;
   auto o = out.to(at::kDouble).contiguous();
-  const double* op_ = o.data_ptr<double>();
-  int bad = 0;
-  double worst = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double tol = (f64 ? 1e-12 : 1e-5) * scale[i] + eps_of(xt) * std::fabs(ref[i]) + 1e-30;
-    const double err = std::fabs(op_[i] - ref[i]);
-    if (!(err <= tol)) ++bad, worst = std::max(worst, err);
-  }
-  EXPECT(bad == 0, "%s: %d elements out of tolerance (worst abs err %.3g)", what.c_str(), bad, worst);
+  expect_close(what, o.data_ptr<double>(), ref, scale, f64, xt);
 }
 
 }  // namespace
