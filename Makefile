@@ -21,7 +21,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 
-.PHONY: all venv build test pytest ctest data demo demo-synthetic bench clean
+.PHONY: all venv build test pytest ctest data demo demo-synthetic bench gpu-wheels clean
 
 all: build
 
@@ -61,6 +61,12 @@ demo-synthetic: build
 
 bench: build
 	$(PY) benchmarks/bench_merge.py
+
+# Pure-Python wheels the GPU machine's image lacks (it has torch, no open_clip), to carry there
+# for scripts/gpu_check.sh (see that script).
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps -d build/wheels \
+		open_clip_torch==$$($(PY) -c "from importlib.metadata import version; print(version('open_clip_torch'))") ftfy wcwidth
 
 clean:
 	rm -rf build tsv_fast/_C*.so *.egg-info .pytest_cache

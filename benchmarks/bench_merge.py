@@ -4,7 +4,10 @@
 
 (a) reference: one full ``torch.linalg.svd`` per task and key, plus one per side for the
     polar factors (what the authors' scripts do), float32.
-(d) tsv-fast ``merge_layers(method="tsv", solver="exact")``.
+(b) a loop of ``torch.svd_lowrank``, (c) ``cupy.linalg.svd`` (GPU, when CuPy is installed),
+(d) tsv-fast ``merge_layers(method="tsv", solver="exact")``, (e) ``solver="randomized"``,
+and with ``--variants`` the routes behind them (full eigh vs subspace iteration, per-key vs
+shape batches, Newton–Schulz polar).
 Also the fused reconstruction op vs plain PyTorch. Absolute times on a shared 2-core
 machine are noise; the ratio measured in the same run is the signal.
 """
@@ -126,6 +129,18 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return min(times), result
 
 
+VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselines
+    "d": ("(d) tsv-fast exact", {"solver": "exact"}),
+    "e": ("(e) tsv-fast randomized", {"solver": "randomized"}),
+    "eigh": ("exact via full eigh", {"solver": "eigh", "batch": "key"}),
+    "subspace": ("exact via subspace iteration", {"solver": "subspace"}),
+    "shape": ("exact, shape batches", {"solver": "exact", "batch": "shape"}),
+    "key": ("exact, per key", {"solver": "exact", "batch": "key"}),
+    "ns": ("exact, Newton–Schulz polar", {"solver": "exact", "polar": "newton-schulz"}),
+    "e-shape": ("randomized, shape batches", {"solver": "randomized", "batch": "shape"}),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
@@ -133,28 +148,35 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=1, help="transformer blocks to merge (default 1)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (task weights already on the device)")
+    p.add_argument("--variants", default="d,e", help=f"tsv-fast columns, from {','.join(VARIANTS)}")
+    p.add_argument("--no-baselines", action="store_true", help="skip (b) and (c); (a) always runs")
     args = p.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     width, _, patch, image = CLIP_VITS[args.model]
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
     print(f"# {gpu}, torch {torch.__version__}; {tsv_fast.backend()}")
     base = clip_vit_base(width, args.blocks, patch, image)
     blocks = {k: v.to(args.device) for k, v in base.items() if ".resblocks." in k}
     print("Speed-up = time of (a) / time of the row; error = max over keys of ‖Δ − Δ_(a)‖/‖Δ_(a)‖.\n")
-    cupy = cupy_available(args.device)
-    print("| model | T | (a) reference | (b) svd_lowrank loop |" + (" (c) cupy svd |" if cupy else "")
-          + " (d) tsv-fast exact | (e) tsv-fast randomized |")
-    print("|---|---|---|---|---|---|" + ("---|" if cupy else ""))
+    cupy = cupy_available(args.device) and not args.no_baselines
+    labels = ["(a) reference"] + ([] if args.no_baselines else ["(b) svd_lowrank loop"]) \
+        + (["(c) cupy svd"] if cupy else []) + [VARIANTS[v][0] for v in variants]
+    print("| model | T | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
     for T in args.tasks:
         taus = [{k: v.to(args.device) for k, v in t.items()} for t in synthetic_task_vectors(
             {k: v.cpu() for k, v in blocks.items()}, T, seed=1)]
         tvs = [tsv_fast.TaskVector(t) for t in taus]
-        runs = {
-            "a": lambda: reference_tsv_m(blocks, taus),
-            "b": lambda: reference_tsv_m(blocks, taus, lowrank_topk),
-            **({"c": lambda: reference_tsv_m(blocks, taus, cupy_topk)} if cupy else {}),
-            "d": lambda: tsv_fast.merge_layers(blocks, tvs, solver="exact"),
-            "e": lambda: tsv_fast.merge_layers(blocks, tvs, solver="randomized"),
-        }
+        runs = {"a": lambda: reference_tsv_m(blocks, taus)}
+        if not args.no_baselines:
+            runs["b"] = lambda: reference_tsv_m(blocks, taus, lowrank_topk)
+        if cupy:
+            runs["c"] = lambda: reference_tsv_m(blocks, taus, cupy_topk)
+        for v in variants:
+            runs[v] = lambda options=VARIANTS[v][1]: tsv_fast.merge_layers(blocks, tvs, **options)
         results = {name: best_of(fn, args.repeat) for name, fn in runs.items()}
         t_ref, ref = results["a"]
         cells = [f"{t_ref:.2f} s"]

@@ -234,7 +234,7 @@ def test_nan_found_while_streaming_names_the_task_and_key(small_base, small_task
         tsv_fast.merge_layers(small_base, [small_tasks[0], bad])
 
 
-@pytest.mark.parametrize("solver,tol", [("svd", 5e-4), ("randomized", None)])
+@pytest.mark.parametrize("solver,tol", [("svd", 5e-4), ("eigh", 2e-5), ("subspace", 2e-5), ("randomized", None)])
 def test_other_solvers_through_merge_layers(small_base, small_tasks, solver, tol):
     merged = tsv_fast.merge_layers(small_base, small_tasks, solver=solver)
     error = deltas_vs_reference(small_base, merged, ref.merge(small_base, small_tasks, "tsv", 1.0))

@@ -6,7 +6,8 @@ import torch
 
 import reference as ref
 import tsv_fast
-from tsv_fast.solvers import SOLVERS, exact_topk, orthonormalize, randomized_topk
+from tsv_fast import ops
+from tsv_fast.solvers import SOLVERS, eigh_topk, exact_topk, orthonormalize, randomized_topk, subspace_topk
 from tsv_fast.synthetic import power_law_matrix
 from tsv_fast.tsv import polar_factor, whitening
 
@@ -34,10 +35,11 @@ SHAPES = [(512, 128, 2), (512, 128, 8), (512, 128, 20), (128, 512, 8), (192, 192
 
 @pytest.mark.parametrize("m,n,T", SHAPES)
 @pytest.mark.parametrize("decay", [0.5, 1.0])
-def test_exact_topk_is_optimal_to_0_1_percent(m, n, T, decay):
+@pytest.mark.parametrize("solver", ["exact", "eigh", "subspace"])
+def test_exact_topk_is_optimal_to_0_1_percent(m, n, T, decay, solver):
     A = task_batch(m, n, 3, decay)
     k = min(m, n) // T
-    U, S, V, residual = exact_topk(A, k)
+    U, S, V, residual = SOLVERS[solver](A, k)
     assert residual is None and U.shape == (3, m, k) and S.shape == (3, k) and V.shape == (3, n, k)
     assert (rank_k_errors(A, U, S, V) <= optimal_errors(A, k) * 1.001).all()
     s = torch.linalg.svdvals(A.double())[:, :k]
@@ -135,3 +137,69 @@ def test_compress_reports_residuals_for_every_solver():
     s = torch.linalg.svdvals(taus.double())
     optimal = (s[:, 21:].square().sum(-1) / s.square().sum(-1)).sqrt()
     np.testing.assert_allclose(stats["residuals"]["w"], optimal.numpy(), rtol=1e-4)
+
+
+def same_subspace_error(U1, U2):
+    """‖U1U1ᵀ − U2U2ᵀ‖_F per matrix: zero when the spans agree, whatever the signs or rotations."""
+    P1, P2 = U1.double() @ U1.double().mT, U2.double() @ U2.double().mT
+    return (P1 - P2).flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("decay,T", [(0.5, 8), (0.5, 20), (1.0, 12), (0.2, 20)])
+def test_subspace_iteration_matches_full_eigh(decay, T):
+    """Nearly flat spectra (decay 0.2: λ_i ∝ i^-0.4) converge slowest; the result must still be
+    eigh's, in float64, to far below the float32 rounding of the inputs."""
+    A = task_batch(600, 160, 4, decay, seed=T)
+    k = 160 // T
+    U1, S1, V1, _ = eigh_topk(A, k, torch.float64)
+    U2, S2, V2, _ = subspace_topk(A, k, torch.float64)
+    torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
+    assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
+    # singular vectors one by one (signs aside) where the spectrum separates them
+    dots = (U1 * U2).sum(-2).abs()
+    assert (dots > 1 - 1e-6).all()
+
+
+def test_subspace_iteration_falls_back_to_eigh_when_it_has_not_converged():
+    A = task_batch(300, 100, 3, 0.5, seed=3)
+    exact = eigh_topk(A, 10, torch.float64)
+    for iters in (0, 1):  # no step at all, or one: nothing has converged to 1e-10
+        U, S, V, _ = subspace_topk(A, 10, torch.float64, max_iters=iters)
+        torch.testing.assert_close(S, exact.S, rtol=1e-12, atol=0)
+        assert (same_subspace_error(U, exact.U) < 1e-9).all()
+
+
+def test_subspace_iteration_with_the_jacobi_kernel_for_the_small_problems():
+    """The GPU route solves its ℓ×ℓ problems with the compiled batched Jacobi op; its CPU twin
+    runs the same algorithm, so this checks the conventions (order, layout) of that hand-off."""
+    A = task_batch(400, 120, 3, 0.5, seed=4)
+    exact = eigh_topk(A, 12, torch.float64)
+    U, S, V, _ = subspace_topk(A, 12, torch.float64, small_eigh=ops.batched_eigh)
+    torch.testing.assert_close(S, exact.S, rtol=1e-9, atol=0)
+    assert (same_subspace_error(U, exact.U) < 1e-6).all()
+
+
+def test_exact_routes_by_device(monkeypatch):
+    from tsv_fast import solvers
+
+    A = task_batch(200, 64, 2, 0.5)
+    calls = []
+    monkeypatch.setitem(solvers.EXACT_ROUTE, "cpu", "subspace")
+    monkeypatch.setattr(solvers, "subspace_topk", lambda *a, **kw: calls.append("subspace") or subspace_topk(*a, **kw))
+    U, S, V, _ = exact_topk(A, 8)
+    assert calls == ["subspace"]
+    torch.testing.assert_close(S, eigh_topk(A, 8).S, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("solver", ["exact", "subspace", "randomized"])
+def test_solvers_on_cuda_match_cpu_eigh(solver):
+    A = task_batch(512, 128, 6, 0.5, seed=7)
+    k = 128 // 8
+    want = eigh_topk(A, k, torch.float64)
+    U, S, V, _ = SOLVERS[solver](A.cuda(), k)
+    if solver == "randomized":
+        assert (rank_k_errors(A, U.cpu(), S.cpu(), V.cpu()) <= optimal_errors(A, k) * 1.02).all()
+    else:
+        torch.testing.assert_close(S.cpu().double(), want.S, rtol=1e-5, atol=0)
+        assert (same_subspace_error(U.cpu(), want.U) < 1e-4).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -10,10 +11,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import is_mergeable, select_keys
+from .keys import is_matrix_meta, is_mergeable, select_keys
 from .methods import KeyContext, get_method
 from .solvers import get_solver
 from .tasks import StateDict, Task, as_sources, checked_base_tensor, tensor_meta
+
+BATCH_MODES = ("auto", "key", "shape")
+DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch (batch="shape")
 
 
 def iter_merge(
@@ -30,18 +34,54 @@ def iter_merge(
     device: str | torch.device | None = None,
     progress: bool = False,
     stats: dict | None = None,
+    batch: str = "auto",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
     **options,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge ``tasks`` into ``base``, yielding ``(key, merged tensor)`` in the base's key order.
 
     This is the streaming form of :func:`merge_layers`: with lazily loaded inputs, only
-    one key's tensors (of all tasks) are alive at a time, and the caller can write each
-    result out as it comes. Arguments as in :func:`merge_layers`; all input checks run
-    before the first key is yielded.
+    one key's tensors (of all tasks) are alive at a time (one shape batch with
+    ``batch="shape"``), and the caller can write each result out as it comes. Arguments
+    as in :func:`merge_layers`; all input checks run before the first key is yielded.
     """
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats)
+    groups = _shape_groups(base, spec, selected, len(sources), ctx.device, batch, batch_bytes)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups)
+
+
+def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes: int) -> dict[str, list[str]]:
+    """key → the run of same-shape matrix keys whose top-k factors are found in one solver call.
+
+    ``"key"``: none (one key at a time, the least memory). ``"shape"``: keys of one shape
+    and dtype, in order (a ViT's blocks repeat 4 shapes), as many as fit ``batch_bytes``
+    of stacked float32 deltas; merged keys wait in memory until their turn to be yielded. ``"auto"``: ``"shape"`` on a GPU, where batching is the
+    lever; ``"key"`` on a CPU, where the solvers loop per matrix anyway (BENCHMARKS.md).
+    """
+    if batch not in BATCH_MODES:
+        raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+    if spec.merge_group is None or batch == "key":
+        return {}
+    if batch == "auto":
+        # lazily loaded checkpoints are read to the CPU; in-memory ones tell their device
+        where = device if device is not None else next(
+            (base[k].device for k in selected if isinstance(base, dict)), torch.device("cpu"))
+        if where.type != "cuda":
+            return {}
+    groups: dict[str, list[str]] = {}
+    open_runs: dict[tuple, list[str]] = {}  # (shape, dtype) -> keys of the batch being filled
+    for key in base:
+        shape, dtype = tensor_meta(base, key, "base")
+        if key not in selected or not is_matrix_meta(key, shape, dtype):
+            continue
+        item_bytes = T * math.prod(shape) * (8 if dtype == torch.float64 else 4)  # the stacked deltas
+        run = open_runs.setdefault((tuple(shape), dtype), [])
+        if run and (len(run) + 1) * item_bytes > batch_bytes:
+            run = open_runs[(tuple(shape), dtype)] = []
+        run.append(key)
+        groups[key] = run
+    return {k: g for k, g in groups.items() if len(g) > 1}
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):
@@ -64,22 +104,34 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     return spec, sources, selected, ctx
 
 
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats):
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups):
+    ready: dict[str, Tensor] = {}  # merged keys of the current shape batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
-        b = checked_base_tensor(base, key)
-        if ctx.device is not None:
-            b = b.to(ctx.device)
+        if key in groups and key not in ready:
+            group = groups[key]
+            bases = [_on(checked_base_tensor(base, k), ctx.device) for k in group]
+            for k, merged, b in zip(group, spec.merge_group(group, bases, sources, ctx), bases):
+                ready[k] = merged.to(out_dtype or b.dtype)
+        if key in ready:
+            yield key, ready.pop(key)
+            continue
+        b = _on(checked_base_tensor(base, key), ctx.device)
         if key in selected and is_mergeable(b):
             yield key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
     if stats is not None:
-        stats.update(solver=ctx.solver, zero_rank_keys=ctx.zero_rank_keys, residuals=ctx.residuals)
+        stats.update(solver=ctx.solver, shape_batches=len({id(g) for g in groups.values()}), zero_rank_keys=ctx.zero_rank_keys, residuals=ctx.residuals,
+                     polar=dict(ctx.polar_counts))
     if ctx.zero_rank_keys:
         warnings.warn(
             f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
             f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
             TSVRankWarning, stacklevel=3)
+
+
+def _on(t: Tensor, device) -> Tensor:
+    return t.to(device) if device is not None else t
 
 
 def merge_layers(
@@ -96,6 +148,8 @@ def merge_layers(
     device: str | torch.device | None = None,
     progress: bool = False,
     stats: dict | None = None,
+    batch: str = "auto",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
     **options,
 ) -> dict[str, Tensor]:
     """Merge ``tasks`` into ``base`` and return the merged state dict.
@@ -116,12 +170,19 @@ def merge_layers(
         device: where to compute (default: where the base tensors are); the result
             stays there.
         progress: show a progress bar over keys.
-        stats: if a dict is given, it is filled with ``solver``, ``zero_rank_keys`` and
+        batch: ``"key"`` factorises one key's tasks per solver call; ``"shape"`` batches
+            consecutive same-shape matrix keys (all layers of a ViT) into one call, up to
+            ``batch_bytes`` of stacked deltas; ``"auto"`` (default) is ``"shape"`` on a
+            GPU and ``"key"`` on a CPU. The result is the same either way.
+        stats: if a dict is given, it is filled with ``solver``, ``zero_rank_keys``,
             ``residuals`` (key → per-task relative error ‖τ − τ_k‖_F/‖τ‖_F of an
-            approximate solver's top-k, measured at run time).
+            approximate solver's top-k, measured at run time) and ``polar`` (how many
+            polar factors Newton–Schulz gave and how many fell back to eigh).
         options: method options: ``rank`` for TSV-M (per-task k: an int, a fraction of
-            r, or None for the paper's floor(r/T)); ``density`` for TIES (0.2).
+            r, or None for the paper's floor(r/T)) and ``polar`` (``"eigh"``, exact, or
+            ``"newton-schulz"``, checked per factor with an exact fallback);
+            ``density`` for TIES (0.2).
     """
     return dict(iter_merge(base, tasks, method, alpha, names=names, include=include, exclude=exclude,
                            solver=solver, out_dtype=out_dtype, device=device, progress=progress, stats=stats,
-                           **options))
+                           batch=batch, batch_bytes=batch_bytes, **options))

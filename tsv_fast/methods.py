@@ -16,8 +16,9 @@ from torch import Tensor
 from . import ops
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
-from .tasks import TaskSource, stack_deltas
-from .tsv import task_factors, tsv_merge_factors
+from .solvers import EXACT_SOLVERS
+from .tasks import TaskSource, compute_dtype, stack_deltas
+from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_factors
 
 
 @dataclass
@@ -30,9 +31,13 @@ class KeyContext:
     options: dict = field(default_factory=dict)
     zero_rank_keys: list[str] = field(default_factory=list)
     residuals: dict[str, list[float]] = field(default_factory=dict)  # approximate solvers' errors
+    polar_counts: dict[str, int] = field(default_factory=dict)  # Newton–Schulz kept / fell back
 
 
 MergeFn = Callable[[str, Tensor, Sequence[TaskSource], KeyContext], Tensor]
+
+
+GroupMergeFn = Callable[[Sequence[str], Sequence[Tensor], Sequence[TaskSource], KeyContext], list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class MergeMethod:
     default_alpha: float
     options: dict  # option name -> default
     summary: str
+    merge_group: GroupMergeFn | None = None  # several same-shape matrix keys at once (batch="shape")
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
@@ -70,12 +76,29 @@ def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCon
     ``rank`` option says otherwise); mean of the deltas on non-matrix keys."""
     if not is_matrix_key(key, base):
         return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha)
-    k = resolve_rank(base.shape, ctx.options["rank"], len(sources))
+    return merge_tsv_group([key], [base], sources, ctx)[0]
+
+
+def merge_tsv_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                    ctx: KeyContext) -> list[Tensor]:
+    """TSV-M of several matrix keys of one shape, their top-k factors found in one solver call."""
+    if ctx.options["polar"] not in POLAR_METHODS:
+        raise TSVInputError(f"tsv: polar must be one of {POLAR_METHODS}, got {ctx.options['polar']!r}")
+    k = resolve_rank(bases[0].shape, ctx.options["rank"], len(sources))
     if k == 0:
-        ctx.zero_rank_keys.append(key)
-        return base.clone()
-    U, S, V = tsv_merge_factors(task_factors(sources, key, base, k, ctx.solver, ctx.device, ctx.residuals))
-    return ops.reconstruct(base, U, S, V, ctx.alpha)
+        ctx.zero_rank_keys.extend(keys)
+        return [b.clone() for b in bases]
+    # The exact solver's float64 factors are orthonormal per task, so the whitening can skip
+    # the identity blocks of its Gram matrices; stored (compressed) factors are rounded.
+    exact = ctx.solver in EXACT_SOLVERS and all(s.factors(key) is None for s in sources for key in keys)
+    batch = shape_batch_factors(sources, keys, bases, k, ctx.solver, ctx.device, ctx.residuals,
+                                float64_factors=exact)
+    merged = []
+    for b, factors in zip(bases, batch):
+        U, S, V = tsv_merge_factors(factors, orthonormal=exact, polar=ctx.options["polar"],
+                                    counts=ctx.polar_counts, dtype=compute_dtype(b))
+        merged.append(ops.reconstruct(b, U, S, V, ctx.alpha))
+    return merged
 
 
 def merge_task_arithmetic(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
@@ -114,7 +137,8 @@ def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCo
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in [
-        MergeMethod("tsv", merge_tsv, 1.0, {"rank": None}, "TSV-M (Gargiulo et al., CVPR 2025)"),
+        MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "eigh"}, "TSV-M (Gargiulo et al., CVPR 2025)",
+                    merge_group=merge_tsv_group),
         MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt"),
         MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),
         MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging"),

@@ -5,10 +5,11 @@ Every solver takes ``A`` of shape ``(B, m, n)`` and returns a :class:`TopK`:
 and, for approximate solvers, the relative residual ``‖A − U diag(S) Vᵀ‖_F / ‖A‖_F``
 of each matrix, computed at run time so the error is reported, never guessed.
 
-* ``"exact"`` (default): Gram matrix of the short side and a float64 symmetric
-  eigensolver. Exact to float64 rounding of the Gram matrix (SPEC.md: float32 eigh
-  cannot resolve the nearly flat spectrum around k; float64 can), and about 2× cheaper
-  than a thin SVD of a tall matrix on a CPU.
+* ``"exact"`` (default): float64 Gram matrix of the short side, then its top-k
+  eigenpairs to float64-eigh quality (SPEC.md: float32 eigh cannot resolve the nearly
+  flat spectrum around k; float64 can), by ``"eigh"`` on a CPU (a full LAPACK eigh per
+  matrix, about 2× cheaper than a thin SVD of a tall matrix) and ``"subspace"`` on a GPU
+  (batched subspace iteration run to a residual tolerance, with an eigh fallback).
 * ``"svd"``: ``torch.linalg.svd`` in the compute dtype, truncated; what the authors do.
 * ``"randomized"``: Halko–Martinsson–Tropp subspace iteration (oversampling 10,
   2 power iterations, CholeskyQR2), an opt-in approximation for hot paths.
@@ -48,10 +49,35 @@ def _short_side(A: Tensor) -> tuple[Tensor, bool]:
     return (A if tall else A.mT), tall
 
 
-def exact_topk(A: Tensor, k: int) -> TopK:
+_ROWS = 512  # rows per float64 chunk: only a chunk of a matrix is ever copied to float64
+
+
+def gram64(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``xᵀx`` in float64 for one (p, q) matrix, accumulated over row chunks."""
+    G = out if out is not None else torch.empty(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    G.zero_()
+    for r in range(0, x.shape[0], _ROWS):
+        c = x[r:r + _ROWS].double()
+        G.addmm_(c.mT, c)
+    return G
+
+
+def long_side(x: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
+    """``out = x vecs / s`` (the long-side singular vectors) in float64, row chunk by chunk.
+    Directions whose ``s`` is below x's rounding level get zero vectors: they carry noise."""
+    noise = s[:1] * (torch.finfo(x.dtype).eps * 4 * max(x.shape) ** 0.5)
+    inv = 1 / torch.where(s > noise, s, torch.inf)
+    for r in range(0, x.shape[0], _ROWS):
+        out[r:r + _ROWS] = (x[r:r + _ROWS].double() @ vecs) * inv
+    return out
+
+
+def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """Top-k from ``eigh(XᵀX)`` in float64 on the short side; the long-side vectors are
     ``X V / s``. Directions with ``s`` below the input's rounding level get a zero
-    vector (their singular value is noise, so they carry nothing).
+    vector (their singular value is noise, so they carry nothing). ``out_dtype=float64``
+    keeps the factors as computed (orthonormal to float64 rounding) instead of rounding
+    them to A's dtype; TSV-M's whitening exploits that.
 
     One matrix at a time: LAPACK and cuSOLVER run large eigenproblems one by one
     anyway, and the float64 copies, Gram matrix and eigenvectors then cost one
@@ -62,16 +88,15 @@ def exact_topk(A: Tensor, k: int) -> TopK:
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     p, q = X.shape[-2:]
-    Y = torch.empty(X.shape[0], p, k, dtype=dtype, device=A.device)
-    Q = torch.empty(X.shape[0], q, k, dtype=dtype, device=A.device)
-    S = torch.empty(X.shape[0], k, dtype=dtype, device=A.device)
+    out_dtype = out_dtype or dtype
+    Y = torch.empty(X.shape[0], p, k, dtype=out_dtype, device=A.device)
+    Q = torch.empty(X.shape[0], q, k, dtype=out_dtype, device=A.device)
+    S = torch.empty(X.shape[0], k, dtype=out_dtype, device=A.device)
     for i, x in enumerate(X):
-        x64 = x.double()
-        w, vecs = torch.linalg.eigh(x64.mT @ x64)
+        w, vecs = torch.linalg.eigh(gram64(x))
         w, vecs = w.flip(-1)[:k], vecs.flip(-1)[:, :k]
         s = w.clamp(min=0).sqrt()
-        noise = s[:1] * (torch.finfo(dtype).eps * 4 * max(p, q) ** 0.5)
-        Y[i] = (x64 @ vecs) / torch.where(s > noise, s, torch.inf)
+        long_side(x, vecs, s, out=Y[i])
         Q[i], S[i] = vecs, s
     U, V = (Y, Q) if tall else (Q, Y)
     return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
@@ -136,7 +161,88 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     return TopK(U.to(dtype), s.to(dtype), V.to(dtype), residual)
 
 
-SOLVERS: dict[str, Solver] = {"exact": exact_topk, "svd": svd_topk, "randomized": randomized_topk}
+def _gram64(X: Tensor) -> Tensor:
+    """:func:`gram64` of every matrix of a batch."""
+    G = torch.empty(X.shape[0], X.shape[-1], X.shape[-1], dtype=torch.float64, device=X.device)
+    for i, x in enumerate(X):
+        gram64(x, out=G[i])
+    return G
+
+
+def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
+                  max_iters: int = 60, oversample: int | None = None, seed: int = 0,
+                  small_eigh: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> TopK:
+    """Exact-quality top-k by block subspace iteration on the float64 Gram matrices, run to a
+    tolerance: batched GEMMs and small ℓ×ℓ eigenproblems instead of one full eigh per matrix.
+
+    Every step is ``Z = G Q`` for the whole batch, then Rayleigh–Ritz (``eigh(QᵀZ)``, ℓ×ℓ with
+    ℓ = k + max(10, k); the batched Jacobi kernel on a GPU). A matrix is done when each of its
+    top-k Ritz pairs has residual ``‖G v − θ v‖ ≤ tol·θ1``, which bounds its eigenvector error
+    by ``tol·θ1/gap`` (float64 ``eigh`` itself is ~1e-16·θ1/gap); done matrices leave the
+    batch, and the few that miss ``max_iters`` (a very flat spectrum beyond ℓ) get a full
+    float64 ``eigh``, so the result is exact-quality in every case. Convergence per step is
+    λ_(ℓ+1)/λ_k, independent of the gap at k, which Rayleigh–Ritz resolves. Cheaper than
+    ``eigh`` only when ℓ ≪ n and the matrices are many: the GPU route of ``"exact"``.
+    ``small_eigh`` solves the ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU).
+    """
+    dtype = A.dtype
+    out_dtype = out_dtype or dtype
+    X, tall = _short_side(A)
+    lead = A.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])
+    B, p, q = X.shape
+    ell = min(q, k + (oversample if oversample is not None else max(10, k)))
+    G = _gram64(X)
+    theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
+    vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
+    active = torch.arange(B, device=A.device)
+    if 3 * ell <= 2 * q:  # otherwise the subspace is most of the space: plain eigh is cheaper
+        gen = torch.Generator(device=A.device).manual_seed(seed)
+        Q = orthonormalize(G @ torch.randn(B, q, ell, generator=gen, device=A.device, dtype=torch.float64))
+        eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
+        for _ in range(max_iters):
+            Gact = G[active]
+            Z = Gact @ Q
+            H = Q.mT @ Z
+            w, W = eigh((H + H.mT) * 0.5)
+            w, W = w.flip(-1)[..., :k], W.flip(-1)[..., :k]
+            V, GV = Q @ W, Z @ W
+            residual = torch.linalg.vector_norm(GV - V * w.unsqueeze(-2), dim=-2).amax(-1)
+            done = residual <= tol * w[..., 0].abs().clamp(min=torch.finfo(torch.float64).tiny)
+            theta[active[done]], vecs[active[done]] = w[done], V[done]
+            active, Z = active[~done], Z[~done]
+            if active.numel() == 0:
+                break
+            Q = orthonormalize(Z)  # one power step: span(G Q)
+    for i in active.tolist():  # not converged (or ℓ too large): a full float64 eigh
+        w, V = torch.linalg.eigh(G[i])
+        theta[i], vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
+    del G
+    s = theta.clamp(min=0).sqrt()
+    Y = torch.empty(B, p, k, dtype=out_dtype, device=A.device)
+    for i, x in enumerate(X):
+        long_side(x, vecs[i], s[i], out=Y[i])
+    Qv, S = vecs.to(out_dtype), s.to(out_dtype)
+    U, V = (Y, Qv) if tall else (Qv, Y)
+    return TopK(U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), V.reshape(*lead, *V.shape[-2:]))
+
+
+# Which algorithm "exact" runs, per device. Both give float64-eigh quality (tests/test_solvers.py);
+# the CPU choice is measured (LAPACK eigh beats subspace iteration there, BENCHMARKS.md); the CUDA
+# one follows from cuSOLVER looping over the batch with one syevd per matrix, and still awaits a
+# measurement on a GPU (benchmarks/bench_merge.py --device cuda --solvers exact,subspace).
+EXACT_ROUTE = {"cpu": "eigh", "cuda": "subspace"}
+
+
+def exact_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
+    """The default solver: :func:`eigh_topk` or :func:`subspace_topk`, per device (``EXACT_ROUTE``)."""
+    route = EXACT_ROUTE.get(A.device.type, "eigh")
+    return (subspace_topk if route == "subspace" else eigh_topk)(A, k, out_dtype)
+
+
+EXACT_SOLVERS = ("exact", "eigh", "subspace")  # float64-eigh quality; can return float64 factors
+SOLVERS: dict[str, Solver] = {"exact": exact_topk, "eigh": eigh_topk, "subspace": subspace_topk, "svd": svd_topk,
+                              "randomized": randomized_topk}
 
 
 def get_solver(name: str) -> Solver:

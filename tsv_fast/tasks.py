@@ -54,7 +54,7 @@ class CompressedTask:
     def delta(self, key: str) -> Tensor | None:
         """The dense delta of ``key`` (None when it is zero)."""
         if key in self.factors:
-            U, S, V = (t.to(_compute_dtype(t)) for t in self.factors[key])
+            U, S, V = (t.to(compute_dtype(t)) for t in self.factors[key])
             return (U * S) @ V.T
         return self.deltas.get(key)
 
@@ -65,7 +65,7 @@ class CompressedTask:
             if key in self.factors:
                 out[key] = ops.reconstruct(b, *self.factors[key], alpha)
             elif key in self.deltas and is_mergeable(b):
-                out[key] = (b.to(_compute_dtype(b)) + alpha * self.deltas[key].to(b.device)).to(b.dtype)
+                out[key] = (b.to(compute_dtype(b)) + alpha * self.deltas[key].to(b.device)).to(b.dtype)
             else:
                 out[key] = b.clone()
         return out
@@ -103,7 +103,7 @@ class CompressedTask:
 Task = Union[StateDict, TaskVector, CompressedTask]
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -137,7 +137,7 @@ class TaskSource:
     def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None) -> Tensor:
         """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's)."""
         device = device or base_tensor.device
-        dtype = _compute_dtype(base_tensor)
+        dtype = compute_dtype(base_tensor)
         if self.compressed is not None:
             d = self.compressed.delta(key)
         elif self.base is not None:  # fine-tuned weights; the base tensor was checked by the caller
@@ -154,11 +154,13 @@ class TaskSource:
 
 
 def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
-                 device: torch.device | None = None) -> Tensor:
-    """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer, so
-    the peak is the batch plus one task's tensor (not twice the batch, as ``torch.stack`` of a list)."""
+                 device: torch.device | None = None, out: Tensor | None = None) -> Tensor:
+    """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer (or
+    ``out``), so the peak is the batch plus one task's tensor (not twice the batch, as
+    ``torch.stack`` of a list)."""
     device = device or base_tensor.device
-    out = torch.empty(len(sources), *base_tensor.shape, dtype=_compute_dtype(base_tensor), device=device)
+    if out is None:
+        out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
     for i, s in enumerate(sources):
         out[i] = s.delta(key, base_tensor, device)
     return out

@@ -6,41 +6,66 @@ Everything here works on the factors of one key; :mod:`tsv_fast.merge`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .solvers import get_solver
-from .tasks import Factors, TaskSource, stack_deltas
+from .solvers import EXACT_SOLVERS, get_solver
+from .tasks import Factors, TaskSource, compute_dtype, stack_deltas
 
 
 def task_factors(
     sources: Sequence[TaskSource], key: str, base_tensor: Tensor, k: int,
     solver: str = "exact", device: torch.device | None = None, residuals: dict | None = None,
+    float64_factors: bool = False,
 ) -> list[Factors]:
     """The k leading singular triplets of every task's delta for ``key`` (TSV-C, step 1 of TSV-M).
 
     Dense tasks are stacked and factorised in one batched solver call; compressed tasks
     give their stored factors (already at most their stored rank). An approximate
     solver's relative residual per task goes into ``residuals[key]`` when given.
+    ``float64_factors`` asks the exact solver for its float64 factors (not rounded).
     """
-    device = device or base_tensor.device
-    dense = [i for i, s in enumerate(sources) if s.factors(key) is None]
-    out: list[Factors | None] = [None] * len(sources)
+    return shape_batch_factors(sources, [key], [base_tensor], k, solver, device, residuals, float64_factors)[0]
+
+
+def shape_batch_factors(
+    sources: Sequence[TaskSource], keys: Sequence[str], base_tensors: Sequence[Tensor], k: int,
+    solver: str = "exact", device: torch.device | None = None, residuals: dict | None = None,
+    float64_factors: bool = False,
+) -> list[list[Factors]]:
+    """:func:`task_factors` for several keys of one shape at once: every dense (key, task)
+    delta goes into one ``(keys·tasks, m, n)`` batch and one solver call, so a GPU sees a
+    few large batched GEMMs instead of many small ones (all layers of a ViT share 4 shapes)."""
+    device = device or base_tensors[0].device
+    dense = [i for i, s in enumerate(sources) if all(s.factors(key) is None for key in keys)]
+    out: list[list[Factors | None]] = [[None] * len(sources) for _ in keys]
     if dense:
-        stack = stack_deltas([sources[i] for i in dense], key, base_tensor, device)
-        U, S, V, residual = get_solver(solver)(stack, k)
-        if residuals is not None and residual is not None:
-            residuals[key] = residual.tolist()
-        for j, i in enumerate(dense):
-            out[i] = (U[j], S[j], V[j])
+        T = len(dense)
+        stack = torch.empty(len(keys) * T, *base_tensors[0].shape, dtype=compute_dtype(base_tensors[0]),
+                            device=device)
+        for j, (key, b) in enumerate(zip(keys, base_tensors)):
+            stack_deltas([sources[i] for i in dense], key, b, device, out=stack[j * T:(j + 1) * T])
+        U, S, V, residual = (get_solver(solver)(stack, k, torch.float64)
+                             if float64_factors and solver in EXACT_SOLVERS else get_solver(solver)(stack, k))
         del stack
-    dtype = torch.float64 if base_tensor.dtype == torch.float64 else torch.float32
-    for i, s in enumerate(sources):
-        if out[i] is None:
-            U, S, V = s.factors(key)
-            out[i] = (U[:, :k].to(device, dtype), S[:k].to(device, dtype), V[:, :k].to(device, dtype))
+        for j, key in enumerate(keys):
+            if residuals is not None and residual is not None:
+                residuals[key] = residual[j * T:(j + 1) * T].tolist()
+            for t, i in enumerate(dense):
+                out[j][i] = (U[j * T + t], S[j * T + t], V[j * T + t])
+    dtype = compute_dtype(base_tensors[0])
+    for j, key in enumerate(keys):
+        for i, s in enumerate(sources):
+            if out[j][i] is None:
+                f = s.factors(key)
+                if f is None:  # dense for this key, but the task is compressed elsewhere
+                    out[j][i] = task_factors([s], key, base_tensors[j], k, solver, device)[0]
+                    continue
+                U, S, V = f
+                out[j][i] = (U[:, :k].to(device, dtype), S[:k].to(device, dtype), V[:, :k].to(device, dtype))
     return out
 
 
@@ -60,34 +85,118 @@ def polar_factor(X: Tensor) -> Tensor:
     return (P @ Qh).to(X.dtype)
 
 
-def whitening(X: Tensor) -> Tensor:
+def block_gram(X: Tensor, sizes: Sequence[int]) -> Tensor:
+    """``XᵀX`` in float64 for ``X = [X1 … XT]`` whose blocks are each orthonormal: the diagonal
+    blocks are the identity by construction, so only the cross-task blocks are computed
+    (the upper ones, one GEMM per block row: under half the work of a full Gram matrix).
+
+    Only for factors that are orthonormal to float64 rounding (the exact solver's float64
+    output): blocks rounded to float32 are orthonormal to ~1e-7 only, and the Gram's error
+    is amplified by 1/σmin(X)² in its inverse square root.
+    """
+    X64 = X.double()
+    G = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
+    start = 0
+    for size in sizes[:-1]:
+        end = start + size
+        cross = X64[:, start:end].mT @ X64[:, end:]
+        G[start:end, end:] = cross
+        G[end:, start:end] = cross.mT
+        start = end
+    return G
+
+
+def whitening(X: Tensor, sizes: Sequence[int] | None = None, eps: float | None = None) -> Tensor:
     """``W = (XᵀX)^(-1/2)`` in float64 (c×c), so that ``X W`` is the polar factor of X.
 
     Costs a c×c Gram matrix and one float64 ``eigh`` instead of an SVD of the tall X.
     float64 matters: X is often ill-conditioned (SPEC.md) and its Gram matrix squares
-    the condition number. Directions whose singular value is below ``8·eps`` of X's
-    dtype (relative to the largest) are numerically duplicated tasks: there X W is
-    set to zero (pseudo-inverse) instead of an arbitrary orthonormal completion, so
-    duplicated tasks merge to their common part and the result is always finite.
+    the condition number. Directions whose singular value is below ``8·eps`` (default:
+    X's dtype's eps; pass the inputs' when X was computed from rounded data) relative to
+    the largest are numerically duplicated tasks: there X W is set to zero
+    (pseudo-inverse) instead of an arbitrary orthonormal completion, so duplicated tasks
+    merge to their common part and the result is always finite. ``sizes`` (the column
+    count of each orthonormal block) selects :func:`block_gram`.
     """
-    G = X.double().mT @ X.double()
+    G = block_gram(X, sizes) if sizes is not None else X.double().mT @ X.double()
     w, Q = torch.linalg.eigh(G)
-    rcond = 8 * torch.finfo(X.dtype).eps
+    rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
     keep = w > (rcond ** 2) * w[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)
     inv_sqrt = torch.where(keep, w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
 
 
-def tsv_merge_factors(factors: Sequence[Factors]) -> Factors:
+def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol: float = 1e-10) -> Tensor | None:
+    """Polar factor by the cubic Newton–Schulz iteration ``Y ← Y (3I − YᵀY) / 2``: GEMMs only.
+
+    Each singular value of ``Y = X / bound`` moves towards 1, but a small one only grows
+    1.5× per step, so ill-conditioned X needs many steps, and a fixed step count would
+    leave it un-whitened (SPEC.md). The iteration therefore runs to ``‖YᵀY − I‖_max ≤ tol``
+    and the result is *checked*; ``None`` means "use the exact path". Steps are capped at
+    ``log(1/rcond)/log(1.5)``: since ``σ`` grows at most 1.5× per step, converging within
+    the cap proves every ``σ(X) ≥ rcond·bound``, i.e. that the exact path (which zeroes
+    directions below ``rcond`` relative to the largest) would keep them all too, so both
+    paths define the same result (the cap is conservative: it also declines some X the
+    exact path would whiten, which costs time, never accuracy). ``bound`` ≥ σmax(X) (default ‖X‖_F; √T for T
+    orthonormal blocks). The check also asks ``YᵀX`` to be symmetric, as a polar factor's is.
+    """
+    scale = bound if bound is not None else float(torch.linalg.matrix_norm(X))
+    if scale == 0:
+        return None
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    Y = X / scale
+    for _ in range(int(math.log(1 / rcond) / math.log(1.5))):
+        G = Y.mT @ Y
+        if float((G - eye).abs().amax()) <= tol:
+            H = Y.mT @ X
+            return Y if float((H - H.mT).abs().amax()) <= tol * scale else None
+        Y = 1.5 * Y - 0.5 * (Y @ G)
+    return None
+
+
+POLAR_METHODS = ("eigh", "newton-schulz")
+
+
+def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "eigh", eps: float | None = None,
+                      counts: dict | None = None) -> Tensor:
+    """Polar factor of the concatenation ``X`` (float64 result), by ``method``.
+
+    ``"eigh"`` is the exact float64 path (:func:`whitening`). ``"newton-schulz"`` is tried
+    first and kept only when its check passes, otherwise the exact path runs; ``counts``
+    (when given) tallies ``newton_schulz`` / ``fallback`` so callers can report it.
+    ``eps``: the rounding level of the data X was computed from (default X's dtype's).
+    """
+    eps = eps if eps is not None else torch.finfo(X.dtype).eps
+    if method == "newton-schulz":
+        bound = len(sizes) ** 0.5 if sizes is not None else None  # σmax ≤ √T for T orthonormal blocks
+        P = newton_schulz_polar(X.double(), rcond=8 * eps, bound=bound)
+        if counts is not None:
+            key = "newton_schulz" if P is not None else "fallback"
+            counts[key] = counts.get(key, 0) + 1
+        if P is not None:
+            return P
+    elif method != "eigh":
+        raise ValueError(f"unknown polar method {method!r}; choose one of {POLAR_METHODS}")
+    return X.double() @ whitening(X, sizes, eps)
+
+
+def tsv_merge_factors(factors: Sequence[Factors], *, orthonormal: bool = False, polar: str = "eigh",
+                      counts: dict | None = None, dtype: torch.dtype | None = None) -> Factors:
     """TSV-M steps 2–3: concatenate and whiten both sides; ``Δ = U⊥ diag(S) V⊥ᵀ``.
 
-    ``U⊥ = U W_U`` is formed in float64 and only then rounded: being orthonormal it
-    survives rounding, whereas ``U`` times an ill-conditioned ``W_U`` would not.
+    ``U⊥`` is formed in float64 and only then rounded: being orthonormal it survives
+    rounding, whereas ``U`` times an ill-conditioned ``W_U`` would not. ``orthonormal``
+    says each task's factors are orthonormal to float64 rounding (the exact solver's
+    float64 output), so the Gram matrices skip their identity diagonal blocks. The
+    result has ``dtype`` (default: that of the first task's S).
     """
     U, S, V = concat_factors(factors)
-    U_perp = (U.double() @ whitening(U)).to(U.dtype)
-    V_perp = (V.double() @ whitening(V)).to(V.dtype)
-    return U_perp, S, V_perp
+    dtype = dtype or factors[0][1].dtype
+    sizes = [f[1].shape[0] for f in factors] if orthonormal else None
+    eps = torch.finfo(dtype).eps  # the inputs' rounding level, even for float64 factors
+    U_perp = polar_from_blocks(U, sizes, polar, eps, counts).to(dtype)
+    V_perp = polar_from_blocks(V, sizes, polar, eps, counts).to(dtype)
+    return U_perp, S.to(dtype), V_perp
 
 
 def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:

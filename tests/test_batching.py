@@ -1,0 +1,175 @@
+"""Shape batching across layers, the block Gram whitening and the checked Newton–Schulz polar
+factor, each against an independent float64 reference (tests/reference.py) or the plain path."""
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+import tsv_fast
+from tsv_fast.merge import _shape_groups
+from tsv_fast.methods import get_method
+from tsv_fast.solvers import exact_topk
+from tsv_fast.synthetic import clip_vit_base, power_law_matrix, synthetic_finetuned
+from tsv_fast.tsv import block_gram, newton_schulz_polar, polar_factor, whitening
+
+
+def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
+    """Blocks with orthonormal columns each; ``overlap`` mixes in a shared random subspace, so
+    the concatenation is ill-conditioned (as tasks that share directions make it)."""
+    shared = torch.linalg.qr(torch.randn(n, max(sizes), generator=gen, dtype=torch.float64)).Q
+    blocks = []
+    for k in sizes:
+        own = torch.randn(n, k, generator=gen, dtype=torch.float64)
+        blocks.append(torch.linalg.qr((1 - overlap) * own + overlap * shared[:, :k] * n ** 0.5).Q)
+    return torch.cat(blocks, 1).to(dtype)
+
+
+@pytest.mark.parametrize("sizes", [[5, 5], [8, 3, 6], [4] * 12])
+def test_block_gram_equals_the_full_gram_of_orthonormal_blocks(sizes):
+    X = orthonormal_blocks(120, sizes, torch.Generator().manual_seed(len(sizes)), overlap=0.5)
+    torch.testing.assert_close(block_gram(X, sizes), X.mT @ X, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.9, 0.999])
+def test_block_whitening_gives_the_polar_factor(overlap):
+    sizes = [10] * 6
+    X = orthonormal_blocks(200, sizes, torch.Generator().manual_seed(3), overlap)
+    P = X @ whitening(X, sizes)
+    np.testing.assert_allclose(P.numpy(), ref.whiten(X.numpy()), atol=1e-7)
+    torch.testing.assert_close(P, polar_factor(X), atol=1e-7, rtol=0)
+
+
+def test_exact_solver_float64_factors_are_orthonormal_to_float64_rounding():
+    A = torch.stack([power_law_matrix(300, 80, torch.Generator().manual_seed(s), 0.5) for s in range(3)])
+    U, S, V, _ = exact_topk(A, 20, torch.float64)
+    assert U.dtype == V.dtype == S.dtype == torch.float64
+    eye = torch.eye(20, dtype=torch.float64)
+    assert (U.mT @ U - eye).abs().max() < 1e-12 and (V.mT @ V - eye).abs().max() < 1e-12
+    U32, S32, V32, _ = exact_topk(A, 20)  # the default rounds to the input dtype
+    assert U32.dtype == torch.float32
+    torch.testing.assert_close(S32, S.float())
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
+def test_newton_schulz_converges_to_the_polar_factor(cond):
+    gen = torch.Generator().manual_seed(4)
+    P = torch.linalg.qr(torch.randn(150, 30, generator=gen, dtype=torch.float64)).Q
+    Q = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64)).Q
+    X = (P * torch.logspace(0, -np.log10(cond), 30, dtype=torch.float64)) @ Q.T
+    Y = newton_schulz_polar(X, rcond=1e-6)
+    assert Y is not None
+    np.testing.assert_allclose(Y.numpy(), ref.whiten(X.numpy()), atol=1e-8)
+
+
+@pytest.mark.parametrize("smallest,rcond,converges", [(1e-9, 1e-6, False), (1e-9, 1e-12, True),
+                                                      (1e-3, 1e-6, True), (0.0, 1e-12, False)])
+def test_newton_schulz_refuses_what_the_exact_path_would_treat_differently(smallest, rcond, converges):
+    """The exact path zeroes σ < rcond·σmax; Newton–Schulz must then decline (None), never
+    return a factor that whitened that direction, nor one that has not converged."""
+    gen = torch.Generator().manual_seed(5)
+    P = torch.linalg.qr(torch.randn(100, 20, generator=gen, dtype=torch.float64)).Q
+    s = torch.ones(20, dtype=torch.float64)
+    s[-1] = smallest
+    Y = newton_schulz_polar(P * s, rcond=rcond)
+    assert (Y is not None) == converges
+    if converges:
+        np.testing.assert_allclose(Y.numpy(), P.numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("T", [2, 8])
+def test_newton_schulz_polar_option_matches_the_reference(T):
+    gen = torch.Generator().manual_seed(T)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    base = {key: torch.zeros(256, 64)}
+    common = power_law_matrix(256, 64, gen, 0.5)
+    taus = [0.8 * power_law_matrix(256, 64, gen, 0.5) + 0.6 * common for _ in range(T)]
+    stats = {}
+    merged = tsv_fast.merge_layers(base, [tsv_fast.TaskVector({key: t}) for t in taus], polar="newton-schulz",
+                                   stats=stats)
+    assert sum(stats["polar"].values()) == 2  # U and V sides, each Newton–Schulz or a fallback
+    want = ref.tsv_m_delta([t.double().numpy() for t in taus])
+    assert ref.rel_err(ref.np64(merged[key]), want) < 1e-4
+
+
+def test_newton_schulz_falls_back_on_duplicated_tasks():
+    """Identical tasks make the concatenation singular up to rounding: the check fails and the
+    exact pseudo-inverse path gives their common truncation."""
+    tau = power_law_matrix(200, 80, torch.Generator().manual_seed(6), 0.5)
+    base = {"w": torch.zeros(200, 80)}
+    stats = {}
+    merged = tsv_fast.merge_layers(base, [tsv_fast.TaskVector({"w": tau.clone()}) for _ in range(4)],
+                                   polar="newton-schulz", stats=stats)
+    assert stats["polar"].get("fallback", 0) >= 1
+    U, S, V = ref.top_k(tau.double().numpy(), 20)
+    assert ref.rel_err(ref.np64(merged["w"]), (U * S) @ V.T) < 1e-5
+
+
+def test_unknown_polar_and_batch_modes_are_refused(small_base, small_tasks):
+    with pytest.raises(tsv_fast.TSVInputError, match="polar must be one of"):
+        tsv_fast.merge_layers(small_base, small_tasks, polar="svd-ish")
+    with pytest.raises(tsv_fast.TSVInputError, match="batch must be one of"):
+        tsv_fast.merge_layers(small_base, small_tasks, batch="layers")
+
+
+@pytest.fixture(scope="module")
+def deep_base():
+    """Four blocks, so every shape of a ViT block repeats across layers."""
+    return clip_vit_base(width=48, layers=4, patch_size=16, image_size=48, embed_dim=32, seed=2)
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized", "svd"])
+def test_shape_batches_give_the_per_key_result(deep_base, solver):
+    tasks = synthetic_finetuned(deep_base, 5, seed=3)
+    stats = {}
+    by_shape = tsv_fast.merge_layers(deep_base, tasks, solver=solver, batch="shape", stats=stats)
+    by_key = tsv_fast.merge_layers(deep_base, tasks, solver=solver, batch="key")
+    assert stats["shape_batches"] == 4  # qkv, out_proj, c_fc, c_proj: one batch each over the 4 blocks
+    for key in by_key:
+        torch.testing.assert_close(by_shape[key], by_key[key], atol=1e-6, rtol=1e-5)
+    if solver == "exact":
+        expected = ref.merge(deep_base, tasks, "tsv", 1.0)
+        for key, want in expected.items():
+            b = ref.np64(deep_base[key])
+            assert ref.rel_err(ref.np64(by_shape[key]) - b, want - b) < 2e-5, key
+
+
+def test_shape_batches_respect_the_byte_budget(deep_base):
+    T = 3
+    spec = get_method("tsv")
+    keys = set(deep_base)
+    c_fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    one_key = T * deep_base[c_fc].numel() * 4
+    groups = _shape_groups(deep_base, spec, keys, T, None, "shape", 2 * one_key)
+    assert len(groups[c_fc]) == 2  # 4 blocks in two batches
+    assert all(sum(T * deep_base[k].numel() * 4 for k in g) <= 2 * one_key for g in groups.values())
+    assert max(len(g) for g in groups.values()) == 4  # the smaller out_proj keys fit one batch
+    assert _shape_groups(deep_base, spec, keys, T, None, "auto", 1 << 40) == {}  # CPU tensors: per key
+    assert _shape_groups(deep_base, get_method("ties"), keys, T, None, "shape", 1 << 40) == {}
+    tasks = synthetic_finetuned(deep_base, T, seed=4)
+    small = tsv_fast.merge_layers(deep_base, tasks, batch="shape", batch_bytes=2 * one_key)
+    whole = tsv_fast.merge_layers(deep_base, tasks, batch="key")
+    assert all(torch.allclose(small[k], whole[k], atol=1e-6, rtol=1e-5) for k in whole)
+
+
+def test_shape_batches_with_compressed_tasks_and_streaming(deep_base):
+    tasks = synthetic_finetuned(deep_base, 4, seed=5)
+    compressed = tsv_fast.compress(deep_base, tasks[:2])
+    mixed = [compressed[0], tasks[1], compressed[1], tasks[3]]
+    stream = tsv_fast.iter_merge(deep_base, mixed, batch="shape")
+    merged = dict(stream)
+    assert list(merged) == list(deep_base)  # still yielded in the base's key order
+    by_key = tsv_fast.merge_layers(deep_base, mixed, batch="key")
+    for key in by_key:
+        torch.testing.assert_close(merged[key], by_key[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_shape_batches_on_cuda_match_cpu(deep_base):
+    tasks = synthetic_finetuned(deep_base, 5, seed=6)
+    stats = {}
+    gpu = tsv_fast.merge_layers(deep_base, tasks, device="cuda", stats=stats)  # auto: shape batches on a GPU
+    assert stats["shape_batches"] == 4
+    cpu = tsv_fast.merge_layers(deep_base, tasks)
+    for key in cpu:
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-5, rtol=1e-4)
