@@ -49,26 +49,29 @@ def _short_side(A: Tensor) -> tuple[Tensor, bool]:
     return (A if tall else A.mT), tall
 
 
-_ROWS = 512  # rows per float64 chunk: only a chunk of a matrix is ever copied to float64
+_CHUNKS = 8  # float64 work goes row-chunk by row-chunk: a float64 copy of 1/8 of the batch at a time
 
 
-def gram64(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``xᵀx`` in float64 for one (p, q) matrix, accumulated over row chunks."""
-    G = out if out is not None else torch.empty(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    G.zero_()
-    for r in range(0, x.shape[0], _ROWS):
-        c = x[r:r + _ROWS].double()
-        G.addmm_(c.mT, c)
+def gram64(X: Tensor) -> Tensor:
+    """``XᵀX`` in float64 for a batch ``(B, p, q)``, accumulated over 8 row chunks (batched
+    GEMMs; the float64 copy alive at a time is a quarter of the float32 batch's bytes)."""
+    B, p, q = X.shape
+    G = torch.zeros(B, q, q, dtype=torch.float64, device=X.device)
+    step = max(1, -(-p // _CHUNKS))
+    for r in range(0, p, step):
+        c = X[:, r:r + step].double()
+        G.baddbmm_(c.mT, c)
     return G
 
 
-def long_side(x: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
-    """``out = x vecs / s`` (the long-side singular vectors) in float64, row chunk by chunk.
-    Directions whose ``s`` is below x's rounding level get zero vectors: they carry noise."""
-    noise = s[:1] * (torch.finfo(x.dtype).eps * 4 * max(x.shape) ** 0.5)
-    inv = 1 / torch.where(s > noise, s, torch.inf)
-    for r in range(0, x.shape[0], _ROWS):
-        out[r:r + _ROWS] = (x[r:r + _ROWS].double() @ vecs) * inv
+def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
+    """``out = X vecs / s`` (the long-side singular vectors) in float64, by row chunks.
+    Directions whose ``s`` is below X's rounding level get zero vectors: they carry noise."""
+    noise = s[..., :1] * (torch.finfo(X.dtype).eps * 4 * max(X.shape[-2:]) ** 0.5)
+    inv = (1 / torch.where(s > noise, s, torch.inf)).unsqueeze(-2)
+    step = max(1, -(-X.shape[1] // _CHUNKS))
+    for r in range(0, X.shape[1], step):
+        out[:, r:r + step] = (X[:, r:r + step].double() @ vecs) * inv
     return out
 
 
@@ -92,12 +95,13 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     Y = torch.empty(X.shape[0], p, k, dtype=out_dtype, device=A.device)
     Q = torch.empty(X.shape[0], q, k, dtype=out_dtype, device=A.device)
     S = torch.empty(X.shape[0], k, dtype=out_dtype, device=A.device)
-    for i, x in enumerate(X):
+    for i in range(X.shape[0]):
+        x = X[i:i + 1]
         w, vecs = torch.linalg.eigh(gram64(x))
-        w, vecs = w.flip(-1)[:k], vecs.flip(-1)[:, :k]
+        w, vecs = w.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
         s = w.clamp(min=0).sqrt()
-        long_side(x, vecs, s, out=Y[i])
-        Q[i], S[i] = vecs, s
+        long_side(x, vecs, s, out=Y[i:i + 1])
+        Q[i], S[i] = vecs[0], s[0]
     U, V = (Y, Q) if tall else (Q, Y)
     return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
 
@@ -161,14 +165,6 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     return TopK(U.to(dtype), s.to(dtype), V.to(dtype), residual)
 
 
-def _gram64(X: Tensor) -> Tensor:
-    """:func:`gram64` of every matrix of a batch."""
-    G = torch.empty(X.shape[0], X.shape[-1], X.shape[-1], dtype=torch.float64, device=X.device)
-    for i, x in enumerate(X):
-        gram64(x, out=G[i])
-    return G
-
-
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
                   max_iters: int = 60, oversample: int | None = None, seed: int = 0,
                   small_eigh: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> TopK:
@@ -192,7 +188,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
     ell = min(q, k + (oversample if oversample is not None else max(10, k)))
-    G = _gram64(X)
+    G = gram64(X)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     active = torch.arange(B, device=A.device)
@@ -219,9 +215,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
         theta[i], vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
     del G
     s = theta.clamp(min=0).sqrt()
-    Y = torch.empty(B, p, k, dtype=out_dtype, device=A.device)
-    for i, x in enumerate(X):
-        long_side(x, vecs[i], s[i], out=Y[i])
+    Y = long_side(X, vecs, s, out=torch.empty(B, p, k, dtype=out_dtype, device=A.device))
     Qv, S = vecs.to(out_dtype), s.to(out_dtype)
     U, V = (Y, Qv) if tall else (Qv, Y)
     return TopK(U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), V.reshape(*lead, *V.shape[-2:]))
