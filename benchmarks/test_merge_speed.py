@@ -33,11 +33,18 @@ def test_svd_lowrank_loop(benchmark, key_tasks):
     benchmark.pedantic(reference_tsv_m, args=(base, taus, lowrank_topk), rounds=2, iterations=1)
 
 
-@pytest.mark.parametrize("solver", ["exact", "svd", "randomized"])
+@pytest.mark.parametrize("solver", ["exact", "eigh", "subspace", "svd", "randomized"])
 def test_tsv_fast(benchmark, key_tasks, solver):
     base, taus = key_tasks
     tasks = [tsv_fast.TaskVector(t) for t in taus]
     benchmark.pedantic(tsv_fast.merge_layers, args=(base, tasks), kwargs={"solver": solver}, rounds=2, iterations=1)
+
+
+def test_tsv_fast_newton_schulz_polar(benchmark, key_tasks):
+    base, taus = key_tasks
+    tasks = [tsv_fast.TaskVector(t) for t in taus]
+    benchmark.pedantic(tsv_fast.merge_layers, args=(base, tasks), kwargs={"polar": "newton-schulz"}, rounds=2,
+                       iterations=1)
 
 
 def test_reconstruct_op(benchmark):
