@@ -141,6 +141,14 @@ def test_merge_takes_task_stores_mixed_with_checkpoints(work, small_base, small_
     assert any(f["file"].endswith("manifest.json") for f in record["inputs"]["tasks"][0]["files"])
 
 
+def test_merge_batch_flag_gives_the_same_merge(work):
+    run("merge", *TASKS, "-o", "by_key.safetensors", "-q", "--batch", "key")
+    run("merge", *TASKS, "-o", "by_shape.safetensors", "-q", "--batch", "shape")
+    a, b = load_file("by_key.safetensors"), load_file("by_shape.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((work / "by_shape.safetensors.json").read_text())["method"] == "tsv"
+
+
 def test_merge_refuses_a_store_of_another_base_or_too_few_tasks(work, small_base, capsys):
     run("compress", *TASKS[:2], "-o", "one", "-q")  # a store holding one task
     run("merge", "base.safetensors", "one", "-o", "m.safetensors", expect=2)

@@ -42,7 +42,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import iter_merge
+from .merge import BATCH_MODES, iter_merge
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
@@ -102,6 +102,7 @@ def option_flags() -> list[OptionFlag]:
 _KINDS = {int: "int", float: "number", bool: "bool", str: "str"}  # option type -> field kind
 _MERGE_FIELDS = {
     "base": "path", "tasks": "paths", "output": "path", "method": "str", "alpha": "number", "solver": "str",
+    "batch": "str",
     "device": "str", "dtype": "str", "include": "patterns", "exclude": "patterns", "prefix": "str",
     "max_shard_size": "size", "overwrite": "bool", "unsafe_pickle": "bool", "dry_run": "bool",
 }
@@ -149,6 +150,7 @@ class MergeJob:
     alpha: float | None = None
     options: dict | None = None
     solver: str = "exact"
+    batch: str = "auto"
     device: str = "auto"
     dtype: str | None = None
     include: list[str] | None = None
@@ -188,6 +190,8 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
                       "output": paths.get("output")})
     get_method(job.method)  # unknown method / option / solver: the library's own errors
     get_solver(job.solver)
+    if job.batch not in BATCH_MODES:
+        raise UsageError(f"{source}: field 'batch': expected one of {BATCH_MODES}, got {job.batch!r}")
     if job.dtype is not None and job.dtype not in DTYPES:
         raise UsageError(f"{source}: field 'dtype': unknown dtype {job.dtype!r}; choose one of {sorted(DTYPES)}")
     return job
@@ -346,7 +350,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     # iter_merge checks keys, shapes, dtypes, method, options and solver now, from the headers
     merged = iter_merge(base, tasks, job.method, job.alpha, names=names, include=job.include, exclude=job.exclude,
                         solver=job.solver, out_dtype=out_dtype, device=device, progress=_progress(args),
-                        **job.options)
+                        batch=job.batch, **job.options)
     if job.output is not None:
         record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
         check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite, also=record_file)
@@ -654,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{MERGE_RECORD}).",
             f"methods:\n{methods}",
             "CONFIG.yaml: the same settings as fields (base, tasks, output, method, alpha, "
-            + ", ".join(f.field for f in option_flags()) + ", solver, device, dtype, include, exclude, prefix, "
+            + ", ".join(f.field for f in option_flags()) + ", solver, batch, device, dtype, include, exclude, prefix, "
             "max_shard_size, overwrite, unsafe_pickle, dry_run); paths in it are relative to its folder; flags "
             "given on the command line override it."))
     merge.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -663,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", default=None, metavar="OUT", help="output file or folder")
     merge.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default tsv)")
     merge.add_argument("--alpha", type=float, default=None, help="scale of the merged delta (default: the method's)")
+    merge.add_argument("--batch", default=None, choices=BATCH_MODES,
+                       help="TSV-M top-k per key, or per shape across layers (one batch per matrix shape, "
+                            "held in memory up to 2 GiB of deltas); auto = shape on a GPU, key on a CPU")
     flags = option_flags()
     shared = {f.option for f in flags if sum(g.option == f.option for g in flags) > 1}
     groups = {option: merge.add_mutually_exclusive_group() for option in shared}
