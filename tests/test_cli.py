@@ -128,6 +128,41 @@ def test_compress_store_rebuilds_tasks(work, small_base, small_tasks):
     assert len(json.loads((work / "one" / "manifest.json").read_text())["tasks"]) == 1
 
 
+def test_merge_takes_task_stores_mixed_with_checkpoints(work, small_base, small_tasks):
+    """A store from `compress` stands for its tasks; it merges like those compressed tasks."""
+    run("compress", *TASKS[:3], "-o", "store", "-q")  # t0, t1 compressed at floor(r/2)
+    run("merge", "base.safetensors", "store", "t2.safetensors", "-o", "merged.safetensors", "-q")
+    compressed = tsv_fast.compress(small_base, small_tasks[:2])
+    expected = tsv_fast.merge_layers(small_base, [*compressed, small_tasks[2]])
+    out = load_file("merged.safetensors")
+    assert all(torch.allclose(out[k], expected[k], atol=1e-5) for k in expected)
+    record = json.loads((work / "merged.safetensors.json").read_text())
+    assert record["inputs"]["tasks"][0]["path"] == "store"
+    assert any(f["file"].endswith("manifest.json") for f in record["inputs"]["tasks"][0]["files"])
+
+
+def test_merge_batch_flag_gives_the_same_merge(work):
+    run("merge", *TASKS, "-o", "by_key.safetensors", "-q", "--batch", "key")
+    run("merge", *TASKS, "-o", "by_shape.safetensors", "-q", "--batch", "shape")
+    a, b = load_file("by_key.safetensors"), load_file("by_shape.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((work / "by_shape.safetensors.json").read_text())["method"] == "tsv"
+
+
+def test_merge_refuses_a_store_of_another_base_or_too_few_tasks(work, small_base, capsys):
+    run("compress", *TASKS[:2], "-o", "one", "-q")  # a store holding one task
+    run("merge", "base.safetensors", "one", "-o", "m.safetensors", expect=2)
+    assert "at least 2 tasks" in capsys.readouterr().err
+    other = {k: v + 1 for k, v in small_base.items()}
+    save_file(other, work / "other.safetensors")
+    run("merge", "other.safetensors", "one", "t1.safetensors", "-o", "m.safetensors", expect=2)
+    err = capsys.readouterr().err
+    assert "one" in err and "different base" in err and err.count("\n") == 1
+    assert not (work / "m.safetensors").exists()
+    run("merge", "base.safetensors", "one", "./one", "-o", "m.safetensors", expect=2)
+    assert "given twice" in capsys.readouterr().err
+
+
 def test_interference_report(work, small_base, small_tasks):
     run("interference", *TASKS, "-o", "sti", "-q")
     files = listing(work / "sti")

@@ -281,3 +281,27 @@ def test_export_peft_adapter(setup, tmp_path):
     assert out.rank == max(store.ranks("t0")[m + ".weight"] for m in out.target_modules)
     with pytest.raises(TSVInputError, match="not empty"):
         mt.export_peft("t0", tmp_path / "lora_t0")
+
+
+def test_peft_loads_the_exported_adapter(setup, tmp_path):
+    """PEFT itself reads the adapter: merged into a base model, it adds exactly U diag(S) Vᵀ to every
+    exported nn.Linear weight and leaves every other weight alone."""
+    peft = pytest.importorskip("peft")
+    mt, store, base, x = setup
+    task = store.load("t1")
+    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+        report = export_peft(task, tmp_path / "lora", mt.model)
+    model = tiny_clip(seed=3)
+    model.load_state_dict(base)
+    wrapped = peft.PeftModel.from_pretrained(model, tmp_path / "lora")
+    c_fc = report.target_modules[[m.endswith("c_fc") for m in report.target_modules].index(True)]
+    assert "lora_A" in dict(wrapped.named_modules())[f"base_model.model.{c_fc}"]._modules  # LoRA wrapped it
+    merged = wrapped.merge_and_unload().state_dict()
+    assert set(merged) == set(base)
+    for key in base:
+        if key.removesuffix(".weight") in report.target_modules:
+            U, S, V = (t.double() for t in task.factors[key])
+            want = base[key].double() + U @ torch.diag(S) @ V.T
+            torch.testing.assert_close(merged[key].double(), want, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(merged[key], base[key]), key

@@ -1,6 +1,7 @@
 """``tsv-fast``: merge, compress, measure interference and inspect checkpoints from a shell.
 
     tsv-fast merge BASE TASK... -o OUT [--method tsv] [--alpha A] [--rank K] ...
+                     (a TASK may be a task store folder written by `compress`: all its tasks)
     tsv-fast merge CONFIG.yaml                      (the same fields in one YAML file)
     tsv-fast compress BASE TASK... -o STORE
     tsv-fast interference BASE TASK... -o REPORT
@@ -41,11 +42,11 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import iter_merge
+from .merge import BATCH_MODES, iter_merge
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
-from .store import TaskStore
+from .store import MANIFEST, TaskStore
 from .tasks import as_sources, tensor_meta
 from .writer import (Entry, OutputError, check_output, human_size, parse_size,
                      plan_shards, staged_output, write_safetensors)
@@ -101,6 +102,7 @@ def option_flags() -> list[OptionFlag]:
 _KINDS = {int: "int", float: "number", bool: "bool", str: "str"}  # option type -> field kind
 _MERGE_FIELDS = {
     "base": "path", "tasks": "paths", "output": "path", "method": "str", "alpha": "number", "solver": "str",
+    "batch": "str",
     "device": "str", "dtype": "str", "include": "patterns", "exclude": "patterns", "prefix": "str",
     "max_shard_size": "size", "overwrite": "bool", "unsafe_pickle": "bool", "dry_run": "bool",
 }
@@ -148,6 +150,7 @@ class MergeJob:
     alpha: float | None = None
     options: dict | None = None
     solver: str = "exact"
+    batch: str = "auto"
     device: str = "auto"
     dtype: str | None = None
     include: list[str] | None = None
@@ -187,6 +190,8 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
                       "output": paths.get("output")})
     get_method(job.method)  # unknown method / option / solver: the library's own errors
     get_solver(job.solver)
+    if job.batch not in BATCH_MODES:
+        raise UsageError(f"{source}: field 'batch': expected one of {BATCH_MODES}, got {job.batch!r}")
     if job.dtype is not None and job.dtype not in DTYPES:
         raise UsageError(f"{source}: field 'dtype': unknown dtype {job.dtype!r}; choose one of {sorted(DTYPES)}")
     return job
@@ -236,12 +241,52 @@ def _open_inputs(base: Path, tasks: Sequence[Path], *, prefix, unsafe_pickle, mi
     return opened[0], opened[1:]
 
 
+def _is_task_store(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def _files_of(path: Path) -> list[Path]:
+    """The files an input consists of: a checkpoint's shards and index, a task store's manifest and tasks."""
+    if _is_task_store(path):
+        return [path / MANIFEST, *sorted(path.glob("*.safetensors"))]
+    return checkpoint_files(path)
+
+
 def _input_record(paths: Sequence[Path]) -> list[dict]:
-    return [{"path": str(p), "files": [fingerprint(f) for f in checkpoint_files(p)]} for p in paths]
+    return [{"path": str(p), "files": [fingerprint(f) for f in _files_of(p)]} for p in paths]
 
 
 def _input_files(paths: Sequence[Path]) -> list[Path]:
-    return [f for p in paths for f in (p, *checkpoint_files(p))]
+    return [f for p in paths for f in (p, *_files_of(p))]
+
+
+def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe_pickle
+                       ) -> tuple[Checkpoint, list, list[str]]:
+    """The base, and the tasks in the order given: checkpoints opened lazily, task stores
+    (folders written by ``tsv-fast compress``) expanded into their compressed tasks, named
+    ``STORE:task``. A store built from another base is refused (its fingerprint)."""
+    stores = [p for p in paths if _is_task_store(p)]
+    if len({p.resolve() for p in stores}) < len(stores):
+        raise UsageError(f"a task store is given twice: {[str(p) for p in stores]}")
+    base, opened = _open_inputs(base_path, [p for p in paths if p not in stores], prefix=prefix,
+                                unsafe_pickle=unsafe_pickle, min_tasks=0, command="merge")
+    checkpoints = iter(opened)
+    tasks, names = [], []
+    for p in paths:
+        if p not in stores:
+            tasks.append(next(checkpoints))
+            names.append(str(p))
+            continue
+        store = TaskStore(p, base=base)
+        if not store.names():
+            raise UsageError(f"{p}: the task store holds no tasks")
+        for name in store.names():
+            tasks.append(store.load(name))
+            names.append(f"{p}:{name}")
+    if len(tasks) < 2:
+        raise UsageError(f"merge needs at least 2 tasks after the base (checkpoints or task-store tasks), got "
+                         f"{len(tasks)} (merging a single task is almost surely a mistake)")
+    return base, tasks, names
 
 
 def _meta_tensor(state, key: str, owner: str = "base") -> torch.Tensor:
@@ -298,16 +343,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         fields.update(base=str(inputs[0]), tasks=[str(p) for p in inputs[1:]])
         job = merge_job(fields, "command line")
-    base, tasks = _open_inputs(job.base, job.tasks, prefix=job.prefix, unsafe_pickle=job.unsafe_pickle,
-                               min_tasks=2, command="merge")
+    base, tasks, names = _open_merge_inputs(job.base, job.tasks, prefix=job.prefix, unsafe_pickle=job.unsafe_pickle)
     T = len(tasks)
-    names = [str(p) for p in job.tasks]
     out_dtype = DTYPES[job.dtype] if job.dtype else None
     device = _device(job.device)
     # iter_merge checks keys, shapes, dtypes, method, options and solver now, from the headers
     merged = iter_merge(base, tasks, job.method, job.alpha, names=names, include=job.include, exclude=job.exclude,
                         solver=job.solver, out_dtype=out_dtype, device=device, progress=_progress(args),
-                        **job.options)
+                        batch=job.batch, **job.options)
     if job.output is not None:
         record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
         check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite, also=record_file)
@@ -615,13 +658,18 @@ def build_parser() -> argparse.ArgumentParser:
             f"{MERGE_RECORD}).",
             f"methods:\n{methods}",
             "CONFIG.yaml: the same settings as fields (base, tasks, output, method, alpha, "
-            + ", ".join(f.field for f in option_flags()) + ", solver, device, dtype, include, exclude, prefix, "
+            + ", ".join(f.field for f in option_flags()) + ", solver, batch, device, dtype, include, exclude, prefix, "
             "max_shard_size, overwrite, unsafe_pickle, dry_run); paths in it are relative to its folder; flags "
             "given on the command line override it."))
-    merge.add_argument("inputs", nargs="+", metavar="INPUT", help="BASE TASK TASK... or one CONFIG.yaml")
+    merge.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="BASE TASK TASK... or one CONFIG.yaml; a TASK may be a task store folder "
+                            "(from `tsv-fast compress`), standing for all its tasks")
     merge.add_argument("-o", "--output", default=None, metavar="OUT", help="output file or folder")
     merge.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default tsv)")
     merge.add_argument("--alpha", type=float, default=None, help="scale of the merged delta (default: the method's)")
+    merge.add_argument("--batch", default=None, choices=BATCH_MODES,
+                       help="TSV-M top-k per key, or per shape across layers (one batch per matrix shape, "
+                            "held in memory up to 2 GiB of deltas); auto = shape on a GPU, key on a CPU")
     flags = option_flags()
     shared = {f.option for f in flags if sum(g.option == f.option for g in flags) > 1}
     groups = {option: merge.add_mutually_exclusive_group() for option in shared}
