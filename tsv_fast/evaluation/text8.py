@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import finetuning
 from .data import CACHE_DIR, DatasetUnavailable
 from .text8_data import INSTALL_HINT, TASKS, Examples, task_splits
 from .vision_mini import _schedule as warmup_cosine
@@ -323,27 +324,8 @@ class Text8Bench:
         """Every task's fine-tuned state dict; with ``jobs > 1`` the missing ones are trained in
         that many worker processes with one torch thread each (on a small CPU that beats one
         process with several threads, and spares the busy-waiting of idle OpenMP threads)."""
-        todo = [n for n in self.tasks if not self.cache_path(n).is_file()]
-        trained = {}
-        if jobs > 1 and len(todo) > 1:
-            import multiprocessing
-
-            args = [(n, self.settings, self.cache_dir, self.model_dir, self.pretrained_digest, self.heads[n])
-                    for n in todo]
-            with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
-                for name, seconds in pool.imap_unordered(_finetune_job, args):
-                    trained[name] = seconds
-                    log(f"fine-tuned {name} (seed {self.settings.seed}, {self.settings.steps} steps): "
-                        f"{seconds:.1f} s in a worker")
-        out = {}
-        for name in self.tasks:
-            out[name] = self.finetune(name)
-            if name in trained:
-                self.cached[name], self.finetune_seconds[name] = False, trained[name]
-            else:
-                how = "cached" if self.cached[name] else f"{self.finetune_seconds[name]:.1f} s"
-                log(f"fine-tuned {name} (seed {self.settings.seed}, {self.settings.steps} steps): {how}")
-        return out
+        return finetuning.finetune_all(self, jobs, log, _finetune_job, lambda n: (
+            n, self.settings, self.cache_dir, self.model_dir, self.pretrained_digest, self.heads[n]))
 
     def finetune(self, name: str) -> dict[str, Tensor]:
         """Fine-tuned state dict of task ``name`` (from the cache when the same settings ran before)."""
