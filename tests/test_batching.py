@@ -11,7 +11,7 @@ from tsv_fast.merge import _shape_groups
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import clip_vit_base, power_law_matrix, synthetic_finetuned
-from tsv_fast.tsv import block_gram, newton_schulz_polar, polar_factor, whitening
+from tsv_fast.tsv import block_gram, newton_schulz_polar, polar_factor, polar_from_blocks, resolve_polar, whitening
 
 
 def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
@@ -29,6 +29,16 @@ def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
 def test_block_gram_equals_the_full_gram_of_orthonormal_blocks(sizes):
     X = orthonormal_blocks(120, sizes, torch.Generator().manual_seed(len(sizes)), overlap=0.5)
     torch.testing.assert_close(block_gram(X, sizes), X.mT @ X, atol=1e-13, rtol=0)
+
+
+def test_batched_block_gram_and_whitening_equal_their_per_matrix_results():
+    gen = torch.Generator().manual_seed(11)
+    sizes = [7, 7, 7]
+    X = torch.stack([orthonormal_blocks(90, sizes, gen, overlap) for overlap in (0.0, 0.9, 0.99)])
+    G, W = block_gram(X, sizes), whitening(X, sizes)
+    for i in range(3):
+        torch.testing.assert_close(G[i], X[i].mT @ X[i], atol=1e-13, rtol=0)
+        np.testing.assert_allclose((X[i] @ W[i]).numpy(), ref.whiten(X[i].numpy()), atol=1e-7)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.9, 0.999])
@@ -62,7 +72,8 @@ def test_newton_schulz_converges_to_the_polar_factor(cond):
     np.testing.assert_allclose(Y.numpy(), ref.whiten(X.numpy()), atol=1e-8)
 
 
-@pytest.mark.parametrize("smallest,rcond,converges", [(1e-9, 1e-6, False), (1e-9, 1e-12, True),
+@pytest.mark.parametrize("smallest,rcond,converges", [(1e-9, 1e-6, False), (1e-4, 1e-6, True),
+                                                      (1e-9, 1e-12, False),  # below the Gram side's resolution
                                                       (1e-3, 1e-6, True), (0.0, 1e-12, False)])
 def test_newton_schulz_refuses_what_the_exact_path_would_treat_differently(smallest, rcond, converges):
     """The exact path zeroes σ < rcond·σmax; Newton–Schulz must then decline (None), never
@@ -75,6 +86,23 @@ def test_newton_schulz_refuses_what_the_exact_path_would_treat_differently(small
     assert (Y is not None) == converges
     if converges:
         np.testing.assert_allclose(Y.numpy(), P.numpy(), atol=1e-8)
+
+
+def test_batched_newton_schulz_checks_each_matrix_and_falls_back_per_matrix():
+    """One well-conditioned and one singular (a duplicated task) concatenation in one batch:
+    Newton–Schulz keeps the first, the exact path takes the second, each equal to its reference."""
+    gen = torch.Generator().manual_seed(12)
+    sizes = [6, 6, 6]
+    good = orthonormal_blocks(80, sizes, gen, overlap=0.5)
+    dup = orthonormal_blocks(80, sizes, gen, overlap=0.5)
+    dup[:, 6:12] = dup[:, :6]
+    counts = {}
+    P = polar_from_blocks(torch.stack([good, dup]), sizes, "newton-schulz", counts=counts)
+    assert counts == {"newton_schulz": 1, "fallback": 1}
+    np.testing.assert_allclose(P[0].numpy(), ref.whiten(good.numpy()), atol=1e-8)
+    torch.testing.assert_close(P[1], dup @ whitening(dup, sizes), atol=1e-10, rtol=0)
+    assert resolve_polar("auto", torch.device("cpu")) == "eigh"
+    assert resolve_polar("auto", torch.device("cuda")) == "newton-schulz"
 
 
 @pytest.mark.parametrize("T", [2, 8])
@@ -132,6 +160,18 @@ def test_shape_batches_give_the_per_key_result(deep_base, solver):
         for key, want in expected.items():
             b = ref.np64(deep_base[key])
             assert ref.rel_err(ref.np64(by_shape[key]) - b, want - b) < 2e-5, key
+
+
+def test_shape_batches_with_newton_schulz_polar_give_the_per_key_result(deep_base):
+    tasks = synthetic_finetuned(deep_base, 4, seed=7)
+    stats = {}
+    by_shape = tsv_fast.merge_layers(deep_base, tasks, batch="shape", polar="newton-schulz", stats=stats)
+    per_key_stats = {}
+    by_key = tsv_fast.merge_layers(deep_base, tasks, batch="key", polar="newton-schulz", stats=per_key_stats)
+    assert stats["shape_batches"] == 4
+    assert stats["polar"] == per_key_stats["polar"]  # every key's U and V still checked on its own
+    for key in by_key:
+        torch.testing.assert_close(by_shape[key], by_key[key], atol=1e-6, rtol=1e-5)
 
 
 def test_shape_batches_respect_the_byte_budget(deep_base):

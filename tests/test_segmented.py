@@ -76,7 +76,7 @@ def assert_close_to_ref(out, x, base, offsets, Us, Ss, Vs, alpha):
 
 
 def packed_args(x, offsets, Us, Ss, Vs, shape):
-    U, S, V, ranks = ops.pack_factors(Us, Ss, Vs, shape=shape)
+    U, S, V, ranks = ops.pack_factors(Us, Ss, Vs, shape=shape, device=x.device)
     return torch.tensor(offsets), torch.arange(len(Us)), U, S, V, ranks
 
 
@@ -154,6 +154,8 @@ def test_pack_factors():
     assert U.shape == (3, 4, 3) and S.shape == (3, 3) and V.shape == (3, 5, 3) and U.dtype == torch.float32
     assert ranks.tolist() == [2, 0, 3] and ranks.dtype == torch.int64
     assert U[0, :, 2].abs().sum() == 0 and U[1].abs().sum() == 0 and S[0, 2] == 0
+    U, S, V, ranks = ops.pack_factors([None], [None], [None], shape=(4, 5), device="meta")
+    assert U.device.type == "meta"  # an all-None table still lands where the inputs are
     U, S, V, ranks = ops.pack_factors([None], [None], [None], shape=(4, 5))
     assert U.shape == (1, 4, 0) and V.shape == (1, 5, 0) and ranks.tolist() == [0]
     with pytest.raises(ValueError, match="pass shape"):

@@ -68,8 +68,9 @@ class UsageError(TSVInputError):
 # Options whose one value is better given through several typed flags.
 _OPTION_FLAGS = {"rank": [("rank", int, "per-task rank k (an int; default floor(r/T))"),
                           ("rank_fraction", float, "per-task rank as a fraction f of r: k = floor(f·r)")],
-                 "polar": [("polar", str, "polar factor of the whitening: eigh (exact, default) or newton-schulz "
-                                          "(GEMM-only, kept only where its check passes)")]}
+                 "polar": [("polar", str, "polar factor of the whitening: auto (default: newton-schulz on a GPU, "
+                                          "eigh on a CPU), eigh (exact) or newton-schulz (GEMM-only, kept only "
+                                          "where its check passes, else eigh)")]}
 
 
 @dataclass(frozen=True)

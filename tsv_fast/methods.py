@@ -18,7 +18,7 @@ from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
 from .solvers import EXACT_SOLVERS
 from .tasks import TaskSource, compute_dtype, stack_deltas
-from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_factors
+from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
 
 
 @dataclass
@@ -93,6 +93,11 @@ def merge_tsv_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Seque
     exact = ctx.solver in EXACT_SOLVERS and all(s.factors(key) is None for s in sources for key in keys)
     batch = shape_batch_factors(sources, keys, bases, k, ctx.solver, ctx.device, ctx.residuals,
                                 float64_factors=exact)
+    ranks = {tuple(f[1].shape[0] for f in factors) for factors in batch}
+    if len(ranks) == 1:  # one batched whitening for all keys (stored factors may differ in rank)
+        U, S, V = tsv_merge_batch(batch, orthonormal=exact, polar=ctx.options["polar"],
+                                  counts=ctx.polar_counts, dtype=compute_dtype(bases[0]))
+        return [ops.reconstruct(b, U[j], S[j], V[j], ctx.alpha) for j, b in enumerate(bases)]
     merged = []
     for b, factors in zip(bases, batch):
         U, S, V = tsv_merge_factors(factors, orthonormal=exact, polar=ctx.options["polar"],
@@ -137,7 +142,7 @@ def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCo
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in [
-        MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "eigh"}, "TSV-M (Gargiulo et al., CVPR 2025)",
+        MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "auto"}, "TSV-M (Gargiulo et al., CVPR 2025)",
                     merge_group=merge_tsv_group),
         MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt"),
         MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),

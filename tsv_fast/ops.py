@@ -226,14 +226,16 @@ __all__ += ["pack_factors", "segmented_lowrank_apply_packed"]
 
 
 def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
-                 shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 shape: tuple[int, int] | None = None,
+                 device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pack per-slot factors into the table of :func:`segmented_lowrank_apply_packed`.
 
     ``U_list[p]``, ``S_list[p]``, ``V_list[p]`` are (m, k_p), (k_p,), (n, k_p) (a delta
     ``U diag(S) Vᵀ`` of shape m×n), or all three None for a slot without a delta
     (rank 0). Returns ``(U, S, V, ranks)``: U (P, m, kmax), S (P, kmax), V (P, n, kmax),
     zero-padded beyond each slot's rank, in ``dtype`` (default: the promoted dtype of the
-    factors) on the factors' device, and ranks (P,) int64 on the CPU. ``shape=(m, n)``
+    factors) on ``device`` (default: the factors' device, or the CPU when every slot is
+    None: pass the inputs' device then), and ranks (P,) int64 on the CPU. ``shape=(m, n)``
     is needed only when every entry is None.
     """
     from .errors import TSVInputError
@@ -242,7 +244,7 @@ def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
     if not (len(S_list) == len(V_list) == P):
         raise TSVInputError(f"pack_factors: got {len(U_list)} U, {len(S_list)} S and {len(V_list)} V")
     m, n = shape if shape is not None else (None, None)
-    ranks, dtypes, device = [], [], None
+    ranks, dtypes = [], []
     for p, (u, s, v) in enumerate(zip(U_list, S_list, V_list)):
         if u is None and s is None and v is None:
             ranks.append(0)

@@ -108,5 +108,6 @@ def segmented_lowrank_apply(
                  torch.tensor([S[i].shape[0]], dtype=torch.long))
     else:
         table = ops.pack_factors([U[i].to(x.device) for i in present], [S[i].to(x.device) for i in present],
-                                 [V[i].to(x.device) for i in present], shape=(out.shape[1], x.shape[1]))
+                                 [V[i].to(x.device) for i in present], shape=(out.shape[1], x.shape[1]),
+                                 device=x.device)
     return ops.segmented_lowrank_apply_packed(x, list(offsets), *table, out=out, alpha=alpha, slots=slots)

@@ -75,6 +75,9 @@ def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+_GRAM_CHUNK_BYTES = 256 << 20  # float64 Gram matrices per batched eigh call on a GPU
+
+
 def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """Top-k from ``eigh(XᵀX)`` in float64 on the short side; the long-side vectors are
     ``X V / s``. Directions with ``s`` below the input's rounding level get a zero
@@ -82,9 +85,10 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     keeps the factors as computed (orthonormal to float64 rounding) instead of rounding
     them to A's dtype; TSV-M's whitening exploits that.
 
-    One matrix at a time: LAPACK and cuSOLVER run large eigenproblems one by one
-    anyway, and the float64 copies, Gram matrix and eigenvectors then cost one
-    matrix's worth of memory instead of the whole batch's.
+    One matrix at a time on a CPU: LAPACK runs eigenproblems one by one anyway, and the
+    float64 copies, Gram matrix and eigenvectors then cost one matrix's worth of memory
+    instead of the whole batch's. On a GPU, chunks of up to 256 MiB of float64 Gram
+    matrices go to one batched ``eigh`` call (fewer launches and host round trips).
     """
     dtype = A.dtype
     X, tall = _short_side(A)
@@ -95,13 +99,14 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     Y = torch.empty(X.shape[0], p, k, dtype=out_dtype, device=A.device)
     Q = torch.empty(X.shape[0], q, k, dtype=out_dtype, device=A.device)
     S = torch.empty(X.shape[0], k, dtype=out_dtype, device=A.device)
-    for i in range(X.shape[0]):
-        x = X[i:i + 1]
+    chunk = max(1, _GRAM_CHUNK_BYTES // (8 * q * q)) if A.is_cuda else 1
+    for i in range(0, X.shape[0], chunk):
+        x = X[i:i + chunk]
         w, vecs = torch.linalg.eigh(gram64(x))
         w, vecs = w.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
         s = w.clamp(min=0).sqrt()
-        long_side(x, vecs, s, out=Y[i:i + 1])
-        Q[i], S[i] = vecs[0], s[0]
+        long_side(x, vecs, s, out=Y[i:i + chunk])
+        Q[i:i + chunk], S[i:i + chunk] = vecs, s
     U, V = (Y, Q) if tall else (Q, Y)
     return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
 
@@ -167,7 +172,8 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
 
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
                   max_iters: int = 60, oversample: int | None = None, seed: int = 0,
-                  small_eigh: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> TopK:
+                  small_eigh: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+                  check_every: int = 3) -> TopK:
     """Exact-quality top-k by block subspace iteration on the float64 Gram matrices, run to a
     tolerance: batched GEMMs and small ℓ×ℓ eigenproblems instead of one full eigh per matrix.
 
@@ -180,6 +186,9 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     λ_(ℓ+1)/λ_k, independent of the gap at k, which Rayleigh–Ritz resolves. Cheaper than
     ``eigh`` only when ℓ ≪ n and the matrices are many: the GPU route of ``"exact"``.
     ``small_eigh`` solves the ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU).
+    Rayleigh–Ritz and the convergence test run every ``check_every`` power steps only: the
+    span after j steps is ``G^j Q0`` whether or not it was rotated in between, so this
+    changes no result, only the cost (it was most of the time on an H200, BENCHMARKS.md).
     """
     dtype = A.dtype
     out_dtype = out_dtype or dtype
@@ -196,9 +205,12 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
         gen = torch.Generator(device=A.device).manual_seed(seed)
         Q = orthonormalize(G @ torch.randn(B, q, ell, generator=gen, device=A.device, dtype=torch.float64))
         eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
-        for _ in range(max_iters):
-            Gact = G[active]
+        Gact = G
+        for step in range(1, max_iters + 1):
             Z = Gact @ Q
+            if step % check_every and step < max_iters:
+                Q = orthonormalize(Z)
+                continue
             H = Q.mT @ Z
             w, W = eigh((H + H.mT) * 0.5)
             w, W = w.flip(-1)[..., :k], W.flip(-1)[..., :k]
@@ -206,7 +218,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
             residual = torch.linalg.vector_norm(GV - V * w.unsqueeze(-2), dim=-2).amax(-1)
             done = residual <= tol * w[..., 0].abs().clamp(min=torch.finfo(torch.float64).tiny)
             theta[active[done]], vecs[active[done]] = w[done], V[done]
-            active, Z = active[~done], Z[~done]
+            if bool(done.any()):
+                active, Z, Gact = active[~done], Z[~done], Gact[~done]
             if active.numel() == 0:
                 break
             Q = orthonormalize(Z)  # one power step: span(G Q)

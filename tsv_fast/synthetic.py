@@ -35,31 +35,32 @@ def clip_vit_base(
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> Tensor:
-    Q, R = torch.linalg.qr(torch.randn(rows, cols, generator=gen))
+    Q, R = torch.linalg.qr(torch.randn(rows, cols, generator=gen, device=gen.device))
     return Q * torch.sign(torch.diagonal(R))  # Haar-distributed
 
 
 def power_law_matrix(m: int, n: int, gen: torch.Generator, decay: float = 0.5) -> Tensor:
     """Random m×n matrix of unit Frobenius norm with singular values ∝ i^-decay."""
     r = min(m, n)
-    s = torch.arange(1, r + 1, dtype=torch.float32) ** -decay
+    s = torch.arange(1, r + 1, dtype=torch.float32, device=gen.device) ** -decay
     s /= s.norm()
     return (_orthonormal(m, r, gen) * s) @ _orthonormal(n, r, gen).T
 
 
 def synthetic_task_vectors(
     base: dict[str, Tensor], num_tasks: int, *, seed: int = 0, decay: float = 0.5,
-    shared: float = 0.3, scale: float = 0.05,
+    shared: float = 0.3, scale: float = 0.05, device: str | torch.device = "cpu",
 ) -> list[dict[str, Tensor]]:
     """``num_tasks`` task vectors for ``base``: per matrix key
     ``scale·‖W0‖·(√(1−shared)·A_t + √shared·C)`` with power-law ``A_t`` and a shared ``C``;
-    small Gaussian deltas elsewhere."""
-    gen = torch.Generator().manual_seed(seed)
+    small Gaussian deltas elsewhere. ``device`` is where they are drawn and stay (a GPU
+    makes ViT-L/14-sized sets in seconds; its random stream differs from the CPU's)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     taus: list[dict[str, Tensor]] = [{} for _ in range(num_tasks)]
     for key, w in base.items():
         if not is_mergeable(w):
             continue
-        size = scale * w.float().norm().clamp(min=1e-3)
+        size = scale * w.float().norm().clamp(min=1e-3).to(device)
         if is_matrix_key(key, w):
             common = power_law_matrix(*w.shape, gen, decay)
             for tau in taus:
@@ -67,7 +68,7 @@ def synthetic_task_vectors(
                 tau[key] = (size * ((1 - shared) ** 0.5 * own + shared ** 0.5 * common)).to(w.dtype)
         else:
             for tau in taus:
-                noise = torch.randn(w.shape, generator=gen)
+                noise = torch.randn(w.shape, generator=gen, device=gen.device)
                 tau[key] = (size * noise / noise.norm().clamp(min=1e-12)).to(w.dtype)
     return taus
 

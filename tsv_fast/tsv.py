@@ -95,13 +95,14 @@ def block_gram(X: Tensor, sizes: Sequence[int]) -> Tensor:
     is amplified by 1/σmin(X)² in its inverse square root.
     """
     X64 = X.double()
-    G = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
+    c = X.shape[-1]
+    G = torch.eye(c, dtype=torch.float64, device=X.device).expand(*X.shape[:-2], c, c).clone()
     start = 0
     for size in sizes[:-1]:
         end = start + size
-        cross = X64[:, start:end].mT @ X64[:, end:]
-        G[start:end, end:] = cross
-        G[end:, start:end] = cross.mT
+        cross = X64[..., :, start:end].mT @ X64[..., :, end:]
+        G[..., start:end, end:] = cross
+        G[..., end:, start:end] = cross.mT
         start = end
     return G
 
@@ -116,71 +117,116 @@ def whitening(X: Tensor, sizes: Sequence[int] | None = None, eps: float | None =
     the largest are numerically duplicated tasks: there X W is set to zero
     (pseudo-inverse) instead of an arbitrary orthonormal completion, so duplicated tasks
     merge to their common part and the result is always finite. ``sizes`` (the column
-    count of each orthonormal block) selects :func:`block_gram`.
+    count of each orthonormal block) selects :func:`block_gram`. Batched over leading dims.
     """
     G = block_gram(X, sizes) if sizes is not None else X.double().mT @ X.double()
+    return _eigh_inverse_sqrt(G, 8 * (eps if eps is not None else torch.finfo(X.dtype).eps))
+
+
+def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
     w, Q = torch.linalg.eigh(G)
-    rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
     keep = w > (rcond ** 2) * w[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)
     inv_sqrt = torch.where(keep, w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
 
 
-def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol: float = 1e-10) -> Tensor | None:
-    """Polar factor by the cubic Newton–Schulz iteration ``Y ← Y (3I − YᵀY) / 2``: GEMMs only.
+def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
+                            tol: float = 1e-10, check: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """``W ≈ G^(-1/2)`` for Gram matrices ``G = XᵀX`` (batched) by the coupled Newton–Schulz
+    iteration ``T = (3I − ZY)/2, Y ← YT, Z ← TZ`` from ``Y = G/bound², Z = I``: GEMMs only,
+    c×c (and batched over keys). It is the cubic polar iteration ``Y ← Y (3I − YᵀY)/2`` of
+    ``X/bound`` moved to the Gram side (``ZY`` has the eigenvalues of ``YᵀY``), in the coupled
+    form, which stays stable in rounding where iterating on ``G^(-1/2)`` alone diverges.
+    Returns ``(W, ok)``; ``ok`` (per matrix) says it converged (``‖ZY − I‖_max ≤ tol``) and
+    that ``X W`` is orthonormal (``‖WGW − I‖_max ≤ check``) with ``WG`` (its ``(XW)ᵀX``)
+    symmetric; only those may be used.
 
-    Each singular value of ``Y = X / bound`` moves towards 1, but a small one only grows
-    1.5× per step, so ill-conditioned X needs many steps, and a fixed step count would
-    leave it un-whitened (SPEC.md). The iteration therefore runs to ``‖YᵀY − I‖_max ≤ tol``
-    and the result is *checked*; ``None`` means "use the exact path". Steps are capped at
-    ``log(1/rcond)/log(1.5)``: since ``σ`` grows at most 1.5× per step, converging within
-    the cap proves every ``σ(X) ≥ rcond·bound``, i.e. that the exact path (which zeroes
-    directions below ``rcond`` relative to the largest) would keep them all too, so both
-    paths define the same result (the cap is conservative: it also declines some X the
-    exact path would whiten, which costs time, never accuracy). ``bound`` ≥ σmax(X) (default ‖X‖_F; √T for T
-    orthonormal blocks). The check also asks ``YᵀX`` to be symmetric, as a polar factor's is.
+    Each singular value of ``X/bound`` moves towards 1, but a small one grows only 1.5× per
+    step, so ill-conditioned X needs many steps and a fixed step count would leave it
+    un-whitened (SPEC.md): hence the check. Steps are capped at ``log(1/rcond)/log(1.5)``:
+    since σ grows at most 1.5× per step, converging within the cap proves every
+    ``σ(X) ≥ rcond·bound``, so the exact path (which zeroes directions below ``rcond``
+    relative to the largest) would keep them all too and both define the same result (the
+    cap is conservative: it also declines some X the exact path would whiten, which costs
+    time, never accuracy). ``bound_sq ≥ λmax(G)`` (T for T orthonormal blocks; ``trace(G)``
+    always works). The Gram side squares σ, and float64 G resolves σ only down to
+    ~1e-8·bound, so ``rcond`` is floored at 1e-7 (float32 data use 8·eps ≈ 1e-6 anyway).
     """
-    scale = bound if bound is not None else float(torch.linalg.matrix_norm(X))
-    if scale == 0:
-        return None
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-    Y = X / scale
-    for _ in range(int(math.log(1 / rcond) / math.log(1.5))):
-        G = Y.mT @ Y
-        if float((G - eye).abs().amax()) <= tol:
-            H = Y.mT @ X
-            return Y if float((H - H.mT).abs().amax()) <= tol * scale else None
-        Y = 1.5 * Y - 0.5 * (Y @ G)
-    return None
+    rcond = max(rcond, 1e-7)
+    bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
+    scale = bound_sq.clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    Y, Z = G / scale, eye.expand(G.shape)
+    cap = int(math.log(1 / rcond) / math.log(1.5))
+    for step in range(cap + 1):
+        ZY = Z @ Y
+        ok = (ZY - eye).abs().amax((-2, -1)) <= tol
+        if step == cap or bool(ok.all()):
+            break
+        T = 1.5 * eye - 0.5 * ZY
+        Y, Z = Y @ T, T @ Z
+    W = Z / scale.sqrt()
+    WG = W @ G
+    ok &= (WG @ W - eye).abs().amax((-2, -1)) <= check
+    ok &= (WG - WG.mT).abs().amax((-2, -1)) <= check * scale[..., 0, 0].sqrt()
+    return W, ok & (bound_sq > 0)
 
 
-POLAR_METHODS = ("eigh", "newton-schulz")
+def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol: float = 1e-10) -> Tensor | None:
+    """Polar factor of one matrix X by :func:`newton_schulz_whitening`, or ``None`` where its
+    check fails (then the exact path must run). ``bound ≥ σmax(X)`` (default ‖X‖_F)."""
+    X = X.double()
+    G = X.mT @ X
+    W, ok = newton_schulz_whitening(G, rcond, bound ** 2 if bound is not None else torch.trace(G), tol)
+    return X @ W if bool(ok) else None
 
 
-def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "eigh", eps: float | None = None,
+POLAR_METHODS = ("auto", "eigh", "newton-schulz")
+
+
+def resolve_polar(method: str, device: torch.device) -> str:
+    """``"auto"``: Newton–Schulz (checked, batched GEMMs) on a GPU, where cuSOLVER's eigh of a
+    c×c matrix is a ~10 ms serial call per key side; LAPACK eigh on a CPU (BENCHMARKS.md)."""
+    if method not in POLAR_METHODS:
+        raise ValueError(f"unknown polar method {method!r}; choose one of {POLAR_METHODS}")
+    if method == "auto":
+        return "newton-schulz" if device.type == "cuda" else "eigh"
+    return method
+
+
+def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "auto", eps: float | None = None,
                       counts: dict | None = None) -> Tensor:
     """Polar factor of the concatenation ``X`` (float64 result), by ``method``.
 
     ``"eigh"`` is the exact float64 path (:func:`whitening`). ``"newton-schulz"`` is tried
-    first and kept only when its check passes, otherwise the exact path runs; ``counts``
-    (when given) tallies ``newton_schulz`` / ``fallback`` so callers can report it.
-    ``eps``: the rounding level of the data X was computed from (default X's dtype's).
+    first and kept only where its check passes, the exact path running for the rest;
+    ``counts`` (when given) tallies ``newton_schulz`` / ``fallback`` so callers can report
+    it. ``"auto"`` picks one per device (:func:`resolve_polar`). ``eps``: the rounding
+    level of the data X was computed from (default X's dtype's). ``X`` may carry leading
+    batch dimensions (several keys of one shape): Gram matrices, iterations and eigensolver
+    calls are then batched, and each matrix is checked on its own.
     """
-    eps = eps if eps is not None else torch.finfo(X.dtype).eps
-    if method == "newton-schulz":
-        bound = len(sizes) ** 0.5 if sizes is not None else None  # σmax ≤ √T for T orthonormal blocks
-        P = newton_schulz_polar(X.double(), rcond=8 * eps, bound=bound)
-        if counts is not None:
-            key = "newton_schulz" if P is not None else "fallback"
-            counts[key] = counts.get(key, 0) + 1
-        if P is not None:
-            return P
-    elif method != "eigh":
-        raise ValueError(f"unknown polar method {method!r}; choose one of {POLAR_METHODS}")
-    return X.double() @ whitening(X, sizes, eps)
+    method = resolve_polar(method, X.device)
+    rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
+    X64 = X.double()
+    G = block_gram(X64, sizes) if sizes is not None else X64.mT @ X64
+    if method == "eigh":
+        return X64 @ _eigh_inverse_sqrt(G, rcond)
+    # σmax ≤ √T for T orthonormal blocks; otherwise ‖X‖_F² = trace(G) bounds σmax²
+    bound_sq = float(len(sizes)) if sizes is not None else torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
+    W, ok = newton_schulz_whitening(G, rcond, bound_sq)
+    if counts is not None:
+        n_ok = int(ok.sum())
+        counts["newton_schulz"] = counts.get("newton_schulz", 0) + n_ok
+        counts["fallback"] = counts.get("fallback", 0) + ok.numel() - n_ok
+    if ok.dim() == 0 and not bool(ok):
+        W = _eigh_inverse_sqrt(G, rcond)
+    elif not bool(ok.all()):
+        W[~ok] = _eigh_inverse_sqrt(G[~ok], rcond)
+    return X64 @ W
 
 
-def tsv_merge_factors(factors: Sequence[Factors], *, orthonormal: bool = False, polar: str = "eigh",
+def tsv_merge_factors(factors: Sequence[Factors], *, orthonormal: bool = False, polar: str = "auto",
                       counts: dict | None = None, dtype: torch.dtype | None = None) -> Factors:
     """TSV-M steps 2–3: concatenate and whiten both sides; ``Δ = U⊥ diag(S) V⊥ᵀ``.
 
@@ -197,6 +243,31 @@ def tsv_merge_factors(factors: Sequence[Factors], *, orthonormal: bool = False, 
     U_perp = polar_from_blocks(U, sizes, polar, eps, counts).to(dtype)
     V_perp = polar_from_blocks(V, sizes, polar, eps, counts).to(dtype)
     return U_perp, S.to(dtype), V_perp
+
+
+def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = False, polar: str = "auto",
+                    counts: dict | None = None, dtype: torch.dtype | None = None) -> Factors:
+    """:func:`tsv_merge_factors` for several keys of one shape at once: ``U⊥ (K, m, c)``,
+    ``S (K, c)``, ``V⊥ (K, n, c)``. The K polar factors of each side are one batched Gram
+    and one batched eigensolver call instead of K of each. Keys must have equal per-task
+    ranks (true for one shape batch of dense tasks; the caller checks)."""
+    first = batch[0]
+    dtype = dtype or first[0][1].dtype
+    K, device = len(batch), first[0][0].device
+    m, n, c = first[0][0].shape[0], first[0][2].shape[0], sum(f[1].shape[0] for f in first)
+    U = torch.empty(K, m, c, dtype=first[0][0].dtype, device=device)
+    V = torch.empty(K, n, c, dtype=first[0][2].dtype, device=device)
+    S = torch.empty(K, c, dtype=dtype, device=device)
+    for j, factors in enumerate(batch):
+        Us, Ss, Vs = zip(*factors)
+        torch.cat(Us, dim=1, out=U[j]), torch.cat(Vs, dim=1, out=V[j])
+        S[j] = torch.cat(Ss)
+    sizes = [f[1].shape[0] for f in first] if orthonormal else None
+    eps = torch.finfo(dtype).eps
+    U_perp = polar_from_blocks(U, sizes, polar, eps, counts).to(dtype)
+    del U
+    V_perp = polar_from_blocks(V, sizes, polar, eps, counts).to(dtype)
+    return U_perp, S, V_perp
 
 
 def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:

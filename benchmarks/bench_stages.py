@@ -1,0 +1,185 @@
+"""Where a TSV-M merge spends its time, stage by stage, and what each stage's candidates cost.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_stages.py --model ViT-L-14 --tasks 20 --device cuda
+
+Part 1 runs ``merge_layers`` once with timers around its stages (each timer synchronises
+the device, so the stages add up to a little more than an untimed merge): stacking the
+deltas, the top-k solver and its pieces (float64 Gram, eigensolvers by matrix size,
+orthonormalisation, long-side vectors), the whitening (polar factors) and the
+reconstruction. Part 2 times the unit operations the candidates for the slow stages are
+made of, on the sizes this model and T produce: one ``c×c`` float64 eigh (c = T·k) alone
+and batched, float32 eigh, Cholesky, GEMM rates, and one full SVD of the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
+
+import torch  # noqa: E402
+
+import tsv_fast  # noqa: E402
+from timing import cpu_model  # noqa: E402
+from tsv_fast import methods, ops, solvers, tsv  # noqa: E402
+from tsv_fast.keys import resolve_rank  # noqa: E402
+from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors  # noqa: E402
+
+TOTALS: dict[str, float] = collections.defaultdict(float)
+COUNTS: dict[str, int] = collections.defaultdict(int)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, label, device: torch.device):
+    """Replace ``owner.name`` by a timed wrapper; ``label(args)`` names the timer."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _sync(device)
+            key = label(args)
+            TOTALS[key] += time.perf_counter() - start
+            COUNTS[key] += 1
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _shape(args) -> str:
+    """The per-matrix shape of a batched call (batch sizes vary as matrices converge)."""
+    return "(…)×" + "×".join(str(d) for d in args[0].shape[-2:]) + " " + str(args[0].dtype)[6:]
+
+
+def stage_breakdown(blocks, tvs, device, options) -> float:
+    hooks = [
+        (tsv, "stack_deltas", lambda a: "1 stack deltas"),
+        (methods, "shape_batch_factors", lambda a: "2 top-k factors (solver, all of it)"),
+        (solvers, "gram64", lambda a: "2a float64 Gram " + _shape(a)),
+        (torch.linalg, "eigh", lambda a: "2b/3b torch.linalg.eigh " + _shape(a)),
+        (ops, "batched_eigh", lambda a: "2b batched_eigh (Jacobi op) " + _shape(a)),
+        (solvers, "orthonormalize", lambda a: "2c orthonormalize " + _shape(a)),
+        (solvers, "long_side", lambda a: "2d long-side vectors " + _shape(a)),
+        (tsv, "polar_from_blocks", lambda a: "3 polar factors (whitening, all of it)"),
+        (tsv, "block_gram", lambda a: "3a block Gram " + _shape(a)),
+        (tsv, "newton_schulz_whitening", lambda a: "3c Newton–Schulz " + _shape(a)),
+        (ops, "reconstruct", lambda a: "4 reconstruct"),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in hooks:
+            stack.enter_context(_patched(owner, name, label, device))
+        _sync(device)
+        start = time.perf_counter()
+        tsv_fast.merge_layers(blocks, tvs, **options)
+        _sync(device)
+        return time.perf_counter() - start
+
+
+def median_time(fn, device, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
+    k = resolve_rank((width, width), None, T)
+    c = T * k
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def spd(batch: int, n: int, dtype=torch.float64):
+        X = torch.randn(batch, 3 * n, n, generator=g, device=device, dtype=dtype)
+        return X.mT @ X / (3 * n)
+
+    rows = []
+    A1, A8 = spd(1, c), spd(8, c)
+    rows.append((f"eigh float64 {c}×{c}, one matrix", median_time(lambda: torch.linalg.eigh(A1), device)))
+    rows.append((f"eigh float64 {c}×{c}, batch of 8 (per matrix)",
+                 median_time(lambda: torch.linalg.eigh(A8), device) / 8))
+    A1f = A1.float()
+    rows.append((f"eigh float32 {c}×{c}, one matrix", median_time(lambda: torch.linalg.eigh(A1f), device)))
+    rows.append((f"cholesky float64 {c}×{c}, batch of 8 (per matrix)",
+                 median_time(lambda: torch.linalg.cholesky(A8), device) / 8))
+    G1 = spd(1, width)
+    rows.append((f"eigh float64 {width}×{width} (top-k Gram), one matrix",
+                 median_time(lambda: torch.linalg.eigh(G1), device)))
+    ell = min(width, k + max(10, k))
+    H = spd(64, ell)
+    rows.append((f"eigh float64 {ell}×{ell} (Rayleigh–Ritz), torch, batch of 64 (per matrix)",
+                 median_time(lambda: torch.linalg.eigh(H), device) / 64))
+    if ops.load_extension()[0]:
+        rows.append((f"batched_eigh float64 {ell}×{ell} (Jacobi op), batch of 64 (per matrix)",
+                     median_time(lambda: ops.batched_eigh(H), device) / 64))
+    X = torch.randn(4 * width, width, generator=g, device=device)
+    rows.append((f"reference unit: torch.linalg.svd float32 {4 * width}×{width}",
+                 median_time(lambda: torch.linalg.svd(X, full_matrices=False), device)))
+    for dtype in (torch.float64, torch.float32):
+        M = torch.randn(4096, 4096, generator=g, device=device, dtype=dtype)
+        t = median_time(lambda: M @ M, device)
+        rows.append((f"GEMM 4096³ {str(dtype)[6:]}: {2 * 4096 ** 3 / t / 1e12:.1f} TFLOP/s", t))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
+    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=None, help="default: all of the model's blocks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--solver", default="exact")
+    p.add_argument("--polar", default="eigh")
+    p.add_argument("--batch", default="auto")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    width, layers, patch, image = CLIP_VITS[args.model]
+    blocks_n = args.blocks or layers
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(f"# {where}; torch {torch.__version__}; {tsv_fast.backend()}; {args.model} ×{blocks_n} blocks, "
+          f"T={args.tasks}, solver={args.solver}, polar={args.polar}, batch={args.batch}")
+    base = clip_vit_base(width, blocks_n, patch, image)
+    blocks = {k: v.to(device) for k, v in base.items() if ".resblocks." in k}
+    tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, args.tasks, seed=1, device=device)]
+    options = {"solver": args.solver, "polar": args.polar, "batch": args.batch}
+    tsv_fast.merge_layers(blocks, tvs, include=list(blocks)[:4], **options)  # warm-up: handles, kernels
+    _sync(device)
+    start = time.perf_counter()
+    stats = {}
+    tsv_fast.merge_layers(blocks, tvs, stats=stats, **options)
+    _sync(device)
+    untimed = time.perf_counter() - start
+    timed_total = stage_breakdown(blocks, tvs, device, options)
+    print(f"\nmerge_layers: {untimed:.3f} s untimed; {timed_total:.3f} s with stage timers; "
+          f"{stats['shape_batches']} shape batches; polar factors: {stats['polar'] or 'eigh'}\n")
+    print("| stage | calls | total (s) | share |")
+    print("|---|---|---|---|")
+    for key in sorted(TOTALS):
+        print(f"| {key} | {COUNTS[key]} | {TOTALS[key]:.3f} | {TOTALS[key] / timed_total:.0%} |")
+    print("\n| unit operation | time (ms) |")
+    print("|---|---|")
+    for label, t in unit_costs(device, width, args.tasks):
+        print(f"| {label} | {1e3 * t:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
