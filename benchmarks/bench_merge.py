@@ -129,6 +129,35 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return min(times), result
 
 
+def _rel(out, want, base) -> float:
+    return ((out - want).norm() / (want - base).norm()).item()
+
+
+def _with_peak(fn, peaks: dict, name: str):
+    """Run ``fn`` and record in ``peaks[name]`` the CUDA memory it allocated at its peak
+    beyond what was allocated before it and the output it returns (0 on a CPU)."""
+    if not torch.cuda.is_available():
+        return fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    out_bytes = sum(t.numel() * t.element_size() for t in out.values())
+    peaks[name] = torch.cuda.max_memory_allocated() - before - out_bytes
+    return out
+
+
+def _largest_shape_batch(blocks: dict, T: int) -> int:
+    """Bytes of the largest stack of same-shape deltas merge_layers(batch="auto") forms on a GPU."""
+    from tsv_fast.merge import DEFAULT_BATCH_BYTES, _shape_groups
+    from tsv_fast.methods import get_method
+
+    groups = _shape_groups(blocks, get_method("tsv"), set(blocks), T, torch.device("cuda"), "shape",
+                           DEFAULT_BATCH_BYTES)
+    return max((T * sum(blocks[k].numel() * 4 for k in g) for g in groups.values()), default=0)
+
+
 VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselines
     "d": ("(d) tsv-fast exact", {"solver": "exact"}),
     "e": ("(e) tsv-fast randomized", {"solver": "randomized"}),
@@ -155,6 +184,9 @@ def main() -> None:
                    help="time (a)-(c) on the first N blocks only and scale their time by blocks/N "
                         "(every block has the same shapes, so the cost is linear in blocks); "
                         "errors are then measured on those blocks")
+    p.add_argument("--truth-blocks", type=int, default=0,
+                   help="also measure every column's error against the float64 algorithm (LAPACK, on "
+                        "the CPU) on the first N blocks: the ground truth, where (a) itself is float32")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -170,7 +202,10 @@ def main() -> None:
     ref_scale = args.blocks / ref_blocks
     if ref_blocks < args.blocks:
         print(f"(a)-(c) run on {ref_blocks} of {args.blocks} blocks; their times are scaled by {ref_scale:g}.")
-    print("Speed-up = time of (a) / time of the row; error = max over keys of ‖Δ − Δ_(a)‖/‖Δ_(a)‖.\n")
+    print("Speed-up = time of (a) / time of the row; err = max over keys of ‖Δ − Δ_(a)‖/‖Δ_(a)‖"
+          + (f"; f64 = the same against the float64 algorithm on {args.truth_blocks} block(s)" if args.truth_blocks
+             else "") + ("; peak = the device memory a merge allocates beyond its inputs and output, "
+                         "÷ its largest shape batch of stacked deltas" if args.device == "cuda" else "") + ".\n")
     cupy = cupy_available(args.device) and not args.no_baselines
     labels = ["(a) reference"] + ([] if args.no_baselines else ["(b) svd_lowrank loop"]) \
         + (["(c) cupy svd"] if cupy else []) + [VARIANTS[v][0] for v in variants]
@@ -185,8 +220,9 @@ def main() -> None:
             runs["b"] = lambda: reference_tsv_m(ref_base, taus, lowrank_topk)
         if cupy:
             runs["c"] = lambda: reference_tsv_m(ref_base, taus, cupy_topk)
+        peaks = {}
         for v in variants:
-            runs[v] = lambda options=VARIANTS[v][1]: tsv_fast.merge_layers(blocks, tvs, **options)
+            runs[v] = lambda v=v: _with_peak(lambda: tsv_fast.merge_layers(blocks, tvs, **VARIANTS[v][1]), peaks, v)
         k0 = ref_keys[0]
         reference_tsv_m({k0: blocks[k0]}, taus)  # warm-up: library handles and kernels load outside the timing
         results = {name: best_of(fn, 1 if name in "abc" and ref_scale > 1 else args.repeat)
@@ -195,11 +231,22 @@ def main() -> None:
             if name in results:
                 results[name] = (results[name][0] * ref_scale, results[name][1])
         t_ref, ref = results["a"]
-        cells = [f"{t_ref:.2f} s"]
+        truth_keys = [k for k in ref_keys if int(k.split(".resblocks.")[1].split(".")[0]) < args.truth_blocks]
+        truth = reference_tsv_m({k: blocks[k].double().cpu() for k in truth_keys},
+                                [{k: t[k].double().cpu() for k in truth_keys} for t in taus]) if truth_keys else {}
+        batch_bytes = _largest_shape_batch(blocks, T) if args.device == "cuda" else 0
+
+        def errors(out) -> str:
+            cell = ", err " + f"{max(_rel(out[k], ref[k], blocks[k]) for k in ref_keys):.1e}"
+            if truth:
+                cell += f", f64 {max(_rel(out[k].double().cpu(), truth[k], blocks[k].double().cpu()) for k in truth):.1e}"
+            return cell
+
+        cells = [f"{t_ref:.2f} s" + (f", f64 {max(_rel(ref[k].double().cpu(), truth[k], blocks[k].double().cpu()) for k in truth):.1e}" if truth else "")]
         for name in [n for n in runs if n != "a"]:
             t, out = results[name]
-            err = max(((out[k] - ref[k]).norm() / (ref[k] - blocks[k]).norm()).item() for k in ref_keys)
-            cells.append(f"{t:.2f} s, **{t_ref / t:.2f}×**, err {err:.1e}")
+            peak = f", peak {peaks[name] / batch_bytes:.2f}×" if name in peaks and batch_bytes else ""
+            cells.append(f"{t:.2f} s, **{t_ref / t:.2f}×**{errors(out)}{peak}")
         print(f"| {args.model} ×{args.blocks} blocks | {T} | " + " | ".join(cells) + " |")
 
     print("\n| peak extra memory of one key's TSV-M (3072×768, CPU) | T | one key of all tasks (MiB) | "

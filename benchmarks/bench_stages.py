@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=None, help="default: all of the model's blocks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--solver", default="exact")
-    p.add_argument("--polar", default="eigh")
+    p.add_argument("--polar", default="auto")
     p.add_argument("--batch", default="auto")
     args = p.parse_args()
     device = torch.device(args.device)

@@ -203,3 +203,16 @@ def test_solvers_on_cuda_match_cpu_eigh(solver):
     else:
         torch.testing.assert_close(S.cpu().double(), want.S, rtol=1e-5, atol=0)
         assert (same_subspace_error(U.cpu(), want.U) < 1e-4).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_subspace_on_cuda_matches_cpu_eigh_at_vit_b32_scale():
+    """ViT-B/32 width, T = 8: k = 96 and ℓ = 192, so the Rayleigh–Ritz problems run in the Jacobi
+    kernel's global-memory mode over a batch of 24 (the small cases above fit shared memory)."""
+    A = task_batch(3072, 768, 24, 0.5, seed=8)
+    want = eigh_topk(A, 96, torch.float64)
+    U, S, V, _ = subspace_topk(A.cuda(), 96, torch.float64)
+    torch.testing.assert_close(S.cpu(), want.S, rtol=1e-8, atol=0)
+    for got, ref_vecs in ((U.cpu(), want.U), (V.cpu(), want.V)):  # ‖P1 − P2‖_F without m×m projectors
+        overlap = (got.mT @ ref_vecs).square().sum((-2, -1))
+        assert ((2 * (96 - overlap)).clamp(min=0).sqrt() < 1e-4).all()
