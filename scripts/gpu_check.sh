@@ -50,7 +50,7 @@ stage 120 bench_merge_l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks 20 --
     --repeat 2 --device cuda --no-baselines --variants d,eigh-polar,e
 stage 80 bench_stages_l14.md "$PY" bench_stages.py --model ViT-L-14 --tasks 20 --device cuda
 stage 80 bench_merge_b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
-    --device cuda --variants d,eigh-polar,e
+    --device cuda --variants d,eigh,eigh-polar,e
 stage 30 bench_eigh.md "$PY" bench_eigh.py --device cuda
 stage 30 bench_segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
