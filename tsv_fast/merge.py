@@ -179,8 +179,9 @@ def merge_layers(
             approximate solver's top-k, measured at run time) and ``polar`` (how many
             polar factors Newton–Schulz gave and how many fell back to eigh).
         options: method options: ``rank`` for TSV-M (per-task k: an int, a fraction of
-            r, or None for the paper's floor(r/T)) and ``polar`` (``"eigh"``, exact, or
-            ``"newton-schulz"``, checked per factor with an exact fallback);
+            r, or None for the paper's floor(r/T)) and ``polar`` (``"auto"``, the default:
+            Newton–Schulz on a GPU, eigh on a CPU; ``"eigh"``, exact; or ``"newton-schulz"``,
+            checked per factor with an exact fallback);
             ``density`` for TIES (0.2).
     """
     return dict(iter_merge(base, tasks, method, alpha, names=names, include=include, exclude=exclude,
