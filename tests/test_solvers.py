@@ -191,6 +191,20 @@ def test_exact_routes_by_device(monkeypatch):
     torch.testing.assert_close(S, eigh_topk(A, 8).S, rtol=1e-6, atol=0)
 
 
+def test_exact_on_cpu_routes_by_block_size(monkeypatch):
+    """LAPACK eigh while ℓ = 2k is a large share of the short side, subspace iteration once ℓ ≤ q/6."""
+    from tsv_fast import solvers
+
+    assert solvers.EXACT_ROUTE["cpu"] == "by-size"
+    A = task_batch(300, 120, 2, 0.5)
+    calls = []
+    monkeypatch.setattr(solvers, "subspace_topk", lambda *a, **kw: calls.append("subspace") or subspace_topk(*a, **kw))
+    monkeypatch.setattr(solvers, "eigh_topk", lambda *a, **kw: calls.append("eigh") or eigh_topk(*a, **kw))
+    for k in (10, 11, 30):  # ℓ = 20 (6ℓ = 120 ≤ q), 22 and 60
+        exact_topk(A, k)
+    assert calls == ["subspace", "eigh", "eigh"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 @pytest.mark.parametrize("solver", ["exact", "subspace", "randomized"])
 def test_solvers_on_cuda_match_cpu_eigh(solver):
@@ -216,3 +230,31 @@ def test_subspace_on_cuda_matches_cpu_eigh_at_vit_b32_scale():
     for got, ref_vecs in ((U.cpu(), want.U), (V.cpu(), want.V)):  # ‖P1 − P2‖_F without m×m projectors
         overlap = (got.mT @ ref_vecs).square().sum((-2, -1))
         assert ((2 * (96 - overlap)).clamp(min=0).sqrt() < 1e-4).all()
+
+
+@pytest.mark.parametrize("decay,T", [(0.5, 8), (0.2, 20), (1.0, 8)])
+def test_chebyshev_filter_converges_without_the_eigh_fallback_and_in_fewer_steps(monkeypatch, decay, T):
+    """Both filters give the same exact result; Chebyshev must get there on its own (no full
+    eigh fallback) with at most half the orthonormalisations of the power form on flat
+    spectra, and no more on steep ones."""
+    from tsv_fast import solvers
+
+    A = task_batch(768, 192, 4, decay, seed=9)
+    k = 192 // T
+    counts = {"orthonormalize": 0, "full eigh": 0}
+    orth, eigh = solvers.orthonormalize, torch.linalg.eigh
+    monkeypatch.setattr(solvers, "orthonormalize", lambda Y: counts.__setitem__(
+        "orthonormalize", counts["orthonormalize"] + 1) or orth(Y))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda H: counts.__setitem__(
+        "full eigh", counts["full eigh"] + (H.shape[-1] == 192)) or eigh(H))
+    results = {}
+    for filter in ("power", "chebyshev"):
+        counts.update({"orthonormalize": 0, "full eigh": 0})
+        results[filter] = subspace_topk(A, k, torch.float64, filter=filter), dict(counts)
+    (cheb, cheb_counts), (power, power_counts) = results["chebyshev"], results["power"]
+    assert cheb_counts["full eigh"] == 0
+    limit = power_counts["orthonormalize"] // 2 if decay < 1 else power_counts["orthonormalize"]
+    assert cheb_counts["orthonormalize"] <= limit, (cheb_counts, power_counts)
+    want = eigh_topk(A, k, torch.float64)
+    torch.testing.assert_close(cheb.S, want.S, rtol=1e-9, atol=0)
+    assert (same_subspace_error(cheb.V, want.V) < 1e-5).all()

@@ -17,6 +17,7 @@ of each matrix, computed at run time so the error is reported, never guessed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -170,33 +171,40 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
     return TopK(U.to(dtype), s.to(dtype), V.to(dtype), residual)
 
 
+SUBSPACE_FILTERS = ("chebyshev", "power")
+SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
+
+
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
                   max_iters: int = 60, oversample: int | None = None, seed: int = 0,
                   small_eigh: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
-                  check_every: int = 3) -> TopK:
+                  filter: str | None = None) -> TopK:
     """Exact-quality top-k by block subspace iteration on the float64 Gram matrices, run to a
     tolerance: batched GEMMs and small ℓ×ℓ eigenproblems instead of one full eigh per matrix.
 
-    Every step is ``Z = G Q`` for the whole batch, then Rayleigh–Ritz (``eigh(QᵀZ)``, ℓ×ℓ with
-    ℓ = k + max(10, k); the batched Jacobi kernel on a GPU). A matrix is done when each of its
-    top-k Ritz pairs has residual ``‖G v − θ v‖ ≤ tol·θ1``, which bounds its eigenvector error
-    by ``tol·θ1/gap`` (float64 ``eigh`` itself is ~1e-16·θ1/gap); done matrices leave the
-    batch, and the few that miss ``max_iters`` (a very flat spectrum beyond ℓ) get a full
-    float64 ``eigh``, so the result is exact-quality in every case. Convergence per step is
-    λ_(ℓ+1)/λ_k, independent of the gap at k, which Rayleigh–Ritz resolves. Cheaper than
-    ``eigh`` only when ℓ ≪ n and the matrices are many: the GPU route of ``"exact"``.
-    ``small_eigh`` solves the ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU).
-    Rayleigh–Ritz and the convergence test run every ``check_every`` power steps only: the
-    span after j steps is ``G^j Q0`` whether or not it was rotated in between, so this
-    changes no result, only the cost (it was most of the time on an H200, BENCHMARKS.md).
+    A block of ℓ = k + max(10, k) vectors is multiplied by G (the whole batch at once) and
+    checked by Rayleigh–Ritz (``eigh(QᵀGQ)``, ℓ×ℓ; the batched Jacobi kernel on a GPU). A
+    matrix is done when each of its top-k Ritz pairs has residual ``‖G v − θ v‖ ≤ tol·θ1``,
+    which bounds its eigenvector error by ``tol·θ1/gap`` (float64 ``eigh`` itself is
+    ~1e-16·θ1/gap); done matrices leave the batch, and those that miss ``max_iters`` products
+    with G get a full float64 ``eigh``, so the result is exact-quality in every case and the
+    ``filter`` only decides the cost. ``"chebyshev"`` (default: ``SUBSPACE_FILTER``) applies Chebyshev polynomials
+    of G that damp ``[0, θ_ℓ]`` (:func:`chebyshev_filter`); ``"power"`` applies G itself,
+    converging like ``(λ_(ℓ+1)/λ_k)^j``, with Rayleigh–Ritz every 3rd product (the span of
+    ``G^j Q0`` does not depend on rotations in between). Cheaper than ``eigh`` only when
+    ℓ ≪ n and the matrices are many: the GPU route of ``"exact"``. ``small_eigh`` solves the
+    ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU).
     """
+    filter = filter or SUBSPACE_FILTER
+    if filter not in SUBSPACE_FILTERS:
+        raise ValueError(f"filter must be one of {SUBSPACE_FILTERS}, got {filter!r}")
     dtype = A.dtype
     out_dtype = out_dtype or dtype
     X, tall = _short_side(A)
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
-    ell = min(q, k + (oversample if oversample is not None else max(10, k)))
+    ell = _block_size(k, q, oversample)
     G = gram64(X)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
@@ -205,24 +213,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
         gen = torch.Generator(device=A.device).manual_seed(seed)
         Q = orthonormalize(G @ torch.randn(B, q, ell, generator=gen, device=A.device, dtype=torch.float64))
         eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
-        Gact = G
-        for step in range(1, max_iters + 1):
-            Z = Gact @ Q
-            if step % check_every and step < max_iters:
-                Q = orthonormalize(Z)
-                continue
-            H = Q.mT @ Z
-            w, W = eigh((H + H.mT) * 0.5)
-            w, W = w.flip(-1)[..., :k], W.flip(-1)[..., :k]
-            V, GV = Q @ W, Z @ W
-            residual = torch.linalg.vector_norm(GV - V * w.unsqueeze(-2), dim=-2).amax(-1)
-            done = residual <= tol * w[..., 0].abs().clamp(min=torch.finfo(torch.float64).tiny)
-            theta[active[done]], vecs[active[done]] = w[done], V[done]
-            if bool(done.any()):
-                active, Z, Gact = active[~done], Z[~done], Gact[~done]
-            if active.numel() == 0:
-                break
-            Q = orthonormalize(Z)  # one power step: span(G Q)
+        iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
+        active = iterate(_Batch(G, active, theta, vecs, k, tol, eigh), Q, max_iters)
     for i in active.tolist():  # not converged (or ℓ too large): a full float64 eigh
         w, V = torch.linalg.eigh(G[i])
         theta[i], vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
@@ -234,16 +226,98 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     return TopK(U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), V.reshape(*lead, *V.shape[-2:]))
 
 
-# Which algorithm "exact" runs, per device. Both give float64-eigh quality (tests/test_solvers.py),
-# and both choices are measured (BENCHMARKS.md): LAPACK eigh beats subspace iteration on a CPU;
-# on an H200 (ViT-L/14, T = 20) subspace iteration took 6.8 s where one cuSOLVER syevd per
-# matrix took 23 s.
-EXACT_ROUTE = {"cpu": "eigh", "cuda": "subspace"}
+class _Batch:
+    """The matrices still iterating, and where converged ones' results go."""
+
+    def __init__(self, G: Tensor, active: Tensor, theta: Tensor, vecs: Tensor, k: int, tol: float, eigh):
+        self.G, self.active, self.theta, self.vecs, self.k, self.tol, self.eigh = G, active, theta, vecs, k, tol, eigh
+
+    def rayleigh_ritz(self, Q: Tensor, Z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values (descending), vectors V and G V of the block Q (Z = G Q); stores the
+        matrices whose top-k pairs pass the residual test and drops them from the batch."""
+        H = Q.mT @ Z
+        ritz, W = self.eigh((H + H.mT) * 0.5)
+        ritz, W = ritz.flip(-1), W.flip(-1)
+        V, GV = Q @ W, Z @ W
+        k, w = self.k, ritz[:, :self.k]
+        residual = torch.linalg.vector_norm(GV[..., :k] - V[..., :k] * w.unsqueeze(-2), dim=-2).amax(-1)
+        done = residual <= self.tol * w[:, 0].abs().clamp(min=torch.finfo(torch.float64).tiny)
+        if bool(done.any()):
+            self.theta[self.active[done]], self.vecs[self.active[done]] = w[done], V[done][..., :k]
+            keep = ~done
+            self.active, self.G, V, GV, ritz = self.active[keep], self.G[keep], V[keep], GV[keep], ritz[keep]
+        return ritz, V, GV
+
+
+def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: int = 3) -> Tensor:
+    for step in range(1, max_products + 1):
+        Z = batch.G @ Q
+        if step % check_every == 0 or step == max_products:
+            _, Q, Z = batch.rayleigh_ritz(Q, Z)
+            if batch.active.numel() == 0:
+                break
+        Q = orthonormalize(Z)
+    return batch.active
+
+
+def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int) -> Tensor:
+    """Rayleigh–Ritz, then a Chebyshev filter whose degree keeps the block's condition number,
+    about ``(4θ1/θ_ℓ)^degree``, under 1e7 (what CholeskyQR2 in float64 takes); with a low
+    degree (steep spectra) several filters run between two Rayleigh–Ritz steps."""
+    products = 0
+    while True:
+        Z = batch.G @ Q
+        products += 1
+        ritz, V, GV = batch.rayleigh_ritz(Q, Z)
+        if batch.active.numel() == 0 or products >= max_products:
+            return batch.active
+        spread = float((ritz[:, 0] / ritz[:, -1].clamp(min=torch.finfo(torch.float64).tiny)).amax())
+        degree = max(1, min(8, int(7 / math.log10(4 * max(spread, 1.0)))))
+        Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
+        for _ in range(-(-3 // degree) - 1):  # at least 3 products per Rayleigh–Ritz
+            Q = orthonormalize(Y)
+            Y = chebyshev_filter(batch.G, Q, batch.G @ Q, ritz, degree)
+        products += -(-3 // degree) * degree - 1
+        Q = orthonormalize(Y)
+
+
+def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int) -> Tensor:
+    """``p(G) V`` for the Chebyshev polynomial of ``degree`` on ``[0, b]``, ``b`` = the smallest
+    Ritz value, scaled to 1 at the largest (Zhou & Saad 2007, three-term recurrence; ``GV`` =
+    ``G V`` is reused, so it costs ``degree − 1`` products). Directions below b shrink by
+    ``T_m((2λ − b)/b)`` relative to λ: for λ = 2b, 17× at degree 2 and 577× at degree 4, where
+    powers of G give 4× and 16×. ``ritz``: (B, ℓ) descending."""
+    top = ritz[:, :1, None]
+    b = torch.maximum(ritz[:, -1:, None], top * 1e-12)  # damp [0, b]
+    e = c = b / 2  # half-width and centre of [0, b]
+    sigma = e / (top - c)
+    tau = 2 / sigma
+    prev, Y = V, (GV - c * V) * (sigma / e)
+    for _ in range(degree - 1):
+        sigma_next = 1 / (tau - sigma)
+        prev, Y = Y, (G @ Y - c * Y) * (2 * sigma_next / e) - (sigma * sigma_next) * prev
+        sigma = sigma_next
+    return Y
+
+
+# Which algorithm "exact" runs, per device. All give float64-eigh quality (tests/test_solvers.py);
+# the choices are measured (BENCHMARKS.md). On an H200 (ViT-L/14, T = 20) subspace iteration took
+# 6.8 s where one cuSOLVER syevd per matrix took 23 s. On a CPU, "by-size": LAPACK eigh while the
+# block is a large share of the short side, Chebyshev subspace iteration once ℓ ≤ q/6 (ViT-B/32:
+# eigh 1.13× faster at T = 8, even at T = 12, subspace 1.5–1.65× faster at T = 16–20).
+EXACT_ROUTE = {"cpu": "by-size", "cuda": "subspace"}
+
+
+def _block_size(k: int, q: int, oversample: int | None = None) -> int:
+    """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q."""
+    return min(q, k + (oversample if oversample is not None else max(10, k)))
 
 
 def exact_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """The default solver: :func:`eigh_topk` or :func:`subspace_topk`, per device (``EXACT_ROUTE``)."""
     route = EXACT_ROUTE.get(A.device.type, "eigh")
+    if route == "by-size":
+        route = "subspace" if 6 * _block_size(k, min(A.shape[-2:])) <= min(A.shape[-2:]) else "eigh"
     return (subspace_topk if route == "subspace" else eigh_topk)(A, k, out_dtype)
 
 
