@@ -205,20 +205,25 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
     ell = _block_size(k, q, oversample)
-    G = gram64(X)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
-    active = torch.arange(B, device=A.device)
-    if 3 * ell <= 2 * q:  # otherwise the subspace is most of the space: plain eigh is cheaper
-        gen = torch.Generator(device=A.device).manual_seed(seed)
-        Q = orthonormalize(G @ torch.randn(B, q, ell, generator=gen, device=A.device, dtype=torch.float64))
-        eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
-        iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
-        active = iterate(_Batch(G, active, theta, vecs, k, tol, eigh), Q, max_iters)
-    for i in active.tolist():  # not converged (or ℓ too large): a full float64 eigh
-        w, V = torch.linalg.eigh(G[i])
-        theta[i], vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
-    del G
+    eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
+    iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
+    # float64 Gram matrices of a quarter of the batch's bytes at a time (peak memory ≤ 2× the batch)
+    chunk = max(1, (B * p * q * X.element_size()) // (4 * 8 * q * q))
+    for start in range(0, B, chunk):
+        G = gram64(X[start:start + chunk])
+        active = torch.arange(G.shape[0], device=A.device)
+        part = _Batch(G, active, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
+        if 3 * ell <= 2 * q:  # otherwise the subspace is most of the space: plain eigh is cheaper
+            gen = torch.Generator(device=A.device).manual_seed(seed)
+            Q = orthonormalize(G @ torch.randn(G.shape[0], q, ell, generator=gen, device=A.device,
+                                               dtype=torch.float64))
+            active = iterate(part, Q, max_iters)
+        for i in active.tolist():  # not converged (or ℓ too large): a full float64 eigh
+            w, V = torch.linalg.eigh(G[i])
+            part.theta[i], part.vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
+        del G, part
     s = theta.clamp(min=0).sqrt()
     Y = long_side(X, vecs, s, out=torch.empty(B, p, k, dtype=out_dtype, device=A.device))
     Qv, S = vecs.to(out_dtype), s.to(out_dtype)
