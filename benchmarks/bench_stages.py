@@ -75,6 +75,7 @@ def stage_breakdown(blocks, tvs, device, options) -> float:
         (torch.linalg, "eigh", lambda a: "2b/3b torch.linalg.eigh " + _shape(a)),
         (ops, "batched_eigh", lambda a: "2b batched_eigh (Jacobi op) " + _shape(a)),
         (solvers, "orthonormalize", lambda a: "2c orthonormalize " + _shape(a)),
+        (solvers, "chebyshev_filter", lambda a: f"2e Chebyshev filter, degree {a[4]} " + _shape(a)),
         (solvers, "long_side", lambda a: "2d long-side vectors " + _shape(a)),
         (tsv, "polar_from_blocks", lambda a: "3 polar factors (whitening, all of it)"),
         (tsv, "block_gram", lambda a: "3a block Gram " + _shape(a)),
