@@ -258,3 +258,17 @@ def test_chebyshev_filter_converges_without_the_eigh_fallback_and_in_fewer_steps
     want = eigh_topk(A, k, torch.float64)
     torch.testing.assert_close(cheb.S, want.S, rtol=1e-9, atol=0)
     assert (same_subspace_error(cheb.V, want.V) < 1e-5).all()
+
+
+@pytest.mark.parametrize("filter", ["chebyshev", "power"])
+def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
+    """A rank-3 matrix (k = 5: two directions are rounding noise) and a zero one: finite factors,
+    and the rank-k product equals eigh's (the noise directions carry nothing)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(200, 3, generator=g) @ torch.randn(3, 100, generator=g)
+    A = torch.stack([low, torch.zeros(200, 100), torch.randn(200, 100, generator=g)])
+    U, S, V, _ = subspace_topk(A, 5, torch.float64, filter=filter)
+    want = eigh_topk(A, 5, torch.float64)
+    assert torch.isfinite(U).all() and torch.isfinite(V).all() and torch.isfinite(S).all()
+    got, expected = (U * S.unsqueeze(-2)) @ V.mT, (want.U * want.S.unsqueeze(-2)) @ want.V.mT
+    assert (got - expected).abs().max() < 1e-9 * low.abs().max()
