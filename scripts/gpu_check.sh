@@ -46,7 +46,7 @@ stage 110 pytest_cuda.log "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu
     tests/test_batching.py tests/test_runtime.py
 grep -E "^(FAILED|E   |[0-9]+ (passed|failed))" "$OUT/pytest_cuda.log" | cut -c1-300 | head -40
 cd benchmarks || exit 1
-stage 120 bench_merge_l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks 20 --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
+stage 170 bench_merge_l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks 20 --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
     --repeat 2 --device cuda --no-baselines --variants d,subspace-power,eigh-polar,e
 stage 80 bench_stages_l14.md "$PY" bench_stages.py --model ViT-L-14 --tasks 20 --device cuda
 stage 80 bench_merge_b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
