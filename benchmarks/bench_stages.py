@@ -17,7 +17,6 @@ import argparse
 import collections
 import contextlib
 import os
-import statistics
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
@@ -25,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 import torch  # noqa: E402
 
 import tsv_fast  # noqa: E402
-from timing import cpu_model  # noqa: E402
+from timing import best_of, cpu_model  # noqa: E402
 from tsv_fast import methods, ops, solvers, tsv  # noqa: E402
 from tsv_fast.keys import resolve_rank  # noqa: E402
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors  # noqa: E402
@@ -92,22 +91,11 @@ def stage_breakdown(blocks, tvs, device, options) -> float:
         return time.perf_counter() - start
 
 
-def median_time(fn, device, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
     k = resolve_rank((width, width), None, T)
     c = T * k
     g = torch.Generator(device=device).manual_seed(0)
+    sync = lambda: _sync(device)  # noqa: E731
 
     def spd(batch: int, n: int, dtype=torch.float64):
         X = torch.randn(batch, 3 * n, n, generator=g, device=device, dtype=dtype)
@@ -115,29 +103,29 @@ def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
 
     rows = []
     A1, A8 = spd(1, c), spd(8, c)
-    rows.append((f"eigh float64 {c}×{c}, one matrix", median_time(lambda: torch.linalg.eigh(A1), device)))
+    rows.append((f"eigh float64 {c}×{c}, one matrix", best_of(lambda: torch.linalg.eigh(A1), 3, sync)))
     rows.append((f"eigh float64 {c}×{c}, batch of 8 (per matrix)",
-                 median_time(lambda: torch.linalg.eigh(A8), device) / 8))
+                 best_of(lambda: torch.linalg.eigh(A8), 3, sync) / 8))
     A1f = A1.float()
-    rows.append((f"eigh float32 {c}×{c}, one matrix", median_time(lambda: torch.linalg.eigh(A1f), device)))
+    rows.append((f"eigh float32 {c}×{c}, one matrix", best_of(lambda: torch.linalg.eigh(A1f), 3, sync)))
     rows.append((f"cholesky float64 {c}×{c}, batch of 8 (per matrix)",
-                 median_time(lambda: torch.linalg.cholesky(A8), device) / 8))
+                 best_of(lambda: torch.linalg.cholesky(A8), 3, sync) / 8))
     G1 = spd(1, width)
     rows.append((f"eigh float64 {width}×{width} (top-k Gram), one matrix",
-                 median_time(lambda: torch.linalg.eigh(G1), device)))
+                 best_of(lambda: torch.linalg.eigh(G1), 3, sync)))
     ell = min(width, k + max(10, k))
     H = spd(64, ell)
     rows.append((f"eigh float64 {ell}×{ell} (Rayleigh–Ritz), torch, batch of 64 (per matrix)",
-                 median_time(lambda: torch.linalg.eigh(H), device) / 64))
+                 best_of(lambda: torch.linalg.eigh(H), 3, sync) / 64))
     if ops.load_extension()[0]:
         rows.append((f"batched_eigh float64 {ell}×{ell} (Jacobi op), batch of 64 (per matrix)",
-                     median_time(lambda: ops.batched_eigh(H), device) / 64))
+                     best_of(lambda: ops.batched_eigh(H), 3, sync) / 64))
     X = torch.randn(4 * width, width, generator=g, device=device)
     rows.append((f"reference unit: torch.linalg.svd float32 {4 * width}×{width}",
-                 median_time(lambda: torch.linalg.svd(X, full_matrices=False), device)))
+                 best_of(lambda: torch.linalg.svd(X, full_matrices=False), 3, sync)))
     for dtype in (torch.float64, torch.float32):
         M = torch.randn(4096, 4096, generator=g, device=device, dtype=dtype)
-        t = median_time(lambda: M @ M, device)
+        t = best_of(lambda: M @ M, 3, sync)
         rows.append((f"GEMM 4096³ {str(dtype)[6:]}: {2 * 4096 ** 3 / t / 1e12:.1f} TFLOP/s", t))
     return rows
 

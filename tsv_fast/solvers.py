@@ -76,9 +76,6 @@ def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-_GRAM_CHUNK_BYTES = 256 << 20  # float64 Gram matrices per batched eigh call on a GPU
-
-
 def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """Top-k from ``eigh(XᵀX)`` in float64 on the short side; the long-side vectors are
     ``X V / s``. Directions with ``s`` below the input's rounding level get a zero
@@ -86,10 +83,10 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     keeps the factors as computed (orthonormal to float64 rounding) instead of rounding
     them to A's dtype; TSV-M's whitening exploits that.
 
-    One matrix at a time on a CPU: LAPACK runs eigenproblems one by one anyway, and the
-    float64 copies, Gram matrix and eigenvectors then cost one matrix's worth of memory
-    instead of the whole batch's. On a GPU, chunks of up to 256 MiB of float64 Gram
-    matrices go to one batched ``eigh`` call (fewer launches and host round trips).
+    One matrix at a time: LAPACK and cuSOLVER run large eigenproblems one by one
+    anyway (a batched torch.linalg.eigh of 1020×1020 matrices was no faster per matrix on
+    an H200), and the float64 copies, Gram matrix and eigenvectors then cost one
+    matrix's worth of memory instead of the whole batch's.
     """
     dtype = A.dtype
     X, tall = _short_side(A)
@@ -100,14 +97,13 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     Y = torch.empty(X.shape[0], p, k, dtype=out_dtype, device=A.device)
     Q = torch.empty(X.shape[0], q, k, dtype=out_dtype, device=A.device)
     S = torch.empty(X.shape[0], k, dtype=out_dtype, device=A.device)
-    chunk = max(1, _GRAM_CHUNK_BYTES // (8 * q * q)) if A.is_cuda else 1
-    for i in range(0, X.shape[0], chunk):
-        x = X[i:i + chunk]
+    for i in range(X.shape[0]):
+        x = X[i:i + 1]
         w, vecs = torch.linalg.eigh(gram64(x))
         w, vecs = w.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
         s = w.clamp(min=0).sqrt()
-        long_side(x, vecs, s, out=Y[i:i + chunk])
-        Q[i:i + chunk], S[i:i + chunk] = vecs, s
+        long_side(x, vecs, s, out=Y[i:i + 1])
+        Q[i], S[i] = vecs[0], s[0]
     U, V = (Y, Q) if tall else (Q, Y)
     return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
 
@@ -213,8 +209,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     chunk = max(1, (B * p * q * X.element_size()) // (4 * 8 * q * q))
     for start in range(0, B, chunk):
         G = gram64(X[start:start + chunk])
-        active = torch.arange(G.shape[0], device=A.device)
-        part = _Batch(G, active, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
+        part = _Batch(G, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
+        active = part.active
         if 3 * ell <= 2 * q:  # otherwise the subspace is most of the space: plain eigh is cheaper
             gen = torch.Generator(device=A.device).manual_seed(seed)
             Q = orthonormalize(G @ torch.randn(G.shape[0], q, ell, generator=gen, device=A.device,
@@ -234,8 +230,9 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
 class _Batch:
     """The matrices still iterating, and where converged ones' results go."""
 
-    def __init__(self, G: Tensor, active: Tensor, theta: Tensor, vecs: Tensor, k: int, tol: float, eigh):
-        self.G, self.active, self.theta, self.vecs, self.k, self.tol, self.eigh = G, active, theta, vecs, k, tol, eigh
+    def __init__(self, G: Tensor, theta: Tensor, vecs: Tensor, k: int, tol: float, eigh):
+        self.G, self.theta, self.vecs, self.k, self.tol, self.eigh = G, theta, vecs, k, tol, eigh
+        self.active = torch.arange(G.shape[0], device=G.device)
 
     def rayleigh_ritz(self, Q: Tensor, Z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Ritz values (descending), vectors V and G V of the block Q (Z = G Q); stores the
@@ -258,7 +255,7 @@ def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: i
     for step in range(1, max_products + 1):
         Z = batch.G @ Q
         if step % check_every == 0 or step == max_products:
-            _, Q, Z = batch.rayleigh_ritz(Q, Z)
+            _, _, Z = batch.rayleigh_ritz(Q, Z)  # Z: G times the Ritz vectors, the same span
             if batch.active.numel() == 0:
                 break
         Q = orthonormalize(Z)
@@ -278,11 +275,12 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int) -> Tensor:
             return batch.active
         spread = float((ritz[:, 0] / ritz[:, -1].clamp(min=torch.finfo(torch.float64).tiny)).amax())
         degree = max(1, min(8, int(7 / math.log10(4 * max(spread, 1.0)))))
+        filters = -(-3 // degree)  # at least 3 products per Rayleigh–Ritz
         Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
-        for _ in range(-(-3 // degree) - 1):  # at least 3 products per Rayleigh–Ritz
+        for _ in range(filters - 1):
             Q = orthonormalize(Y)
             Y = chebyshev_filter(batch.G, Q, batch.G @ Q, ritz, degree)
-        products += -(-3 // degree) * degree - 1
+        products += filters * degree - 1
         Q = orthonormalize(Y)
 
 

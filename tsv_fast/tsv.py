@@ -208,6 +208,8 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     """
     method = resolve_polar(method, X.device)
     rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
+    if X.dim() == 2:  # one matrix: a batch of one
+        return polar_from_blocks(X[None], sizes, method, eps, counts)[0]
     X64 = X.double()
     G = block_gram(X64, sizes) if sizes is not None else X64.mT @ X64
     if method == "eigh":
@@ -219,9 +221,7 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
         n_ok = int(ok.sum())
         counts["newton_schulz"] = counts.get("newton_schulz", 0) + n_ok
         counts["fallback"] = counts.get("fallback", 0) + ok.numel() - n_ok
-    if ok.dim() == 0 and not bool(ok):
-        W = _eigh_inverse_sqrt(G, rcond)
-    elif not bool(ok.all()):
+    if not bool(ok.all()):
         W[~ok] = _eigh_inverse_sqrt(G[~ok], rcond)
     return X64 @ W
 
@@ -234,15 +234,11 @@ def tsv_merge_factors(factors: Sequence[Factors], *, orthonormal: bool = False, 
     rounding, whereas ``U`` times an ill-conditioned ``W_U`` would not. ``orthonormal``
     says each task's factors are orthonormal to float64 rounding (the exact solver's
     float64 output), so the Gram matrices skip their identity diagonal blocks. The
-    result has ``dtype`` (default: that of the first task's S).
+    result has ``dtype`` (default: that of the first task's S). One key of
+    :func:`tsv_merge_batch`.
     """
-    U, S, V = concat_factors(factors)
-    dtype = dtype or factors[0][1].dtype
-    sizes = [f[1].shape[0] for f in factors] if orthonormal else None
-    eps = torch.finfo(dtype).eps  # the inputs' rounding level, even for float64 factors
-    U_perp = polar_from_blocks(U, sizes, polar, eps, counts).to(dtype)
-    V_perp = polar_from_blocks(V, sizes, polar, eps, counts).to(dtype)
-    return U_perp, S.to(dtype), V_perp
+    U, S, V = tsv_merge_batch([factors], orthonormal=orthonormal, polar=polar, counts=counts, dtype=dtype)
+    return U[0], S[0], V[0]
 
 
 def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = False, polar: str = "auto",
@@ -251,7 +247,7 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
     ``S (K, c)``, ``V⊥ (K, n, c)``. The K polar factors of each side are one batched Gram
     and one batched eigensolver call instead of K of each. Keys must have equal per-task
     ranks (true for one shape batch of dense tasks; the caller checks)."""
-    first = batch[0]
+    first = batch[0]  # eps below: the inputs' rounding level, even for float64 factors
     dtype = dtype or first[0][1].dtype
     K, device = len(batch), first[0][0].device
     m, n, c = first[0][0].shape[0], first[0][2].shape[0], sum(f[1].shape[0] for f in first)
