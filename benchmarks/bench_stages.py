@@ -66,7 +66,20 @@ def _shape(args) -> str:
     return "(…)×" + "×".join(str(d) for d in args[0].shape[-2:]) + " " + str(args[0].dtype)[6:]
 
 
+NS_STEPS: list[int] = []
+
+
+def _counting_steps(fn):
+    def wrapped(*args, **kwargs):
+        info = {}
+        out = fn(*args, **kwargs, info=info)
+        NS_STEPS.append(info["steps"])
+        return out
+    return wrapped
+
+
 def stage_breakdown(blocks, tvs, device, options) -> float:
+    tsv.newton_schulz_whitening = _counting_steps(tsv.newton_schulz_whitening)
     hooks = [
         (tsv, "stack_deltas", lambda a: "1 stack deltas"),
         (methods, "shape_batch_factors", lambda a: "2 top-k factors (solver, all of it)"),
@@ -74,6 +87,7 @@ def stage_breakdown(blocks, tvs, device, options) -> float:
         (torch.linalg, "eigh", lambda a: "2b/3b torch.linalg.eigh " + _shape(a)),
         (ops, "batched_eigh", lambda a: "2b batched_eigh (Jacobi op) " + _shape(a)),
         (solvers, "orthonormalize", lambda a: "2c orthonormalize " + _shape(a)),
+        (solvers._Batch, "rayleigh_ritz", lambda a: "2f Rayleigh–Ritz (all of it) " + _shape(a[1:])),
         (solvers, "chebyshev_filter", lambda a: f"2e Chebyshev filter, degree {a[4]} " + _shape(a)),
         (solvers, "long_side", lambda a: "2d long-side vectors " + _shape(a)),
         (tsv, "polar_from_blocks", lambda a: "3 polar factors (whitening, all of it)"),
@@ -120,6 +134,29 @@ def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
     if ops.load_extension()[0]:
         rows.append((f"batched_eigh float64 {ell}×{ell} (Jacobi op), batch of 64 (per matrix)",
                      best_of(lambda: ops.batched_eigh(H), 3, sync) / 64))
+    batch = 4 * T  # a shape batch of 4 blocks' keys (the merge's are 24·T on ViT-L/14)
+    Hb = spd(batch, ell)
+    rows.append((f"batched_eigh float64 {ell}×{ell}, batch of {batch} (whole call)",
+                 best_of(lambda: ops.batched_eigh(Hb), 3, sync) if ops.load_extension()[0] else float("nan")))
+    w, Qh = torch.linalg.eigh(Hb)
+    Hd = Qh.mT @ Hb @ Qh + 1e-3 * Hb  # nearly diagonal: what later Rayleigh–Ritz steps see
+    rows.append((f"batched_eigh float64 {ell}×{ell}, nearly diagonal, batch of {batch} (whole call)",
+                 best_of(lambda: ops.batched_eigh(Hd), 3, sync) if ops.load_extension()[0] else float("nan")))
+    rows.append((f"cholesky_ex float64 {ell}×{ell}, batch of {batch} (whole call)",
+                 best_of(lambda: torch.linalg.cholesky_ex(Hb), 3, sync)))
+    Gq = spd(batch, width)
+    Q0 = torch.randn(batch, width, ell, generator=g, device=device, dtype=torch.float64)
+    R = torch.linalg.cholesky(Hb, upper=True)
+    rows.append((f"solve_triangular float64 ({batch}, {width}, {ell}) (whole call)",
+                 best_of(lambda: torch.linalg.solve_triangular(R, Q0, upper=True, left=False), 3, sync)))
+    rows.append((f"orthonormalize float64 ({batch}, {width}, {ell}) (whole call)",
+                 best_of(lambda: solvers.orthonormalize(Q0), 3, sync)))
+    rows.append((f"G @ Q float64 ({batch}, {width}, {width}) × ({width}, {ell}) (whole call)",
+                 best_of(lambda: Gq @ Q0, 3, sync)))
+    rows.append((f"host sync after a tiny kernel", best_of(lambda: bool((Q0[:, 0, 0] > 0).any()), 10, sync)))
+    C = spd(24, c)
+    rows.append((f"GEMM float64 (24, {c}, {c})², one Newton–Schulz product (whole call)", best_of(lambda: C @ C, 3, sync)))
+    rows.append((f"cholesky_ex float64 (24, {c}, {c}) (whole call)", best_of(lambda: torch.linalg.cholesky_ex(C), 3, sync)))
     X = torch.randn(4 * width, width, generator=g, device=device)
     rows.append((f"reference unit: torch.linalg.svd float32 {4 * width}×{width}",
                  best_of(lambda: torch.linalg.svd(X, full_matrices=False), 3, sync)))
@@ -159,7 +196,8 @@ def main() -> None:
     untimed = time.perf_counter() - start
     timed_total = stage_breakdown(blocks, tvs, device, options)
     print(f"\nmerge_layers: {untimed:.3f} s untimed; {timed_total:.3f} s with stage timers; "
-          f"{stats['shape_batches']} shape batches; polar factors: {stats['polar'] or 'eigh'}\n")
+          f"{stats['shape_batches']} shape batches; polar factors: {stats['polar'] or 'eigh'}; "
+          f"Newton–Schulz steps per call: {NS_STEPS}\n")
     print("| stage | calls | total (s) | share |")
     print("|---|---|---|---|")
     for key in sorted(TOTALS):

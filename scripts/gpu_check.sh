@@ -15,6 +15,8 @@ OUT="${OUT:-results/gpu}"
 PY="${PY:-python3}"
 BUDGET="${BUDGET:-460}"
 REF_BLOCKS="${REF_BLOCKS:-2}"
+STAGES="${STAGES:-tests l14 stages b32 eigh segmented}"  # which of the stages below to run
+L14_TASKS="${L14_TASKS:-20}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without a pip install there
@@ -24,6 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 # stage LIMIT LOG CMD...: run CMD under min(LIMIT, time left) seconds, output into $OUT/LOG
 stage() {
     local limit=$1 log=$2; shift 2
+    [[ " $STAGES " == *" ${log%%.*} "* || " $STAGES " == *" ${log%%_*} "* ]] || return 0
     local left=$(( deadline - $(date +%s) ))
     (( left < limit )) && limit=$left
     if (( limit < 10 )); then echo "$log: skipped, out of time" | tee "$OUT/$log"; return; fi
@@ -41,19 +44,20 @@ start=$(date +%s)
 echo "build: $(( $(date +%s) - start )) s"
 "$PY" -c "import tsv_fast; print(tsv_fast.backend())" | tee -a "$OUT/build.log"
 
-stage 110 pytest_cuda.log "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" --tb=short \
+stage 110 tests.log "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" --tb=short \
     tests/test_ops.py tests/test_eigh.py tests/test_segmented.py tests/test_merge.py tests/test_solvers.py \
     tests/test_batching.py tests/test_runtime.py
-grep -E "^(FAILED|E   |[0-9]+ (passed|failed))" "$OUT/pytest_cuda.log" | cut -c1-300 | head -40
+grep -sE "^(FAILED|E   |[0-9]+ (passed|failed))" "$OUT/tests.log" | cut -c1-300 | head -40
 cd benchmarks || exit 1
-stage 170 bench_merge_l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks 20 --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
+stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks "$L14_TASKS" --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
     --repeat 2 --device cuda --no-baselines --variants d,subspace-power,eigh-polar,e
-stage 80 bench_stages_l14.md "$PY" bench_stages.py --model ViT-L-14 --tasks 20 --device cuda
-stage 80 bench_merge_b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
+stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "$L14_TASKS" --device cuda
+stage 80 b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
     --device cuda --variants d,eigh,eigh-polar,e
-stage 30 bench_eigh.md "$PY" bench_eigh.py --device cuda
-stage 30 bench_segmented.md "$PY" bench_segmented.py --device cuda
+stage 30 eigh.md "$PY" bench_eigh.py --device cuda
+stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
-for f in bench_merge_l14 bench_stages_l14 bench_merge_b32 bench_eigh bench_segmented; do
-    echo "== $f"; grep -E '^(\||#|merge_layers|\(a\))' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
+for f in l14 stages b32 eigh segmented; do
+    [[ -f "$OUT/$f.md" ]] || continue
+    echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton)' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
 done

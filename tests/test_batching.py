@@ -11,7 +11,8 @@ from tsv_fast.merge import _shape_groups
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import clip_vit_base, power_law_matrix, synthetic_finetuned, synthetic_task_vectors
-from tsv_fast.tsv import block_gram, newton_schulz_polar, polar_factor, polar_from_blocks, resolve_polar, whitening
+from tsv_fast.tsv import (block_gram, newton_schulz_polar, newton_schulz_whitening, polar_factor, polar_from_blocks,
+                          resolve_polar, scaled_newton_schulz_schedule, smallest_eigenvalue_estimate, whitening)
 
 
 def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
@@ -86,6 +87,60 @@ def test_newton_schulz_refuses_what_the_exact_path_would_treat_differently(small
     assert (Y is not None) == converges
     if converges:
         np.testing.assert_allclose(Y.numpy(), P.numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["square", "tall", "clustered"])
+def test_smallest_eigenvalue_estimate_is_from_above_and_close(kind):
+    """Gram matrices of concatenations like TSV-M's: square (hard edge, σmin ≈ 1e-4·σmax),
+    tall (soft edge: many eigenvalues near the smallest), and a cluster at the bottom."""
+    gen = torch.Generator().manual_seed(21)
+    c = 60
+    if kind == "clustered":
+        Q = torch.linalg.qr(torch.randn(c, c, generator=gen, dtype=torch.float64)).Q
+        w = torch.cat([torch.full((10,), 1e-6), torch.linspace(1e-6 * 1.01, 1, c - 10)]).double()
+        G = (Q * w) @ Q.T
+    else:
+        X = torch.randn(c + 1 if kind == "square" else 3 * c, c, generator=gen, dtype=torch.float64)
+        G = X.T @ X
+    truth = torch.linalg.eigvalsh(G)[0]
+    est = smallest_eigenvalue_estimate(torch.stack([G, 2 * G]))
+    for e, t in zip(est, [truth, 2 * truth]):
+        assert t * (1 - 1e-9) <= e <= 1.5 * t, (kind, e.item(), t.item())
+    singular = torch.zeros(c, c, dtype=torch.float64)
+    singular[:5, :5] = torch.eye(5)
+    assert smallest_eigenvalue_estimate(singular[None])[0] == 0  # Cholesky fails: reported as 0
+
+
+@pytest.mark.parametrize("lower", [0.3, 1e-2, 1e-4, 1e-6])
+def test_scaled_newton_schulz_schedule_converges_where_it_says_and_only_above_rcond(lower):
+    """Replays the schedule on scalars x ∈ [lower, 1] (what it promises to converge) and
+    below rcond (what it must not), independently of the matrix code."""
+    rcond, tol = 1e-7, 1e-10
+    a_rows, b_rows, first_check = scaled_newton_schulz_schedule([lower], rcond, tol)
+    a = np.array(a_rows)[:, 0]
+    b = np.array(b_rows)[:, 0]
+    assert np.prod(a) <= 1 / rcond * (1 + 1e-12)  # no σ < rcond·bound can reach 1
+    x = np.concatenate([np.geomspace(lower, 1, 400), [0.999 * rcond, 0.5 * rcond]])
+    for j in range(first_check):
+        x = a[j] * x + b[j] * x ** 3
+    assert np.all(np.abs(x[:-2] ** 2 - 1) <= tol), lower
+    assert np.all(x[-2:] < 1 - 1e-3)
+    plain = np.log(1 / lower) / np.log(1.5)  # steps plain Newton–Schulz needs for its growth alone
+    if lower < 0.1:
+        assert first_check < plain
+
+
+def test_newton_schulz_takes_the_scaled_steps_on_an_ill_conditioned_square_concatenation():
+    """σmin/σmax ≈ 1e-4, like the square keys of CLIP ViTs at T·k ≈ width (27–31 plain steps)."""
+    gen = torch.Generator().manual_seed(22)
+    n = 80
+    P = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    X = (P * torch.logspace(0, -4, n, dtype=torch.float64)) @ Q.T
+    info = {}
+    W, ok = newton_schulz_whitening(X.T @ X, 1e-6, 1.0, info=info)  # plain: ≥ log(1e4)/log(1.5) = 23
+    assert bool(ok) and info["steps"] <= 16
+    np.testing.assert_allclose((X @ W).numpy(), ref.whiten(X.numpy()), atol=1e-8)
 
 
 def test_batched_newton_schulz_checks_each_matrix_and_falls_back_per_matrix():

@@ -130,41 +130,98 @@ def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
 
 
+def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0) -> Tensor:
+    """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration on
+    its Cholesky factor (Rayleigh quotients of G⁻¹); 0 where Cholesky fails (numerically
+    singular). A few triangular solves with ``vectors`` right-hand sides: cheap next to one
+    c×c GEMM. Only used to schedule Newton–Schulz steps, never to decide a result."""
+    L, info = torch.linalg.cholesky_ex(G)
+    gen = torch.Generator(device=G.device).manual_seed(seed)
+    V = torch.randn(*G.shape[:-1], vectors, generator=gen, device=G.device, dtype=G.dtype)
+    for _ in range(iters):
+        V = torch.cholesky_solve(V, L)
+        V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp(min=torch.finfo(G.dtype).tiny)
+    rho = (V * torch.cholesky_solve(V, L)).sum(-2).amax(-1)  # ≤ 1/λmin
+    return torch.where((info == 0) & (rho > 0), 1 / rho, 0.0)
+
+
+def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: float) -> tuple[list, list, int]:
+    """Per-step, per-matrix coefficients ``(a, b)`` of ``x ← a x + b x³`` for singular values
+    known to lie in ``[lower, 1]``: Chen & Chow's scaling ``x ← f(α x)``, ``f`` the Newton–Schulz
+    cubic and ``α = √(3/(1 + ℓ + ℓ²))``, which maps ``[ℓ, 1]`` into ``[f(αℓ), 1]``, so the
+    smallest value grows up to 2.6× per step instead of 1.5×. ``ℓ`` is tracked; near 1,
+    ``α → 1`` (plain Newton–Schulz). Since every step has ``a x + b x³ ≤ a x``, a matrix stops
+    (``a, b = 1, 0``) before its product of ``a`` exceeds ``1/rcond``: whatever converges then
+    had every σ ≥ rcond·bound. Returns the coefficients per step and the step after which
+    all matrices that can converge are predicted to have (the first convergence check)."""
+    steps = int(math.log(1 / rcond) / math.log(1.5)) + 1
+    a_rows, b_rows, predicted = [], [], 0
+    for i, ell in enumerate(lower):
+        left, done = math.log(1 / rcond), None
+        for j in range(steps):
+            if i == 0:
+                a_rows.append([]), b_rows.append([])
+            alpha = math.sqrt(3 / (1 + ell + ell * ell))
+            a, b = 1.5 * alpha, -0.5 * alpha ** 3
+            if math.log(a) > left:
+                a, b = 1.0, 0.0
+            else:
+                left -= math.log(a)
+                ell = min(1.0, a * ell + b * ell ** 3)
+                if done is None and 1 - ell * ell <= tol / 2:
+                    done = j + 1
+            a_rows[j].append(a), b_rows[j].append(b)
+        predicted = max(predicted, done or 0)
+    return a_rows, b_rows, predicted
+
+
 def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
-                            tol: float = 1e-10, check: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """``W ≈ G^(-1/2)`` for Gram matrices ``G = XᵀX`` (batched) by the coupled Newton–Schulz
-    iteration ``T = (3I − ZY)/2, Y ← YT, Z ← TZ`` from ``Y = G/bound², Z = I``: GEMMs only,
-    c×c (and batched over keys). It is the cubic polar iteration ``Y ← Y (3I − YᵀY)/2`` of
-    ``X/bound`` moved to the Gram side (``ZY`` has the eigenvalues of ``YᵀY``), in the coupled
-    form, which stays stable in rounding where iterating on ``G^(-1/2)`` alone diverges.
+                            tol: float = 1e-10, check: float = 1e-8, info: dict | None = None) -> tuple[Tensor, Tensor]:
+    """``W ≈ G^(-1/2)`` for Gram matrices ``G = XᵀX`` (batched) by a coupled Newton–Schulz
+    iteration ``T = aI + b·ZY, Y ← YT, Z ← TZ`` from ``Y = G/bound², Z = I``: GEMMs only,
+    c×c (and batched over keys). It is the polar iteration ``x ← a x + b x³`` on the singular
+    values x of ``X/bound`` moved to the Gram side (``ZY`` has the eigenvalues x²), in the
+    coupled form, which stays stable in rounding where iterating on ``G^(-1/2)`` alone diverges.
     Returns ``(W, ok)``; ``ok`` (per matrix) says it converged (``‖ZY − I‖_max ≤ tol``) and
     that ``X W`` is orthonormal (``‖WGW − I‖_max ≤ check``) with ``WG`` (its ``(XW)ᵀX``)
     symmetric; only those may be used.
 
-    Each singular value of ``X/bound`` moves towards 1, but a small one grows only 1.5× per
-    step, so ill-conditioned X needs many steps and a fixed step count would leave it
-    un-whitened (SPEC.md): hence the check. Steps are capped at ``log(1/rcond)/log(1.5)``:
-    since σ grows at most 1.5× per step, converging within the cap proves every
-    ``σ(X) ≥ rcond·bound``, so the exact path (which zeroes directions below ``rcond``
-    relative to the largest) would keep them all too and both define the same result (the
-    cap is conservative: it also declines some X the exact path would whiten, which costs
-    time, never accuracy). ``bound_sq ≥ λmax(G)`` (T for T orthonormal blocks; ``trace(G)``
-    always works). The Gram side squares σ, and float64 G resolves σ only down to
-    ~1e-8·bound, so ``rcond`` is floored at 1e-7 (float32 data use 8·eps ≈ 1e-6 anyway).
+    Plain Newton–Schulz (``a, b = 3/2, −1/2``) grows a small x only 1.5× per step: 27–31
+    steps for the square concatenations of CLIP keys (σmin/σmax ≈ 1e-4), which is why the
+    steps are scaled (:func:`scaled_newton_schulz_schedule`) from a lower bound on x: half
+    of λmin's estimate (:func:`smallest_eigenvalue_estimate`), at least ``rcond``. If the
+    estimate was too high, the lagging values still grow ≥ 1.5× per step and the iteration
+    runs on until the check passes or the step budget ends. The budget (product of the
+    ``a``'s ≤ ``1/rcond``) proves that a converged matrix has every ``σ(X) ≥ rcond·bound``,
+    so the exact path (which zeroes directions below ``rcond`` relative to the largest)
+    would keep them all too and both define the same result (conservative: it also declines
+    some X the exact path would whiten, which costs time, never accuracy). ``bound_sq ≥
+    λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works). The Gram side squares
+    σ, and float64 G resolves σ only down to ~1e-8·bound, so ``rcond`` is floored at 1e-7
+    (float32 data use 8·eps ≈ 1e-6 anyway). ``info`` (when given) receives the number of
+    ``steps`` run.
     """
     rcond = max(rcond, 1e-7)
     bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
     scale = bound_sq.clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     Y, Z = G / scale, eye.expand(G.shape)
-    cap = int(math.log(1 / rcond) / math.log(1.5))
-    for step in range(cap + 1):
+    lower = (smallest_eigenvalue_estimate(Y).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
+    a_rows, b_rows, first_check = scaled_newton_schulz_schedule(lower.reshape(-1).tolist(), rcond, tol)
+    shape = (len(a_rows), *G.shape[:-2], 1, 1)
+    A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
+    Bc = torch.tensor(b_rows, dtype=G.dtype).reshape(shape).to(G.device)
+    last = len(a_rows)
+    for step in range(last + 1):
         ZY = Z @ Y
-        ok = (ZY - eye).abs().amax((-2, -1)) <= tol
-        if step == cap or bool(ok.all()):
-            break
-        T = 1.5 * eye - 0.5 * ZY
+        if step >= first_check or step == last:
+            ok = (ZY - eye).abs().amax((-2, -1)) <= tol
+            if step == last or bool(ok.all()):
+                break
+        T = A[step] * eye + Bc[step] * ZY
         Y, Z = Y @ T, T @ Z
+    if info is not None:
+        info["steps"] = step
     W = Z / scale.sqrt()
     WG = W @ G
     ok &= (WG @ W - eye).abs().amax((-2, -1)) <= check
