@@ -85,6 +85,23 @@ def test_orthonormalize_is_orthonormal_on_ill_conditioned_input():
     assert torch.linalg.matrix_rank(torch.cat([Q, Y], 1), rtol=1e-4) == 30  # same span
 
 
+def test_orthonormalize_takes_columns_of_very_different_norms_without_falling_back(monkeypatch):
+    """A filtered block: well-separated directions whose norms span 1e12, cond(Y) ≈ 1e12, far
+    beyond CholeskyQR's ~1e8. Cholesky is invariant to column scaling, so it stays on the GEMM
+    path with the same span: what lets the Chebyshev filters use a 1e14 gain budget."""
+    gen = torch.Generator().manual_seed(3)
+    D = torch.linalg.qr(torch.randn(300, 20, generator=gen, dtype=torch.float64)).Q
+    mix = torch.eye(20, dtype=torch.float64) + 0.3 * torch.randn(20, 20, generator=gen, dtype=torch.float64).triu(1)
+    Y = (D @ mix) * torch.logspace(0, -12, 20, dtype=torch.float64)
+
+    def no_qr(*args, **kwargs):
+        raise AssertionError("fell back to Householder QR")
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    Q = orthonormalize(Y[None])[0]
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(20, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(Q @ Q.mT, D @ D.mT, atol=1e-10, rtol=0)  # the same span
+
+
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
 def test_whitening_gives_the_polar_factor(cond):
     gen = torch.Generator().manual_seed(2)

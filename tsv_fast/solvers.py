@@ -111,8 +111,10 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
 def orthonormalize(Y: Tensor) -> Tensor:
     """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down.
 
-    The first pass forms the ℓ×ℓ Gram matrix in float64 (tolerating cond(Y) up to ~1e8);
-    after it Q is orthonormal to a few digits, so the second pass can stay in Y's dtype.
+    The first pass forms the ℓ×ℓ Gram matrix in float64 (tolerating cond(Y) up to ~1e8,
+    measured with Y's columns scaled to unit norm: Cholesky is invariant to that scaling, so
+    columns whose norms differ by a filter's gain cost nothing); after it Q is orthonormal
+    to a few digits, so the second pass can stay in Y's dtype.
     Each pass multiplies by the inverse of the small triangular factor (a batched GEMM)
     rather than solving with it: on an H200 a batched triangular solve of (80, 1024, 102)
     took as long as a 10× larger GEMM (bench_stages.py). Breakdown is checked once, after
@@ -268,10 +270,16 @@ def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: i
     return batch.active
 
 
-def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int) -> Tensor:
-    """Rayleigh–Ritz, then a Chebyshev filter whose degree keeps the block's condition number,
-    about ``(4θ1/θ_ℓ)^degree``, under 1e7 (what CholeskyQR2 in float64 takes); with a low
-    degree (steep spectra) several filters run between two Rayleigh–Ritz steps."""
+def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_products: int = 8,
+                         cond_budget: float = 1e14) -> Tensor:
+    """Rayleigh–Ritz, then Chebyshev filters (at least ``min_products`` products with G) before
+    the next Rayleigh–Ritz step: the ℓ×ℓ eigenproblems, one batched kernel launch each, cost
+    more on a GPU than the products. The degree keeps ``(4θ1/θ_ℓ)^degree`` (the filter's
+    gain from the bottom to the top of the block) under ``cond_budget``. That gain is mostly a
+    spread of column norms, which CholeskyQR2 does not mind (:func:`orthonormalize`), so the
+    budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
+    did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
+    took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks)."""
     products = 0
     while True:
         Z = batch.G @ Q
@@ -280,8 +288,8 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int) -> Tensor:
         if batch.active.numel() == 0 or products >= max_products:
             return batch.active
         spread = float((ritz[:, 0] / ritz[:, -1].clamp(min=torch.finfo(torch.float64).tiny)).amax())
-        degree = max(1, min(8, int(7 / math.log10(4 * max(spread, 1.0)))))
-        filters = -(-3 // degree)  # at least 3 products per Rayleigh–Ritz
+        degree = max(1, min(16, int(math.log10(cond_budget) / math.log10(4 * max(spread, 1.0)))))
+        filters = -(-min_products // degree)
         Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
         for _ in range(filters - 1):
             Q = orthonormalize(Y)
