@@ -50,6 +50,16 @@ def test_nan_or_inf_in_a_task(base, bad):
         tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
 
 
+def test_a_delta_that_overflows_is_named(base):
+    """Finite weights whose difference from the base is not (float32 overflow): the batched
+    check finds it and names the task."""
+    base["a.weight"][0, 0] = -3e38
+    w = base["a.weight"].clone()
+    w[0, 0] = 3e38
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
+        tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
+
+
 def test_nan_in_base(base):
     base["a.bias"][0] = float("nan")
     with pytest.raises(tsv_fast.TSVInputError, match=r"base: key 'a.bias'"):

@@ -134,16 +134,19 @@ class TaskSource:
                  compressed: CompressedTask | None = None):
         self.name, self.state, self.base, self.compressed = name, state, base, compressed
 
-    def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None) -> Tensor:
-        """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's)."""
+    def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None, check: bool = True) -> Tensor:
+        """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's).
+        ``check=False`` skips the NaN/Inf check (a host sync on a GPU): for callers that
+        check a whole batch at once and call again with the check where it fails."""
         device = device or base_tensor.device
         dtype = compute_dtype(base_tensor)
+        finite = _finite if check else (lambda t, owner, key: t)
         if self.compressed is not None:
             d = self.compressed.delta(key)
         elif self.base is not None:  # fine-tuned weights; the base tensor was checked by the caller
-            d = _finite(self.state[key], f"task {self.name!r}", key).to(device, dtype) - base_tensor.to(device, dtype)
+            d = finite(self.state[key], f"task {self.name!r}", key).to(device, dtype) - base_tensor.to(device, dtype)
         else:  # task vector
-            d = _finite(self.state[key], f"task {self.name!r}", key) if key in self.state else None
+            d = finite(self.state[key], f"task {self.name!r}", key) if key in self.state else None
         if d is None:
             return torch.zeros(base_tensor.shape, dtype=dtype, device=device)
         return d.to(device, dtype)
@@ -157,12 +160,19 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
                  device: torch.device | None = None, out: Tensor | None = None) -> Tensor:
     """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer (or
     ``out``), so the peak is the batch plus one task's tensor (not twice the batch, as
-    ``torch.stack`` of a list)."""
+    ``torch.stack`` of a list). NaN/Inf are checked once over the batch (one host sync per
+    key, not per task); where that fails, task by task, for the error naming the task."""
     device = device or base_tensor.device
     if out is None:
         out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
     for i, s in enumerate(sources):
-        out[i] = s.delta(key, base_tensor, device)
+        out[i] = s.delta(key, base_tensor, device, check=False)
+    if not bool(torch.isfinite(out).all()):
+        for i, s in enumerate(sources):
+            s.delta(key, base_tensor, device)  # raises for the task whose weights are not finite
+            if not bool(torch.isfinite(out[i]).all()):
+                raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
+                                    f"{out.dtype} (NaN or Inf)")
     return out
 
 
