@@ -131,17 +131,22 @@ def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
 
 
 def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0) -> Tensor:
-    """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration on
-    its Cholesky factor (Rayleigh quotients of G⁻¹); 0 where Cholesky fails (numerically
-    singular). A few triangular solves with ``vectors`` right-hand sides: cheap next to one
-    c×c GEMM. Only used to schedule Newton–Schulz steps, never to decide a result."""
+    """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration
+    (Rayleigh quotients of G⁻¹ = L⁻ᵀL⁻¹ after ``iters`` steps); 0 where Cholesky fails
+    (numerically singular). L⁻¹ is formed once (a triangular solve with c right-hand sides,
+    BLAS-3) so the iteration is small GEMMs: triangular solves with a few right-hand sides
+    are latency-bound on a GPU. Only used to schedule Newton–Schulz steps, never to decide
+    a result."""
     L, info = torch.linalg.cholesky_ex(G)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     gen = torch.Generator(device=G.device).manual_seed(seed)
     V = torch.randn(*G.shape[:-1], vectors, generator=gen, device=G.device, dtype=G.dtype)
     for _ in range(iters):
-        V = torch.cholesky_solve(V, L)
+        V = Linv.mT @ (Linv @ V)
         V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp(min=torch.finfo(G.dtype).tiny)
-    rho = (V * torch.cholesky_solve(V, L)).sum(-2).amax(-1)  # ≤ 1/λmin
+    W = Linv @ V
+    rho = W.square().sum(-2).amax(-1)  # vᵀG⁻¹v = ‖L⁻¹v‖² ≤ 1/λmin, for unit v
     return torch.where((info == 0) & (rho > 0), 1 / rho, 0.0)
 
 
