@@ -160,17 +160,20 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
                  device: torch.device | None = None, out: Tensor | None = None) -> Tensor:
     """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer (or
     ``out``), so the peak is the batch plus one task's tensor (not twice the batch, as
-    ``torch.stack`` of a list). NaN/Inf are checked once over the batch (one host sync per
-    key, not per task); where that fails, task by task, for the error naming the task."""
+    ``torch.stack`` of a list). NaN/Inf are checked task by task on the device and read back
+    once (one host sync per key, not per task); where that fails, the failing task is read
+    again with the check, for the error naming it."""
     device = device or base_tensor.device
     if out is None:
         out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
+    finite = torch.empty(len(sources), dtype=torch.bool, device=device)
     for i, s in enumerate(sources):
         out[i] = s.delta(key, base_tensor, device, check=False)
-    if not bool(torch.isfinite(out).all()):
+        finite[i] = torch.isfinite(out[i]).all()  # per task: isfinite's temporaries stay one task's size
+    if not bool(finite.all()):
         for i, s in enumerate(sources):
             s.delta(key, base_tensor, device)  # raises for the task whose weights are not finite
-            if not bool(torch.isfinite(out[i]).all()):
+            if not bool(finite[i]):
                 raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
                                     f"{out.dtype} (NaN or Inf)")
     return out
