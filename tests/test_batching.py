@@ -120,11 +120,14 @@ def test_scaled_newton_schulz_schedule_converges_where_it_says_and_only_above_rc
     a = np.array(a_rows)[:, 0]
     b = np.array(b_rows)[:, 0]
     assert np.prod(a) <= 1 / rcond * (1 + 1e-12)  # no σ < rcond·bound can reach 1
-    x = np.concatenate([np.geomspace(lower, 1, 400), [0.999 * rcond, 0.5 * rcond]])
+    x = np.geomspace(lower, 1, 400)
     for j in range(first_check):
         x = a[j] * x + b[j] * x ** 3
-    assert np.all(np.abs(x[:-2] ** 2 - 1) <= tol), lower
-    assert np.all(x[-2:] < 1 - 1e-3)
+    assert np.all(np.abs(x ** 2 - 1) <= tol), lower
+    below = np.array([0.999 * rcond, 0.5 * rcond])
+    for j in range(len(a)):  # every step the schedule has, not only up to its first check
+        below = a[j] * below + b[j] * below ** 3
+    assert np.all(below < 1 - 1e-3)
     plain = np.log(1 / lower) / np.log(1.5)  # steps plain Newton–Schulz needs for its growth alone
     if lower < 0.1:
         assert first_check < plain
@@ -141,6 +144,47 @@ def test_newton_schulz_takes_the_scaled_steps_on_an_ill_conditioned_square_conca
     W, ok = newton_schulz_whitening(X.T @ X, 1e-6, 1.0, info=info)  # plain: ≥ log(1e4)/log(1.5) = 23
     assert bool(ok) and info["steps"] <= 16
     np.testing.assert_allclose((X @ W).numpy(), ref.whiten(X.numpy()), atol=1e-8)
+
+
+def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_still_refuses(monkeypatch):
+    """The estimate only schedules the steps: if it is far too high, values below the assumed
+    interval still grow and converge; a direction below rcond is still refused."""
+    import tsv_fast.tsv as tsv_module
+    monkeypatch.setattr(tsv_module, "smallest_eigenvalue_estimate", lambda G: torch.ones(G.shape[:-2], dtype=G.dtype))
+    gen = torch.Generator().manual_seed(23)
+    P = torch.linalg.qr(torch.randn(60, 20, generator=gen, dtype=torch.float64)).Q
+    for smallest, converges in [(1e-4, True), (1e-9, False)]:
+        s = torch.ones(20, dtype=torch.float64)
+        s[-1] = smallest
+        Y = newton_schulz_polar(P * s, rcond=1e-6, bound=1.0)
+        assert (Y is not None) == converges, smallest
+        if converges:
+            np.testing.assert_allclose(Y.numpy(), P.numpy(), atol=1e-8)
+
+
+def test_newton_schulz_on_two_batch_dims_with_per_matrix_bounds_and_an_early_stop():
+    """(2, 2) Gram matrices, each with its own bound, one of them singular: each matrix is whitened
+    or refused on its own, and the singular one does not hold the others to the step limit."""
+    gen = torch.Generator().manual_seed(24)
+    Xs, want_ok = [], []
+    for i in range(4):
+        P = torch.linalg.qr(torch.randn(50, 12, generator=gen, dtype=torch.float64)).Q
+        s = torch.logspace(0, -2 * i, 12, dtype=torch.float64) * (i + 1)
+        if i == 3:
+            s[-1] = 0.0  # a duplicated direction: refused
+        Xs.append(P * s)
+        want_ok.append(i != 3)
+    X = torch.stack(Xs).reshape(2, 2, 50, 12)
+    G = X.mT @ X
+    bound_sq = torch.tensor([float(i + 1) ** 2 for i in range(4)], dtype=torch.float64).reshape(2, 2)
+    info = {}
+    W, ok = newton_schulz_whitening(G, 1e-7, bound_sq, info=info)
+    assert ok.reshape(-1).tolist() == want_ok
+    for i in range(3):
+        x = X.reshape(4, 50, 12)[i]
+        np.testing.assert_allclose((x @ W.reshape(4, 12, 12)[i]).numpy(), ref.whiten(x.numpy()), atol=1e-8)
+    rows, _, _ = scaled_newton_schulz_schedule([1e-7], 1e-7, 1e-10)
+    assert info["steps"] < len(rows)  # stopped once the singular matrix had spent its budget
 
 
 def test_batched_newton_schulz_checks_each_matrix_and_falls_back_per_matrix():

@@ -172,10 +172,11 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
         finite[i] = torch.isfinite(out[i]).all()  # per task: isfinite's temporaries stay one task's size
     if not bool(finite.all()):
         for i, s in enumerate(sources):
-            s.delta(key, base_tensor, device)  # raises for the task whose weights are not finite
-            if not bool(finite[i]):
-                raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
-                                    f"{out.dtype} (NaN or Inf)")
+            if bool(finite[i]):
+                continue
+            s.delta(key, base_tensor, device)  # raises if the task's weights are not finite
+            raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
+                                f"{out.dtype} (NaN or Inf)")
     return out
 
 

@@ -194,21 +194,23 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     Plain Newton–Schulz (``a, b = 3/2, −1/2``) grows a small x only 1.5× per step: 27–31
     steps for the square concatenations of CLIP keys (σmin/σmax ≈ 1e-4), which is why the
     steps are scaled (:func:`scaled_newton_schulz_schedule`) from a lower bound on x: half
-    of λmin's estimate (:func:`smallest_eigenvalue_estimate`), at least ``rcond``. If the
+    of √λmin's estimate (:func:`smallest_eigenvalue_estimate`), at least ``rcond``. If the
     estimate was too high, the lagging values still grow ≥ 1.5× per step and the iteration
     runs on until the check passes or the step budget ends. The budget (product of the
     ``a``'s ≤ ``1/rcond``) proves that a converged matrix has every ``σ(X) ≥ rcond·bound``,
     so the exact path (which zeroes directions below ``rcond`` relative to the largest)
     would keep them all too and both define the same result (conservative: it also declines
     some X the exact path would whiten, which costs time, never accuracy). ``bound_sq ≥
-    λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works). The Gram side squares
+    λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works), inflated by 1e-6
+    here: a scaled step maps x slightly above 1 to a negative value, which the checks would
+    not see, so a bound that is only σmax to rounding must not reach it. The Gram side squares
     σ, and float64 G resolves σ only down to ~1e-8·bound, so ``rcond`` is floored at 1e-7
     (float32 data use 8·eps ≈ 1e-6 anyway). ``info`` (when given) receives the number of
     ``steps`` run.
     """
     rcond = max(rcond, 1e-7)
     bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
-    scale = bound_sq.clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
+    scale = (bound_sq * (1 + 1e-6)).clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     Y, Z = G / scale, eye.expand(G.shape)
     lower = (smallest_eigenvalue_estimate(Y).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
@@ -221,7 +223,8 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
         ZY = Z @ Y
         if step >= first_check or step == last:
             ok = (ZY - eye).abs().amax((-2, -1)) <= tol
-            if step == last or bool(ok.all()):
+            # done when every matrix converged or has spent its budget (its steps are now I)
+            if step == last or bool((ok | (Bc[step, ..., 0, 0] == 0)).all()):
                 break
         T = A[step] * eye + Bc[step] * ZY
         Y, Z = Y @ T, T @ Z
