@@ -130,13 +130,14 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
 
 
 def _merge_variant(name: str, blocks: dict, tvs: list) -> dict:
-    """merge_layers with the variant's options (and, for "subspace-power", the older filter)."""
-    previous = solvers.SUBSPACE_FILTER
-    solvers.SUBSPACE_FILTER = "power" if name == "subspace-power" else previous
+    """merge_layers with the variant's options and solver knob (``KNOBS``)."""
+    attr, value = KNOBS.get(name, ("SUBSPACE_FILTER", solvers.SUBSPACE_FILTER))
+    previous = getattr(solvers, attr)
+    setattr(solvers, attr, value)
     try:
         return tsv_fast.merge_layers(blocks, tvs, **VARIANTS[name][1])
     finally:
-        solvers.SUBSPACE_FILTER = previous
+        setattr(solvers, attr, previous)
 
 
 def _rel(out, want, base) -> float:
@@ -179,6 +180,13 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "eigh-polar": ("exact, eigh polar", {"solver": "exact", "polar": "eigh"}),
     "subspace-power": ("exact via subspace iteration, power steps", {"solver": "subspace"}),
     "e-shape": ("randomized, shape batches", {"solver": "randomized", "batch": "shape"}),
+    "gram-half": ("exact, Gram matrices of half the batch at a time", {"solver": "exact"}),
+    "ell118": ("exact, block ℓ ≤ 118", {"solver": "exact"}),
+}
+KNOBS = {  # variant -> (module attribute of tsv_fast.solvers, value) set for its run only
+    "subspace-power": ("SUBSPACE_FILTER", "power"),
+    "gram-half": ("GRAM_SHARE", 0.5),
+    "ell118": ("MAX_BLOCK", 118),
 }
 
 

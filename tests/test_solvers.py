@@ -177,6 +177,21 @@ def test_subspace_iteration_matches_full_eigh(decay, T):
     assert (dots > 1 - 1e-6).all()
 
 
+@pytest.mark.parametrize("knob,value", [("GRAM_SHARE", 1e-9), ("GRAM_SHARE", 1.0), ("MAX_BLOCK", 1)])
+def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, knob, value):
+    """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10): eigh's result."""
+    import tsv_fast.solvers as solvers_module
+    monkeypatch.setattr(solvers_module, knob, value)
+    A = task_batch(600, 160, 4, 0.5, seed=31)
+    k = 20
+    U1, S1, V1, _ = eigh_topk(A, k, torch.float64)
+    U2, S2, V2, _ = subspace_topk(A, k, torch.float64)
+    torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
+    assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
+    if knob == "MAX_BLOCK":
+        assert solvers_module._block_size(k, 160) == k + 10
+
+
 def test_subspace_iteration_falls_back_to_eigh_when_it_has_not_converged():
     A = task_batch(300, 100, 3, 0.5, seed=3)
     exact = eigh_topk(A, 10, torch.float64)

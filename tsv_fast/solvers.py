@@ -177,6 +177,14 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
 
 SUBSPACE_FILTERS = ("chebyshev", "power")
 SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
+# subspace_topk holds float64 Gram matrices of this share of the batch's bytes at a time: more
+# means fewer, fuller Rayleigh–Ritz launches on a GPU and more memory (ViT-B/32, T = 8 on an
+# H200: 1.94× of the shape batch at 0.25, the target being 2×)
+GRAM_SHARE = 0.25
+# cap on the block ℓ (None: ℓ = 2k); 118 keeps float64 Rayleigh–Ritz problems in the Jacobi
+# kernel's shared memory on sm_90 (ViT-L/14 at T = 14 has ℓ = 146). Both are benchmark knobs
+# (bench_merge.py variants "gram-half", "ell118") until measured on a GPU.
+MAX_BLOCK: int | None = None
 
 
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
@@ -213,8 +221,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
     iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
-    # float64 Gram matrices of a quarter of the batch's bytes at a time (peak memory ≤ 2× the batch)
-    chunk = max(1, (B * p * q * X.element_size()) // (4 * 8 * q * q))
+    # float64 Gram matrices of a GRAM_SHARE of the batch's bytes at a time (peak memory ≤ 2× the batch)
+    chunk = max(1, int(B * p * q * X.element_size() * GRAM_SHARE) // (8 * q * q))
     for start in range(0, B, chunk):
         G = gram64(X[start:start + chunk])
         part = _Batch(G, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
@@ -285,12 +293,14 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
         Z = batch.G @ Q
         products += 1
         ritz, V, GV = batch.rayleigh_ritz(Q, Z)
+        del Q, Z  # spanned by V now; blocks are ℓ/q of a Gram matrix each, so few stay alive
         if batch.active.numel() == 0 or products >= max_products:
             return batch.active
         spread = float((ritz[:, 0] / ritz[:, -1].clamp(min=torch.finfo(torch.float64).tiny)).amax())
         degree = max(1, min(16, int(math.log10(cond_budget) / math.log10(4 * max(spread, 1.0)))))
         filters = -(-min_products // degree)
         Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
+        del V, GV
         for _ in range(filters - 1):
             Q = orthonormalize(Y)
             Y = chebyshev_filter(batch.G, Q, batch.G @ Q, ritz, degree)
@@ -310,9 +320,10 @@ def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int
     sigma = e / (top - c)
     tau = 2 / sigma
     prev, Y = V, (GV - c * V) * (sigma / e)
-    for _ in range(degree - 1):
+    for _ in range(degree - 1):  # in place: one new block per step (the blocks are ℓ/q of G each)
         sigma_next = 1 / (tau - sigma)
-        prev, Y = Y, (G @ Y - c * Y) * (2 * sigma_next / e) - (sigma * sigma_next) * prev
+        new = (G @ Y).addcmul_(Y, c, value=-1).mul_(2 * sigma_next / e)
+        prev, Y = Y, new.addcmul_(prev, sigma * sigma_next, value=-1)
         sigma = sigma_next
     return Y
 
@@ -326,8 +337,12 @@ EXACT_ROUTE = {"cpu": "by-size", "cuda": "subspace"}
 
 
 def _block_size(k: int, q: int, oversample: int | None = None) -> int:
-    """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q."""
-    return min(q, k + (oversample if oversample is not None else max(10, k)))
+    """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q
+    (and at most ``MAX_BLOCK`` when set, but always k + 10 or more)."""
+    ell = k + (oversample if oversample is not None else max(10, k))
+    if MAX_BLOCK is not None and oversample is None:
+        ell = min(ell, max(k + 10, MAX_BLOCK))
+    return min(q, ell)
 
 
 def exact_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
