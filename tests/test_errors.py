@@ -60,6 +60,17 @@ def test_a_delta_that_overflows_is_named(base):
         tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "mean", "tsv"])
+def test_merged_weights_that_overflow_are_refused(base, method):
+    """Every input finite, but deltas of 3.4e38 each sum past float32: an error naming the key, not Inf."""
+    base["a.weight"][0, 0] = 0.0
+    w = base["a.weight"].clone()
+    w[0, 0] = 3.4e38
+    tasks = [finetuned(base, **{"a.weight": w}) for _ in range(2)]
+    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.weight'.*not finite"):
+        tsv_fast.merge_layers(base, tasks, method=method, alpha=1.0 if method == "mean" else 2.0)
+
+
 def test_nan_in_base(base):
     base["a.bias"][0] = float("nan")
     with pytest.raises(tsv_fast.TSVInputError, match=r"base: key 'a.bias'"):

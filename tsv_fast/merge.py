@@ -111,13 +111,13 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
             group = groups[key]
             bases = [_on(checked_base_tensor(base, k), ctx.device) for k in group]
             for k, merged, b in zip(group, spec.merge_group(group, bases, sources, ctx), bases):
-                ready[k] = merged.to(out_dtype or b.dtype)
+                ready[k] = _finite_output(k, merged.to(out_dtype or b.dtype))
         if key in ready:
             yield key, ready.pop(key)
             continue
         b = _on(checked_base_tensor(base, key), ctx.device)
         if key in selected and is_mergeable(b):
-            yield key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)
+            yield key, _finite_output(key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype))
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
     if stats is not None:
@@ -128,6 +128,14 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
             f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
             f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
             TSVRankWarning, stacklevel=3)
+
+
+def _finite_output(key: str, merged: Tensor) -> Tensor:
+    """Finite inputs can still sum or round past the output dtype's range: refuse, never write Inf."""
+    if merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+        raise TSVInputError(f"key {key!r}: the merged weights are not finite (NaN or Inf): the tasks' deltas "
+                            f"overflow {merged.dtype}")
+    return merged
 
 
 def _on(t: Tensor, device) -> Tensor:
