@@ -12,7 +12,8 @@ from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import clip_vit_base, power_law_matrix, synthetic_finetuned, synthetic_task_vectors
 from tsv_fast.tsv import (block_gram, newton_schulz_polar, newton_schulz_whitening, polar_factor, polar_from_blocks,
-                          resolve_polar, scaled_newton_schulz_schedule, smallest_eigenvalue_estimate, whitening)
+                          resolve_polar, scaled_newton_schulz_schedule, sigma_max_sq_bound, smallest_eigenvalue_estimate,
+                          whitening)
 
 
 def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
@@ -185,6 +186,36 @@ def test_newton_schulz_on_two_batch_dims_with_per_matrix_bounds_and_an_early_sto
         np.testing.assert_allclose((x @ W.reshape(4, 12, 12)[i]).numpy(), ref.whiten(x.numpy()), atol=1e-8)
     rows, _, _ = scaled_newton_schulz_schedule([1e-7], 1e-7, 1e-10)
     assert info["steps"] < len(rows)  # stopped once the singular matrix had spent its budget
+
+
+@pytest.mark.parametrize("noise", [1e-7, 1e-3, 0.3])
+def test_sigma_max_bound_from_blocks_is_a_bound_and_near_T_for_rounded_factors(noise):
+    """Blocks orthonormal up to ``noise`` (1e-7: float32 rounding; 0.3: far from orthonormal),
+    with a shared direction so that σmax² approaches T: the block bound is never below λmax,
+    and for rounded factors it is T to 1e-4 where trace(G) is T·k."""
+    gen = torch.Generator().manual_seed(25)
+    sizes = [10] * 6
+    X = orthonormal_blocks(90, sizes, gen, overlap=0.9)
+    X = X + noise * torch.randn(X.shape, generator=gen, dtype=torch.float64)
+    G = X.mT @ X
+    lam_max = torch.linalg.eigvalsh(G)[-1]
+    bound = sigma_max_sq_bound(G[None], blocks=sizes)[0]
+    assert bound >= lam_max * (1 - 1e-12)
+    assert sigma_max_sq_bound(G[None])[0] >= lam_max * (1 - 1e-12)  # the trace bound
+    if noise < 1e-6:
+        assert bound <= len(sizes) * (1 + 1e-4) < sigma_max_sq_bound(G[None])[0] / 5
+
+
+def test_newton_schulz_with_the_block_bound_on_rounded_factors_matches_the_reference():
+    """float32-rounded orthonormal blocks (the randomized solver's factors), ill-conditioned by a
+    shared subspace: the tighter bound must still give the polar factor, not a sign-flipped one."""
+    gen = torch.Generator().manual_seed(26)
+    sizes = [12] * 8
+    X = orthonormal_blocks(100, sizes, gen, overlap=0.7).float().double()
+    counts = {}
+    P = polar_from_blocks(X, None, "newton-schulz", eps=torch.finfo(torch.float32).eps, counts=counts, blocks=sizes)
+    assert counts.get("newton_schulz", 0) == 1
+    np.testing.assert_allclose(P.numpy(), ref.whiten(X.numpy()), atol=1e-8)
 
 
 def test_batched_newton_schulz_checks_each_matrix_and_falls_back_per_matrix():

@@ -259,8 +259,25 @@ def resolve_polar(method: str, device: torch.device) -> str:
     return method
 
 
+def sigma_max_sq_bound(G: Tensor, sizes: Sequence[int] | None = None, blocks: Sequence[int] | None = None) -> Tensor | float:
+    """An upper bound on λmax(G) = σmax(X)² for ``G = XᵀX`` (batched), as tight as what is known:
+    T for T orthonormal blocks (``sizes``); ``Σ_t (1 + ‖G_tt − I‖_F)`` for blocks orthonormal
+    only to rounding (``blocks``: σmax(X)² ≤ Σ_t σmax(X_t)² by Cauchy–Schwarz, and
+    λmax(G_tt) ≤ 1 + ‖G_tt − I‖₂); else ``trace(G)``."""
+    if sizes is not None:
+        return float(len(sizes))
+    if blocks is None:
+        return torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
+    bound, start = 0.0, 0
+    for size in blocks:
+        eye = torch.eye(size, dtype=G.dtype, device=G.device)
+        bound = bound + 1 + torch.linalg.matrix_norm(G[..., start:start + size, start:start + size] - eye)
+        start += size
+    return bound
+
+
 def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "auto", eps: float | None = None,
-                      counts: dict | None = None) -> Tensor:
+                      counts: dict | None = None, blocks: Sequence[int] | None = None) -> Tensor:
     """Polar factor of the concatenation ``X`` (float64 result), by ``method``.
 
     ``"eigh"`` is the exact float64 path (:func:`whitening`). ``"newton-schulz"`` is tried
@@ -269,19 +286,20 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     it. ``"auto"`` picks one per device (:func:`resolve_polar`). ``eps``: the rounding
     level of the data X was computed from (default X's dtype's). ``X`` may carry leading
     batch dimensions (several keys of one shape): Gram matrices, iterations and eigensolver
-    calls are then batched, and each matrix is checked on its own.
+    calls are then batched, and each matrix is checked on its own. ``blocks``: the column
+    counts of X's task blocks when they are orthonormal only to rounding (``sizes`` is then
+    None): Newton–Schulz's bound on σmax² becomes ``Σ_t (1 + ‖X_tᵀX_t − I‖_F)`` ≈ T instead of
+    ``trace(XᵀX)`` = T·k, which starts the iteration √k times closer to convergence.
     """
     method = resolve_polar(method, X.device)
     rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
     if X.dim() == 2:  # one matrix: a batch of one
-        return polar_from_blocks(X[None], sizes, method, eps, counts)[0]
+        return polar_from_blocks(X[None], sizes, method, eps, counts, blocks)[0]
     X64 = X.double()
     G = block_gram(X64, sizes) if sizes is not None else X64.mT @ X64
     if method == "eigh":
         return X64 @ _eigh_inverse_sqrt(G, rcond)
-    # σmax ≤ √T for T orthonormal blocks; otherwise ‖X‖_F² = trace(G) bounds σmax²
-    bound_sq = float(len(sizes)) if sizes is not None else torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
-    W, ok = newton_schulz_whitening(G, rcond, bound_sq)
+    W, ok = newton_schulz_whitening(G, rcond, sigma_max_sq_bound(G, sizes, blocks))
     if counts is not None:
         n_ok = int(ok.sum())
         counts["newton_schulz"] = counts.get("newton_schulz", 0) + n_ok
@@ -323,11 +341,12 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
         Us, Ss, Vs = zip(*factors)
         torch.cat(Us, dim=1, out=U[j]), torch.cat(Vs, dim=1, out=V[j])
         S[j] = torch.cat(Ss)
-    sizes = [f[1].shape[0] for f in first] if orthonormal else None
+    blocks = [f[1].shape[0] for f in first]
+    sizes = blocks if orthonormal else None
     eps = torch.finfo(dtype).eps
-    U_perp = polar_from_blocks(U, sizes, polar, eps, counts).to(dtype)
+    U_perp = polar_from_blocks(U, sizes, polar, eps, counts, blocks).to(dtype)
     del U
-    V_perp = polar_from_blocks(V, sizes, polar, eps, counts).to(dtype)
+    V_perp = polar_from_blocks(V, sizes, polar, eps, counts, blocks).to(dtype)
     return U_perp, S, V_perp
 
 
