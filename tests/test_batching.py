@@ -199,7 +199,7 @@ def test_sigma_max_bound_from_blocks_is_a_bound_and_near_T_for_rounded_factors(n
     X = X + noise * torch.randn(X.shape, generator=gen, dtype=torch.float64)
     G = X.mT @ X
     lam_max = torch.linalg.eigvalsh(G)[-1]
-    bound = sigma_max_sq_bound(G[None], blocks=sizes)[0]
+    bound = sigma_max_sq_bound(G[None], sizes, orthonormal=False)[0]
     assert bound >= lam_max * (1 - 1e-12)
     assert sigma_max_sq_bound(G[None])[0] >= lam_max * (1 - 1e-12)  # the trace bound
     if noise < 1e-6:
@@ -213,7 +213,8 @@ def test_newton_schulz_with_the_block_bound_on_rounded_factors_matches_the_refer
     sizes = [12] * 8
     X = orthonormal_blocks(100, sizes, gen, overlap=0.7).float().double()
     counts = {}
-    P = polar_from_blocks(X, None, "newton-schulz", eps=torch.finfo(torch.float32).eps, counts=counts, blocks=sizes)
+    P = polar_from_blocks(X, sizes, "newton-schulz", eps=torch.finfo(torch.float32).eps, counts=counts,
+                          orthonormal=False)
     assert counts.get("newton_schulz", 0) == 1
     np.testing.assert_allclose(P.numpy(), ref.whiten(X.numpy()), atol=1e-8)
 

@@ -136,8 +136,8 @@ class TaskSource:
 
     def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None, check: bool = True) -> Tensor:
         """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's).
-        ``check=False`` skips the NaN/Inf check (a host sync on a GPU): for callers that
-        check a whole batch at once and call again with the check where it fails."""
+        ``check=False`` skips the NaN/Inf check (a host sync on a GPU): for callers that check
+        on the device themselves and call again with the check where that fails."""
         device = device or base_tensor.device
         dtype = compute_dtype(base_tensor)
         finite = _finite if check else (lambda t, owner, key: t)

@@ -160,12 +160,10 @@ def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: flo
     had every σ ≥ rcond·bound. Returns the coefficients per step and the step after which
     all matrices that can converge are predicted to have (the first convergence check)."""
     steps = int(math.log(1 / rcond) / math.log(1.5)) + 1
-    a_rows, b_rows, predicted = [], [], 0
-    for i, ell in enumerate(lower):
-        left, done = math.log(1 / rcond), None
+    a_cols, b_cols, predicted = [], [], 0
+    for ell in lower:
+        left, done, a_col, b_col = math.log(1 / rcond), None, [], []
         for j in range(steps):
-            if i == 0:
-                a_rows.append([]), b_rows.append([])
             alpha = math.sqrt(3 / (1 + ell + ell * ell))
             a, b = 1.5 * alpha, -0.5 * alpha ** 3
             if math.log(a) > left:
@@ -175,9 +173,11 @@ def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: flo
                 ell = min(1.0, a * ell + b * ell ** 3)
                 if done is None and 1 - ell * ell <= tol / 2:
                     done = j + 1
-            a_rows[j].append(a), b_rows[j].append(b)
+            a_col.append(a), b_col.append(b)
+        a_cols.append(a_col), b_cols.append(b_col)
         predicted = max(predicted, done or 0)
-    return a_rows, b_rows, predicted
+    transpose = lambda cols: [list(row) for row in zip(*cols)] if cols else [[] for _ in range(steps)]  # noqa: E731
+    return transpose(a_cols), transpose(b_cols), predicted
 
 
 def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
@@ -259,17 +259,17 @@ def resolve_polar(method: str, device: torch.device) -> str:
     return method
 
 
-def sigma_max_sq_bound(G: Tensor, sizes: Sequence[int] | None = None, blocks: Sequence[int] | None = None) -> Tensor | float:
-    """An upper bound on λmax(G) = σmax(X)² for ``G = XᵀX`` (batched), as tight as what is known:
-    T for T orthonormal blocks (``sizes``); ``Σ_t (1 + ‖G_tt − I‖_F)`` for blocks orthonormal
-    only to rounding (``blocks``: σmax(X)² ≤ Σ_t σmax(X_t)² by Cauchy–Schwarz, and
-    λmax(G_tt) ≤ 1 + ‖G_tt − I‖₂); else ``trace(G)``."""
-    if sizes is not None:
-        return float(len(sizes))
-    if blocks is None:
+def sigma_max_sq_bound(G: Tensor, sizes: Sequence[int] | None = None, orthonormal: bool = True) -> Tensor | float:
+    """An upper bound on λmax(G) = σmax(X)² for ``G = XᵀX`` (batched), as tight as what is known
+    of X's task blocks (column counts ``sizes``): T for T orthonormal blocks;
+    ``Σ_t (1 + ‖G_tt − I‖_F)`` for blocks orthonormal only to rounding (σmax(X)² ≤ Σ_t σmax(X_t)²
+    by Cauchy–Schwarz, and λmax(G_tt) ≤ 1 + ‖G_tt − I‖₂); ``trace(G)`` without ``sizes``."""
+    if sizes is None:
         return torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
+    if orthonormal:
+        return float(len(sizes))
     bound, start = 0.0, 0
-    for size in blocks:
+    for size in sizes:
         eye = torch.eye(size, dtype=G.dtype, device=G.device)
         bound = bound + 1 + torch.linalg.matrix_norm(G[..., start:start + size, start:start + size] - eye)
         start += size
@@ -277,7 +277,7 @@ def sigma_max_sq_bound(G: Tensor, sizes: Sequence[int] | None = None, blocks: Se
 
 
 def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "auto", eps: float | None = None,
-                      counts: dict | None = None, blocks: Sequence[int] | None = None) -> Tensor:
+                      counts: dict | None = None, orthonormal: bool = True) -> Tensor:
     """Polar factor of the concatenation ``X`` (float64 result), by ``method``.
 
     ``"eigh"`` is the exact float64 path (:func:`whitening`). ``"newton-schulz"`` is tried
@@ -286,20 +286,22 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     it. ``"auto"`` picks one per device (:func:`resolve_polar`). ``eps``: the rounding
     level of the data X was computed from (default X's dtype's). ``X`` may carry leading
     batch dimensions (several keys of one shape): Gram matrices, iterations and eigensolver
-    calls are then batched, and each matrix is checked on its own. ``blocks``: the column
-    counts of X's task blocks when they are orthonormal only to rounding (``sizes`` is then
-    None): Newton–Schulz's bound on σmax² becomes ``Σ_t (1 + ‖X_tᵀX_t − I‖_F)`` ≈ T instead of
-    ``trace(XᵀX)`` = T·k, which starts the iteration √k times closer to convergence.
+    calls are then batched, and each matrix is checked on its own. ``sizes``: the column
+    counts of X's task blocks, ``orthonormal`` (default) when each is orthonormal to float64
+    rounding (then the Gram matrix skips the identity diagonal blocks: :func:`block_gram`).
+    Blocks orthonormal only to float32 rounding still tighten Newton–Schulz's bound on σmax²
+    to ``Σ_t (1 + ‖X_tᵀX_t − I‖_F)`` ≈ T instead of ``trace(XᵀX)`` = T·k
+    (:func:`sigma_max_sq_bound`), which starts the iteration √k times closer to convergence.
     """
     method = resolve_polar(method, X.device)
     rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
     if X.dim() == 2:  # one matrix: a batch of one
-        return polar_from_blocks(X[None], sizes, method, eps, counts, blocks)[0]
+        return polar_from_blocks(X[None], sizes, method, eps, counts, orthonormal)[0]
     X64 = X.double()
-    G = block_gram(X64, sizes) if sizes is not None else X64.mT @ X64
+    G = block_gram(X64, sizes) if sizes is not None and orthonormal else X64.mT @ X64
     if method == "eigh":
         return X64 @ _eigh_inverse_sqrt(G, rcond)
-    W, ok = newton_schulz_whitening(G, rcond, sigma_max_sq_bound(G, sizes, blocks))
+    W, ok = newton_schulz_whitening(G, rcond, sigma_max_sq_bound(G, sizes, orthonormal))
     if counts is not None:
         n_ok = int(ok.sum())
         counts["newton_schulz"] = counts.get("newton_schulz", 0) + n_ok
@@ -341,12 +343,11 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
         Us, Ss, Vs = zip(*factors)
         torch.cat(Us, dim=1, out=U[j]), torch.cat(Vs, dim=1, out=V[j])
         S[j] = torch.cat(Ss)
-    blocks = [f[1].shape[0] for f in first]
-    sizes = blocks if orthonormal else None
+    sizes = [f[1].shape[0] for f in first]
     eps = torch.finfo(dtype).eps
-    U_perp = polar_from_blocks(U, sizes, polar, eps, counts, blocks).to(dtype)
+    U_perp = polar_from_blocks(U, sizes, polar, eps, counts, orthonormal).to(dtype)
     del U
-    V_perp = polar_from_blocks(V, sizes, polar, eps, counts, blocks).to(dtype)
+    V_perp = polar_from_blocks(V, sizes, polar, eps, counts, orthonormal).to(dtype)
     return U_perp, S, V_perp
 
 
