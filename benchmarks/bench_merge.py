@@ -180,13 +180,15 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "eigh-polar": ("exact, eigh polar", {"solver": "exact", "polar": "eigh"}),
     "subspace-power": ("exact via subspace iteration, power steps", {"solver": "subspace"}),
     "e-shape": ("randomized, shape batches", {"solver": "randomized", "batch": "shape"}),
-    "gram-half": ("exact, Gram matrices of half the batch at a time", {"solver": "exact"}),
-    "ell118": ("exact, block ℓ ≤ 118", {"solver": "exact"}),
+    "work-half": ("exact, float64 work of half the batch's bytes at a time", {"solver": "exact"}),
+    "work-quarter": ("exact, float64 work of a quarter of the batch's bytes at a time", {"solver": "exact"}),
+    "ell-2k": ("exact, block ℓ = 2k (no shared-memory cap)", {"solver": "exact"}),
 }
 KNOBS = {  # variant -> (module attribute of tsv_fast.solvers, value) set for its run only
     "subspace-power": ("SUBSPACE_FILTER", "power"),
-    "gram-half": ("GRAM_SHARE", 0.5),
-    "ell118": ("MAX_BLOCK", 118),
+    "work-half": ("WORK_SHARE", 0.5),
+    "work-quarter": ("WORK_SHARE", 0.25),
+    "ell-2k": ("MAX_BLOCK", None),
 }
 
 

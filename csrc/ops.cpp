@@ -2,6 +2,17 @@
 // with TORCH_LIBRARY_IMPL in their own files (cpu/, cuda/).
 #include <torch/library.h>
 
+#include "kernels/jacobi_eigh.h"
+
+namespace {
+// batched_eigh_shared_order: see kernels/jacobi_eigh.h (max_shared_order).
+int64_t eigh_shared_order(int64_t smem_bytes, bool float64) {
+  TORCH_CHECK_VALUE(smem_bytes >= 0, "batched_eigh_shared_order: smem_bytes must be >= 0, got ", smem_bytes);
+  const size_t b = static_cast<size_t>(smem_bytes);
+  return float64 ? tsv_fast::jacobi::max_shared_order<double>(b) : tsv_fast::jacobi::max_shared_order<float>(b);
+}
+}  // namespace
+
 TORCH_LIBRARY(tsv_fast, m) {
   // base + alpha * U @ diag(S) @ V^T, written straight into a fresh output of
   // base's dtype/shape/device; 2-D or batched 3-D (see csrc/reconstruct.h).
@@ -13,6 +24,9 @@ TORCH_LIBRARY(tsv_fast, m) {
   // by parallel-ordered Jacobi; eigenvalues ascending, eigenvectors as columns
   // (see csrc/eigh.h, csrc/kernels/jacobi_eigh.h).
   m.def("batched_eigh(Tensor A, int max_sweeps=30, float tol=0.0) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  // Largest n the CUDA batched_eigh kernel keeps in shared memory, given the
+  // device's per-block opt-in limit in bytes (no tensors: computed on the host).
+  m.def("batched_eigh_shared_order(int smem_bytes, bool float64) -> int", &eigh_shared_order);
   // CPU emulation of the CUDA kernel; force_path: -1 auto (as on sm_90),
   // 0 global-memory workspace, 1 shared-memory workspace.  For testing.
   m.def("batched_eigh_emulated(Tensor A, int max_sweeps=30, float tol=0.0, int force_path=-1) -> (Tensor eigenvalues, Tensor eigenvectors)");

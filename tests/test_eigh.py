@@ -208,6 +208,42 @@ def test_emulated_auto_path_beyond_shared_limit(dtype):
         run("emulated-shared", A)
 
 
+def _workspace_bytes(n, size):
+    """Shared memory of one block at order n, from the kernel's documented layout: A and W
+    (n² each), cos/sin/tan per pair (⌈n/2⌉ each), two int pair indices and n int ranks, padded
+    to 16 bytes, plus a reduction buffer of 3 doubles per thread (64 / 128 / 256 threads)."""
+    pairs = (n + 1) // 2
+    body = 2 * n * n * size + 3 * pairs * size + 2 * pairs * 4 + n * 4
+    threads = 64 if n <= 16 else 128 if n <= 48 else 256
+    return -(-body // 16) * 16 + 3 * threads * 8
+
+
+@needs_ext
+@pytest.mark.parametrize("smem", [0, 48 * 1024, 163 * 1024, 227 * 1024])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_shared_order_is_the_largest_n_that_fits(smem, dtype):
+    """What solvers size their Rayleigh–Ritz blocks by (H100/H200: 227 KB, A100: 163 KB)."""
+    size = torch.finfo(dtype).bits // 8
+    n = torch.ops.tsv_fast.batched_eigh_shared_order(smem, dtype == torch.float64)
+    assert n == 0 or _workspace_bytes(n, size) <= smem
+    assert _workspace_bytes(n + 1, size) > smem
+    if smem == 227 * 1024:  # the emulator's sm_90 limit: order n runs in shared memory, n + 1 refuses
+        A = make("random", n, B=1, seed=4).to(dtype)
+        check_eigh(A, *run("emulated-shared", A))
+        with pytest.raises(ValueError, match="needs .* bytes of shared memory"):
+            run("emulated-shared", make("random", n + 1, B=1, seed=4).to(dtype))
+    with pytest.raises(ValueError, match="smem_bytes must be >= 0"):
+        torch.ops.tsv_fast.batched_eigh_shared_order(-1, True)
+
+
+def test_shared_order_of_a_device():
+    assert ops.eigh_shared_order(torch.device("cpu")) is None
+    if EXT_OK and ops.has_cuda_kernels() and torch.cuda.is_available():
+        optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        n = ops.eigh_shared_order(torch.device("cuda"))
+        assert n == torch.ops.tsv_fast.batched_eigh_shared_order(optin, True) and n >= 64
+
+
 class _nullcontext:
     def __enter__(self):
         return self

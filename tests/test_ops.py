@@ -203,6 +203,18 @@ def test_cuda_matches_cpu_op_and_reference(size, batch, base_dtype, factor_dtype
 
 @needs_cuda
 @needs_cuda_ext
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_public_wrapper_at_merge_ranks(base_dtype):
+    """From rank 256 on the wrapper takes cuBLAS's addmm on a GPU: same result, same dtype rules."""
+    args = make_inputs(300, 280, 270, batch=2, base_dtype=base_dtype, device="cuda")
+    out = ops.reconstruct(*args, ALPHA)
+    assert out.dtype == base_dtype and out.is_contiguous()
+    assert_close_to_ref(out, *args, ALPHA)
+    assert_close_to_ref(ops.reconstruct(*(a[0] for a in args), ALPHA), *(a[0] for a in args), ALPHA)
+
+
+@needs_cuda
+@needs_cuda_ext
 def test_cuda_noncontiguous_and_bad_device():
     base, U, S, V = make_inputs(70, 40, 20, base_dtype=torch.float16, factor_dtype=torch.float64, device="cuda")
     out = torch.ops.tsv_fast.reconstruct(base.t().contiguous().t(), U, S, V.t().contiguous().t(), 0.25)

@@ -177,7 +177,7 @@ def test_subspace_iteration_matches_full_eigh(decay, T):
     assert (dots > 1 - 1e-6).all()
 
 
-@pytest.mark.parametrize("knob,value", [("GRAM_SHARE", 1e-9), ("GRAM_SHARE", 1.0), ("MAX_BLOCK", 1)])
+@pytest.mark.parametrize("knob,value", [("WORK_SHARE", 1e-9), ("WORK_SHARE", 10.0), ("MAX_BLOCK", 30)])
 def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, knob, value):
     """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10): eigh's result."""
     import tsv_fast.solvers as solvers_module
@@ -189,7 +189,25 @@ def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, kn
     torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
     assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
     if knob == "MAX_BLOCK":
-        assert solvers_module._block_size(k, 160) == k + 10
+        assert solvers_module._block_size(k, 160, cap=solvers_module._block_cap(A.device)) == k + 10
+
+
+def test_block_size_cap_applies_only_where_k_plus_10_fits_under_it():
+    from tsv_fast.solvers import _block_size
+    assert _block_size(50, 1024) == 100 and _block_size(50, 1024, cap=118) == 100  # 2k under the cap
+    assert _block_size(60, 1024, cap=118) == 118 and _block_size(108, 1024, cap=118) == 118
+    assert _block_size(109, 1024, cap=118) == 218  # k + 10 > cap: the full block, no use capping
+    assert _block_size(60, 1024, oversample=5, cap=100) == 65  # an explicit oversample is not capped
+    assert _block_size(60, 100, cap=118) == 100  # never more than the short side
+
+
+def test_block_cap_auto_is_the_shared_memory_order_on_a_gpu_only(monkeypatch):
+    import tsv_fast.solvers as solvers_module
+    assert solvers_module.MAX_BLOCK == "auto" and solvers_module._block_cap(torch.device("cpu")) is None
+    monkeypatch.setattr(ops, "eigh_shared_order", lambda device, dtype: 118)
+    assert solvers_module._block_cap(torch.device("cuda")) == 118
+    monkeypatch.setattr(solvers_module, "MAX_BLOCK", 64)
+    assert solvers_module._block_cap(torch.device("cpu")) == 64
 
 
 def test_subspace_iteration_falls_back_to_eigh_when_it_has_not_converged():

@@ -6,6 +6,8 @@ library works (slower, with an extra temporary) without a compiler.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -112,6 +114,12 @@ def _reconstruct_torch(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: flo
     return mm(b, US, Vt, beta=1, alpha=alpha).to(base.dtype).contiguous()
 
 
+# From this rank on, reconstruct on a GPU is cuBLAS's addmm: on an H200 the fused kernel took
+# 0.48–0.55× of addmm's speed at k = 768 (TSV-M merges call it with k ≈ the width) and was
+# 1.3–1.6× faster at k = 96 (benchmarks/bench_merge.py); the crossover was not measured.
+_CUDA_GEMM_RANK = 256
+
+
 def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.0) -> Tensor:
     """Return ``base + alpha * U @ diag(S) @ V^T`` as a new tensor of base's dtype, shape and device.
 
@@ -120,10 +128,13 @@ def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.
     with a leading batch dim B.  Factors may have a different float dtype than base
     (all three the same); accumulation is float32 (float64 if anything is float64).
     Uses the compiled kernel for base's device when available, else PyTorch (also when
-    gradients are needed: the compiled op has no autograd formula).
+    gradients are needed: the compiled op has no autograd formula, and on a GPU from
+    rank 256 on, where cuBLAS is faster).
     """
     ok, _ = load_extension()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (base, U, S, V))
+    if base.is_cuda and U.shape[-1] >= _CUDA_GEMM_RANK:
+        ok = False  # cuBLAS wins there
     if ok and not needs_grad and _has_kernel("reconstruct", _DISPATCH_KEYS.get(base.device.type)):
         return torch.ops.tsv_fast.reconstruct(base, U, S, V, float(alpha))
     return _reconstruct_torch(base, U, S, V, alpha)
@@ -207,6 +218,24 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Ten
     if ok and not needs_grad and _has_kernel("batched_eigh", _DISPATCH_KEYS.get(A.device.type)):
         return tuple(torch.ops.tsv_fast.batched_eigh(A, int(max_sweeps), float(tol)))
     return _batched_eigh_torch(A, max_sweeps, tol)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_order(index: int, float64: bool) -> int | None:
+    ok, _ = load_extension()
+    if not ok or not _has_kernel("batched_eigh", "CUDA"):
+        return None
+    optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return int(torch.ops.tsv_fast.batched_eigh_shared_order(int(optin), float64))
+
+
+def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
+    """Largest n for which :func:`batched_eigh` keeps an n×n matrix in the shared memory of
+    ``device`` (118 in float64 on an H100/H200); ``None`` without the CUDA kernel."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_order(index, dtype == torch.float64)
 
 
 # ---------------------------------------------------------------------------

@@ -177,14 +177,24 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
 
 SUBSPACE_FILTERS = ("chebyshev", "power")
 SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
-# subspace_topk holds float64 Gram matrices of this share of the batch's bytes at a time: more
-# means fewer, fuller Rayleigh–Ritz launches on a GPU and more memory (ViT-B/32, T = 8 on an
-# H200: 1.94× of the shape batch at 0.25, the target being 2×)
-GRAM_SHARE = 0.25
-# cap on the block ℓ (None: ℓ = 2k); 118 keeps float64 Rayleigh–Ritz problems in the Jacobi
-# kernel's shared memory on sm_90 (ViT-L/14 at T = 14 has ℓ = 146). Both are benchmark knobs
-# (bench_merge.py variants "gram-half", "ell118") until measured on a GPU.
-MAX_BLOCK: int | None = None
+# subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
+# matrix and ~9 ℓ-wide blocks per matrix: 8q(q + 9ℓ) bytes, fitted to device peaks measured on
+# an H200) under this share of the batch's bytes. A merge's peak is then about 1 + WORK_SHARE
+# shape batches (the stacked deltas are the 1; target ≤ 2). More: fewer, fuller Rayleigh–Ritz
+# launches on a GPU (ViT-L/14, T = 20: 2.53 s with a quarter of the batch's bytes in Gram
+# matrices, 2.24 s with half).
+WORK_SHARE = 0.75
+# cap on the block ℓ (None: ℓ = 2k). "auto": on a GPU, the largest float64 ℓ×ℓ problem the
+# Jacobi kernel keeps in shared memory (118 on an H100/H200), when k + 10 fits under it; beyond
+# it the kernel runs from global memory (ViT-L/14 at T = 14, ℓ = 146: 3.71 s, capped at 118: 2.26 s).
+MAX_BLOCK: int | str | None = "auto"
+
+
+def _block_cap(device: torch.device) -> int | None:
+    """The cap on ℓ that ``MAX_BLOCK`` means on this device."""
+    if MAX_BLOCK != "auto":
+        return MAX_BLOCK
+    return ops.eigh_shared_order(device, torch.float64) if device.type == "cuda" else None
 
 
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
@@ -216,13 +226,13 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
-    ell = _block_size(k, q, oversample)
+    ell = _block_size(k, q, oversample, _block_cap(A.device))
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
     iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
-    # float64 Gram matrices of a GRAM_SHARE of the batch's bytes at a time (peak memory ≤ 2× the batch)
-    chunk = max(1, int(B * p * q * X.element_size() * GRAM_SHARE) // (8 * q * q))
+    # a WORK_SHARE of the batch's bytes in float64 work at a time (peak memory ≤ 2× the batch)
+    chunk = max(1, int(B * p * q * X.element_size() * WORK_SHARE) // (8 * q * (q + 9 * ell)))
     for start in range(0, B, chunk):
         G = gram64(X[start:start + chunk])
         part = _Batch(G, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
@@ -336,12 +346,13 @@ def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int
 EXACT_ROUTE = {"cpu": "by-size", "cuda": "subspace"}
 
 
-def _block_size(k: int, q: int, oversample: int | None = None) -> int:
-    """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q
-    (and at most ``MAX_BLOCK`` when set, but always k + 10 or more)."""
+def _block_size(k: int, q: int, oversample: int | None = None, cap: int | None = None) -> int:
+    """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q, and
+    at most ``cap`` when k + 10 fits under it (a smaller block converges more slowly, so the
+    cap only pays where it keeps the Rayleigh–Ritz problems in fast memory)."""
     ell = k + (oversample if oversample is not None else max(10, k))
-    if MAX_BLOCK is not None and oversample is None:
-        ell = min(ell, max(k + 10, MAX_BLOCK))
+    if cap is not None and oversample is None and k + 10 <= cap:
+        ell = min(ell, cap)
     return min(q, ell)
 
 
@@ -349,7 +360,8 @@ def exact_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """The default solver: :func:`eigh_topk` or :func:`subspace_topk`, per device (``EXACT_ROUTE``)."""
     route = EXACT_ROUTE.get(A.device.type, "eigh")
     if route == "by-size":
-        route = "subspace" if 6 * _block_size(k, min(A.shape[-2:])) <= min(A.shape[-2:]) else "eigh"
+        q = min(A.shape[-2:])
+        route = "subspace" if 6 * _block_size(k, q, cap=_block_cap(A.device)) <= q else "eigh"
     return (subspace_topk if route == "subspace" else eigh_topk)(A, k, out_dtype)
 
 

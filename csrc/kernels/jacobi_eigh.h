@@ -110,6 +110,16 @@ TSV_HD size_t smem_bytes_for(int n, int nthreads, bool in_smem) {
   return red_bytes(nthreads) + (in_smem ? layout_for<T>(n).bytes : 0);
 }
 
+// Largest order n whose whole workspace fits in smem_bytes of shared memory
+// (0 when not even n = 1 fits): beyond it the CUDA kernel works from global
+// memory, several times slower.  Solvers size their Rayleigh-Ritz blocks by it.
+template <typename T>
+inline int max_shared_order(size_t smem_bytes) {
+  int n = 0;
+  while (n < 4096 && smem_bytes_for<T>(n + 1, threads_for(n + 1), true) <= smem_bytes) ++n;
+  return n;
+}
+
 template <typename T>
 struct Ws {
   T* A;       // n x n, row stride n: the matrix being diagonalised (kept symmetric)
