@@ -48,6 +48,7 @@ def iter_merge(
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     groups = _shape_groups(base, spec, selected, len(sources), ctx.device, batch, batch_bytes)
+    ctx.largest_batch_bytes = max((_stacked_bytes(base, g, len(sources)) for g in groups.values()), default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups)
 
 
@@ -82,6 +83,15 @@ def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes:
         run.append(key)
         groups[key] = run
     return {k: g for k, g in groups.items() if len(g) > 1}
+
+
+def _stacked_bytes(base, keys: Sequence[str], T: int) -> int:
+    """Bytes of the deltas of ``keys`` stacked for ``T`` tasks (float32, float64 for float64 keys)."""
+    total = 0
+    for key in keys:
+        shape, dtype = tensor_meta(base, key, "base")
+        total += T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
+    return total
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import ops
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
+from . import solvers
 from .solvers import EXACT_SOLVERS
 from .tasks import TaskSource, compute_dtype, stack_deltas
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
@@ -31,6 +32,7 @@ class KeyContext:
     options: dict = field(default_factory=dict)
     zero_rank_keys: list[str] = field(default_factory=list)
     residuals: dict[str, list[float]] = field(default_factory=dict)  # approximate solvers' errors
+    largest_batch_bytes: int = 0  # stacked deltas of the merge's largest shape batch (0: none)
     polar_counts: dict[str, int] = field(default_factory=dict)  # Newton–Schulz kept / fell back
 
 
@@ -79,15 +81,57 @@ def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCon
     return merge_tsv_group([key], [base], sources, ctx)[0]
 
 
+# A shape batch's merge may use this many times the stacked deltas of the merge's largest
+# shape batch (the issue's bound is 2×); tsv_key_bytes says what one key needs.
+PEAK_SHARE = 1.9
+
+
+def tsv_key_bytes(shape: Sequence[int], k: int, T: int, element_size: int = 4) -> int:
+    """Peak bytes one key adds to a TSV-M shape batch, the larger of its two phases (fitted with
+    :func:`tsv_fast.memory.peak_tensor_bytes` on the GPU route): finding the factors (its T
+    stacked deltas, ``solvers.WORK_SHARE`` of them in float64 work, the short-side vectors) and
+    whitening (float64 factors, float32 results, the polar factors' float64 temporaries: the
+    concatenations and about ten c×c matrices, c = T·k). The second dominates for few tasks
+    (c stays about the width while the stack shrinks with T) and for square keys."""
+    m, n = max(shape), min(shape)
+    c = k * T
+    stack = element_size * m * n * T
+    find = stack * (1 + solvers.WORK_SHARE) + 8 * n * c
+    whiten = 16 * (m + n) * c + 80 * c * c
+    return int(max(find, whiten))
+
+
+def _sub_batches(keys: Sequence[str], per_key: int, budget: float | None) -> list[slice]:
+    """Equal runs of ``keys`` whose peak (``per_key`` each) stays within ``budget`` (one key at
+    least); the whole batch at once when it fits or no budget is known (``None``)."""
+    fit = len(keys) if budget is None else max(1, min(len(keys), int(budget // max(per_key, 1))))
+    parts = -(-len(keys) // fit)
+    size = -(-len(keys) // parts)
+    return [slice(i, i + size) for i in range(0, len(keys), size)]
+
+
 def merge_tsv_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
                     ctx: KeyContext) -> list[Tensor]:
-    """TSV-M of several matrix keys of one shape, their top-k factors found in one solver call."""
+    """TSV-M of several matrix keys of one shape, their top-k factors found in one solver call
+    per sub-batch: as many keys as keep the peak within ``PEAK_SHARE`` of the merge's largest
+    shape batch (all of them at the benchmarks' T ≥ 8; fewer for T ≤ 4, where the float64
+    whitening of each key outweighs its stacked deltas)."""
     if ctx.options["polar"] not in POLAR_METHODS:
         raise TSVInputError(f"tsv: polar must be one of {POLAR_METHODS}, got {ctx.options['polar']!r}")
     k = resolve_rank(bases[0].shape, ctx.options["rank"], len(sources))
     if k == 0:
         ctx.zero_rank_keys.extend(keys)
         return [b.clone() for b in bases]
+    per_key = tsv_key_bytes(bases[0].shape, k, len(sources), compute_dtype(bases[0]).itemsize)
+    merged: list[Tensor] = []
+    budget = PEAK_SHARE * ctx.largest_batch_bytes if ctx.largest_batch_bytes else None
+    for part in _sub_batches(keys, per_key, budget):
+        merged += _merge_tsv_batch(keys[part], bases[part], sources, ctx, k)
+    return merged
+
+
+def _merge_tsv_batch(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                     ctx: KeyContext, k: int) -> list[Tensor]:
     # The exact solver's float64 factors are orthonormal per task, so the whitening can skip
     # the identity blocks of its Gram matrices; stored (compressed) factors are rounded.
     exact = ctx.solver in EXACT_SOLVERS and all(s.factors(key) is None for s in sources for key in keys)
