@@ -238,6 +238,8 @@ def test_shared_order_is_the_largest_n_that_fits(smem, dtype):
 
 def test_shared_order_of_a_device():
     assert ops.eigh_shared_order(torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.eigh_shared_order(torch.device("cpu"), torch.float16)
     if EXT_OK and ops.has_cuda_kernels() and torch.cuda.is_available():
         optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
         n = ops.eigh_shared_order(torch.device("cuda"))

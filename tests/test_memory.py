@@ -31,6 +31,20 @@ def test_peak_counts_live_storages_exactly():
     assert peak == 8 * MB and view.numel() == 10 and d.shape == before.shape
 
 
+def test_views_and_in_place_writes_of_earlier_tensors_are_not_counted_growth_is():
+    big = torch.ones(MB)  # 4 MiB from before
+    assert peak_tensor_bytes(lambda: big[:10].clone())[0] == 40  # the view is big's; the clone is new
+    assert peak_tensor_bytes(lambda: big.add_(1))[0] == 0
+    assert peak_tensor_bytes(lambda: torch.add(big, 1, out=torch.empty(0)))[0] == 4 * MB  # out= grows it
+
+    def grow():
+        x = torch.empty(0)
+        x.resize_(MB)
+        return x
+
+    assert peak_tensor_bytes(grow)[0] == 4 * MB
+
+
 def test_peak_of_freed_temporaries_in_a_loop_does_not_grow():
     def loop():
         for _ in range(50):
@@ -79,13 +93,16 @@ def test_sub_batches_give_the_same_merge(monkeypatch):
     import tsv_fast.methods as methods
     blocks = {k: v for k, v in clip_vit_base(128, 3, 32, 64).items() if ".resblocks." in k}
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, 3, seed=2)]
-    whole = tsv_fast.merge_layers(blocks, tvs, batch="shape")
     calls = []
-    monkeypatch.setattr(methods, "PEAK_SHARE", 1e-9)  # one key at a time
     monkeypatch.setattr(methods, "shape_batch_factors",
                         lambda sources, keys, *a, **kw: calls.append(len(keys)) or shape_batch_factors(sources, keys, *a, **kw))
+    monkeypatch.setattr(methods, "PEAK_SHARE", 1e9)  # every shape batch at once
+    whole = tsv_fast.merge_layers(blocks, tvs, batch="shape")
+    assert calls == [3, 3, 3, 3]
+    calls.clear()
+    monkeypatch.setattr(methods, "PEAK_SHARE", 1e-9)  # one key at a time
     split = tsv_fast.merge_layers(blocks, tvs, batch="shape")
-    assert calls and set(calls) == {1}
+    assert calls == [1] * 12
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-5, atol=1e-6)
 

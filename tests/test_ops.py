@@ -204,10 +204,14 @@ def test_cuda_matches_cpu_op_and_reference(size, batch, base_dtype, factor_dtype
 @needs_cuda
 @needs_cuda_ext
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-def test_cuda_public_wrapper_at_merge_ranks(base_dtype):
+def test_cuda_public_wrapper_at_merge_ranks(base_dtype, monkeypatch):
     """From rank 256 on the wrapper takes cuBLAS's addmm on a GPU: same result, same dtype rules."""
+    torch_path = ops._reconstruct_torch
     args = make_inputs(300, 280, 270, batch=2, base_dtype=base_dtype, device="cuda")
+    calls = []
+    monkeypatch.setattr(ops, "_reconstruct_torch", lambda *a: calls.append(1) or torch_path(*a))
     out = ops.reconstruct(*args, ALPHA)
+    assert calls  # the addmm route was taken
     assert out.dtype == base_dtype and out.is_contiguous()
     assert_close_to_ref(out, *args, ALPHA)
     assert_close_to_ref(ops.reconstruct(*(a[0] for a in args), ALPHA), *(a[0] for a in args), ALPHA)

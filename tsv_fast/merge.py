@@ -48,7 +48,8 @@ def iter_merge(
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     groups = _shape_groups(base, spec, selected, len(sources), ctx.device, batch, batch_bytes)
-    ctx.largest_batch_bytes = max((_stacked_bytes(base, g, len(sources)) for g in groups.values()), default=0)
+    runs = {id(g): g for g in groups.values()}.values()  # each run once (groups maps every key to its run)
+    ctx.largest_batch_bytes = max((sum(_stacked_bytes(base, k, len(sources)) for k in g) for g in runs), default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups)
 
 
@@ -76,7 +77,7 @@ def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes:
         shape, dtype = tensor_meta(base, key, "base")
         if key not in selected or not is_matrix_meta(key, shape, dtype):
             continue
-        item_bytes = T * math.prod(shape) * (8 if dtype == torch.float64 else 4)  # the stacked deltas
+        item_bytes = _stacked_bytes(base, key, T)
         run = open_runs.setdefault((tuple(shape), dtype), [])
         if run and (len(run) + 1) * item_bytes > batch_bytes:
             run = open_runs[(tuple(shape), dtype)] = []
@@ -85,13 +86,10 @@ def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes:
     return {k: g for k, g in groups.items() if len(g) > 1}
 
 
-def _stacked_bytes(base, keys: Sequence[str], T: int) -> int:
-    """Bytes of the deltas of ``keys`` stacked for ``T`` tasks (float32, float64 for float64 keys)."""
-    total = 0
-    for key in keys:
-        shape, dtype = tensor_meta(base, key, "base")
-        total += T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
-    return total
+def _stacked_bytes(base, key: str, T: int) -> int:
+    """Bytes of ``key``'s deltas stacked for ``T`` tasks (float32; float64 for float64 keys)."""
+    shape, dtype = tensor_meta(base, key, "base")
+    return T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):

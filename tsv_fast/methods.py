@@ -90,20 +90,20 @@ def tsv_key_bytes(shape: Sequence[int], k: int, T: int, element_size: int = 4) -
     """Peak bytes one key adds to a TSV-M shape batch, the larger of its two phases (fitted with
     :func:`tsv_fast.memory.peak_tensor_bytes` on the GPU route): finding the factors (its T
     stacked deltas, ``solvers.WORK_SHARE`` of them in float64 work, the short-side vectors) and
-    whitening (float64 factors, float32 results, the polar factors' float64 temporaries: the
+    whitening (float64 factors, results in the keys' dtype, the polar factors' float64 temporaries: the
     concatenations and about ten c×c matrices, c = T·k). The second dominates for few tasks
     (c stays about the width while the stack shrinks with T) and for square keys."""
     m, n = max(shape), min(shape)
     c = k * T
     stack = element_size * m * n * T
     find = stack * (1 + solvers.WORK_SHARE) + 8 * n * c
-    whiten = 16 * (m + n) * c + 80 * c * c
+    whiten = (12 + element_size) * (m + n) * c + 80 * c * c
     return int(max(find, whiten))
 
 
 def _sub_batches(keys: Sequence[str], per_key: int, budget: float | None) -> list[slice]:
-    """Equal runs of ``keys`` whose peak (``per_key`` each) stays within ``budget`` (one key at
-    least); the whole batch at once when it fits or no budget is known (``None``)."""
+    """Runs of ``keys`` of one size (the last may be shorter) whose peak (``per_key`` each) stays
+    within ``budget`` (one key at least); the whole batch when it fits or no budget is known."""
     fit = len(keys) if budget is None else max(1, min(len(keys), int(budget // max(per_key, 1))))
     parts = -(-len(keys) // fit)
     size = -(-len(keys) // parts)

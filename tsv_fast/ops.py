@@ -232,6 +232,8 @@ def _shared_order(index: int, float64: bool) -> int | None:
 def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
     """Largest n for which :func:`batched_eigh` keeps an n×n matrix in the shared memory of
     ``device`` (118 in float64 on an H100/H200); ``None`` without the CUDA kernel."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"eigh_shared_order: batched_eigh runs in float32 or float64, not {dtype}")
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()

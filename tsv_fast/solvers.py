@@ -204,7 +204,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     """Exact-quality top-k by block subspace iteration on the float64 Gram matrices, run to a
     tolerance: batched GEMMs and small ℓ×ℓ eigenproblems instead of one full eigh per matrix.
 
-    A block of ℓ = k + max(10, k) vectors is multiplied by G (the whole batch at once) and
+    A block of ℓ = k + max(10, k) vectors (on a GPU at most ``MAX_BLOCK``'s cap, where k + 10
+    fits under it) is multiplied by G (as many matrices at once as ``WORK_SHARE`` allows) and
     checked by Rayleigh–Ritz (``eigh(QᵀGQ)``, ℓ×ℓ; the batched Jacobi kernel on a GPU). A
     matrix is done when each of its top-k Ritz pairs has residual ``‖G v − θ v‖ ≤ tol·θ1``,
     which bounds its eigenvector error by ``tol·θ1/gap`` (float64 ``eigh`` itself is
@@ -215,7 +216,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     converging like ``(λ_(ℓ+1)/λ_k)^j``, with Rayleigh–Ritz every 3rd product (the span of
     ``G^j Q0`` does not depend on rotations in between). Cheaper than ``eigh`` only when
     ℓ ≪ n and the matrices are many: the GPU route of ``"exact"``. ``small_eigh`` solves the
-    ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU).
+    ℓ×ℓ problems (default: the Jacobi kernel on a GPU, LAPACK on a CPU; the cap on ℓ is the
+    Jacobi kernel's, so it does not apply to another ``small_eigh``).
     """
     filter = filter or SUBSPACE_FILTER
     if filter not in SUBSPACE_FILTERS:
@@ -226,7 +228,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
-    ell = _block_size(k, q, oversample, _block_cap(A.device))
+    ell = _block_size(k, q, oversample, _block_cap(A.device) if small_eigh is None else None)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
