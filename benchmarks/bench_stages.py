@@ -127,7 +127,7 @@ def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
     G1 = spd(1, width)
     rows.append((f"eigh float64 {width}×{width} (top-k Gram), one matrix",
                  best_of(lambda: torch.linalg.eigh(G1), 3, sync)))
-    ell = min(width, k + max(10, k))
+    ell = solvers._block_size(k, width, cap=solvers._block_cap(torch.device(device)))  # the merge's ℓ
     H = spd(64, ell)
     rows.append((f"eigh float64 {ell}×{ell} (Rayleigh–Ritz), torch, batch of 64 (per matrix)",
                  best_of(lambda: torch.linalg.eigh(H), 3, sync) / 64))
