@@ -183,12 +183,14 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "work-half": ("exact, float64 work of half the batch's bytes at a time", {"solver": "exact"}),
     "work-quarter": ("exact, float64 work of a quarter of the batch's bytes at a time", {"solver": "exact"}),
     "ell-2k": ("exact, block ℓ = 2k (no shared-memory cap)", {"solver": "exact"}),
+    "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
 }
 KNOBS = {  # variant -> (module attribute of tsv_fast.solvers, value) set for its run only
     "subspace-power": ("SUBSPACE_FILTER", "power"),
     "work-half": ("WORK_SHARE", 0.5),
     "work-quarter": ("WORK_SHARE", 0.25),
     "ell-2k": ("MAX_BLOCK", None),
+    "ell138": ("MAX_BLOCK", 138),
 }
 
 

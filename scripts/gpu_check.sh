@@ -19,7 +19,7 @@ STAGES="${STAGES:-tests l14 stages b32 eigh segmented}"  # which of the stages b
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="14 8": further T for ViT-L/14 (stage l14x, after the others)
 L14_VARIANTS="${L14_VARIANTS:-d,work-quarter,e}"
-L14X_VARIANTS="${L14X_VARIANTS:-d,ell-2k}"
+L14X_VARIANTS="${L14X_VARIANTS:-d,ell138}"  # at T = 8 (k = 128 > 108) the default ℓ is 2k = 256
 B32_VARIANTS="${B32_VARIANTS:-d,ell-2k,e}"
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 mkdir -p "$OUT"
@@ -59,7 +59,7 @@ stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --bloc
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
 stage 80 b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
-[[ -n "${L14X_TASKS:-}" ]] && stage 120 l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
+[[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth
 stage 30 eigh.md "$PY" bench_eigh.py --device cuda
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
