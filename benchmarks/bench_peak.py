@@ -21,6 +21,7 @@ import argparse
 import torch
 
 import tsv_fast
+from bench_merge import _largest_shape_batch
 from timing import cpu_model
 from tsv_fast import solvers
 from tsv_fast.memory import peak_tensor_bytes
@@ -37,11 +38,7 @@ def gpu_route_peak(blocks: dict, T: int, cap: int | None) -> tuple[int, int]:
                                                                      batch="shape"))
     finally:
         solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
-    shapes: dict[tuple, int] = {}
-    for v in blocks.values():
-        if v.dim() == 2:
-            shapes[tuple(v.shape)] = shapes.get(tuple(v.shape), 0) + T * v.numel() * v.element_size()
-    return peak - sum(t.numel() * t.element_size() for t in out.values()), max(shapes.values())
+    return peak - sum(t.numel() * t.element_size() for t in out.values()), _largest_shape_batch(blocks, T)
 
 
 def main() -> None:

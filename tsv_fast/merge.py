@@ -48,8 +48,9 @@ def iter_merge(
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     groups = _shape_groups(base, spec, selected, len(sources), ctx.device, batch, batch_bytes)
-    runs = {id(g): g for g in groups.values()}.values()  # each run once (groups maps every key to its run)
-    ctx.largest_batch_bytes = max((sum(_stacked_bytes(base, k, len(sources)) for k in g) for g in runs), default=0)
+    # a run's keys share shape and dtype; groups maps every key of a run to it
+    ctx.largest_batch_bytes = max((len(g) * _stacked_bytes(base, g[0], len(sources)) for g in groups.values()),
+                                  default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups)
 
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, solvers
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
-from . import solvers
 from .solvers import EXACT_SOLVERS
 from .tasks import TaskSource, compute_dtype, stack_deltas
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors

@@ -133,9 +133,8 @@ def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.
     """
     ok, _ = load_extension()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (base, U, S, V))
-    if base.is_cuda and U.shape[-1] >= _CUDA_GEMM_RANK:
-        ok = False  # cuBLAS wins there
-    if ok and not needs_grad and _has_kernel("reconstruct", _DISPATCH_KEYS.get(base.device.type)):
+    cublas_wins = base.is_cuda and U.shape[-1] >= _CUDA_GEMM_RANK
+    if ok and not needs_grad and not cublas_wins and _has_kernel("reconstruct", _DISPATCH_KEYS.get(base.device.type)):
         return torch.ops.tsv_fast.reconstruct(base, U, S, V, float(alpha))
     return _reconstruct_torch(base, U, S, V, alpha)
 

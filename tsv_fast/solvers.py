@@ -192,9 +192,7 @@ MAX_BLOCK: int | str | None = "auto"
 
 def _block_cap(device: torch.device) -> int | None:
     """The cap on ℓ that ``MAX_BLOCK`` means on this device."""
-    if MAX_BLOCK != "auto":
-        return MAX_BLOCK
-    return ops.eigh_shared_order(device, torch.float64) if device.type == "cuda" else None
+    return ops.eigh_shared_order(device, torch.float64) if MAX_BLOCK == "auto" else MAX_BLOCK
 
 
 def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: float = 1e-10,
