@@ -147,11 +147,57 @@ def test_newton_schulz_takes_the_scaled_steps_on_an_ill_conditioned_square_conca
     np.testing.assert_allclose((X @ W).numpy(), ref.whiten(X.numpy()), atol=1e-8)
 
 
+def _tsv_concatenation(m, n, T, k, gen, shared=0.9):
+    """[U_1 … U_T]: each task's top-k left singular vectors (float64 SVD) of power-law task
+    matrices sharing a component, as TSV-M concatenates them (ill-conditioned where square)."""
+    common = power_law_matrix(m, n, gen, 0.5).double()
+    blocks = []
+    for _ in range(T):
+        tau = (1 - shared) ** 0.5 * power_law_matrix(m, n, gen, 0.5).double() + shared ** 0.5 * common
+        blocks.append(torch.linalg.svd(tau, full_matrices=False)[0][:, :k])
+    return torch.cat(blocks, 1)
+
+
+class _SquareProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products whose result is c×c (per matrix of a batch)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c, self.count = c, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default) and tuple(out.shape[-2:]) == (self.c, self.c):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_newton_schulz_whitens_tsv_concatenations_like_the_svd_in_two_products_a_step(rows):
+    """Square (the short side) and 4× tall concatenations of T = 8 tasks' factors: the polar
+    factor to 1e-9 of the float64 SVD's, ``P Qᵀ``, and two c×c products per step (the
+    Cholesky-factor form; the coupled Gram-side iteration takes three)."""
+    gen = torch.Generator().manual_seed(26)
+    T, k = 8, 15
+    c = T * k
+    X = torch.stack([_tsv_concatenation(rows * c, c, T, k, gen) for _ in range(2)])
+    counter, info = _SquareProducts(c), {}
+    with counter:
+        W, ok = newton_schulz_whitening(block_gram(X, [k] * T), 1e-6, float(T), info=info)
+    assert ok.all()
+    for x, w in zip(X, W):
+        P, sv, Qh = np.linalg.svd(x.numpy(), full_matrices=False)
+        assert sv[-1] / sv[0] < 0.02  # scaled steps needed (square: 5e-4)
+        np.testing.assert_allclose((x @ w).numpy(), P @ Qh, atol=1e-9)
+    assert info["steps"] >= 6 and counter.count <= 2 * info["steps"] + 3
+
+
 def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_still_refuses(monkeypatch):
     """The estimate only schedules the steps: if it is far too high, values below the assumed
     interval still grow and converge; a direction below rcond is still refused."""
     import tsv_fast.tsv as tsv_module
-    monkeypatch.setattr(tsv_module, "smallest_eigenvalue_estimate", lambda G: torch.ones(G.shape[:-2], dtype=G.dtype))
+    monkeypatch.setattr(tsv_module, "smallest_eigenvalue_estimate",
+                        lambda G, **kwargs: torch.ones(G.shape[:-2], dtype=G.dtype))
     gen = torch.Generator().manual_seed(23)
     P = torch.linalg.qr(torch.randn(60, 20, generator=gen, dtype=torch.float64)).Q
     for smallest, converges in [(1e-4, True), (1e-9, False)]:

@@ -127,3 +127,48 @@ def test_inputs_are_not_modified(base):
         tsv_fast.merge_layers(base, tasks, method=method)
     for saved, live in zip(before, [base, *tasks]):
         assert all(torch.equal(saved[k], live[k]) for k in saved)
+
+
+@pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
+@pytest.mark.parametrize("key", ["a.weight", "a.bias", "b.weight"])
+def test_nan_in_a_task_is_named_on_every_key_kind(method, key):
+    """Matrix keys of a shape batch, a lone matrix key, a mean-merged bias: each screens NaN/Inf with
+    one sum per key and names the task and key when it finds one."""
+    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8), "b.weight": torch.randn(8, 6)}
+    bad = finetuned(base)
+    bad[key] = bad[key].clone()
+    bad[key].view(-1)[3] = float("nan")
+    tasks = [finetuned(base), bad, finetuned(base)]
+    for batch in ("key", "shape"):
+        with pytest.raises(tsv_fast.TSVInputError, match=rf"task 'task1': key '{key}' contains NaN or Inf"):
+            tsv_fast.merge_layers(base, tasks, method=method, batch=batch)
+
+
+def test_nan_in_the_base_of_a_shape_batch_is_named():
+    base = {"a.weight": torch.randn(8, 6), "b.weight": torch.randn(8, 6)}
+    tasks = [finetuned(base), finetuned(base)]
+    base["b.weight"][2, 2] = float("inf")
+    with pytest.raises(tsv_fast.TSVInputError, match=r"base: key 'b.weight' contains NaN or Inf"):
+        tsv_fast.merge_layers(base, tasks, batch="shape")
+
+
+def test_nonfinite_screens_by_sums_and_confirms_element_by_element():
+    from tsv_fast.tasks import nonfinite
+
+    ok = torch.randn(5, 7)
+    nan, inf = ok.clone(), ok.clone()
+    nan[4, 6], inf[0, 0] = float("nan"), float("-inf")
+    big = torch.full((4,), 1e308, dtype=torch.float64)  # finite, but its sum overflows float64
+    assert nonfinite([ok, big, torch.arange(3)]) == []
+    assert nonfinite([torch.arange(3), nan, ok, big, inf]) == [1, 4]  # indices into the list given
+    assert nonfinite([]) == []
+
+
+def test_a_task_sum_that_overflows_is_not_mistaken_for_nan():
+    """float64 deltas whose sum overflows although every element is finite: stacked without error."""
+    from tsv_fast.tasks import as_sources, stack_deltas
+
+    base = {"w": torch.zeros(3, 4, dtype=torch.float64)}
+    task = {"w": torch.full((3, 4), 1e308, dtype=torch.float64)}
+    stacked = stack_deltas(as_sources(base, [task, task]), "w", base["w"])
+    assert torch.equal(stacked, torch.full((2, 3, 4), 1e308, dtype=torch.float64))

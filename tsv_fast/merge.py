@@ -14,7 +14,7 @@ from .errors import TSVInputError, TSVRankWarning
 from .keys import is_matrix_meta, is_mergeable, select_keys
 from .methods import KeyContext, get_method
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources, checked_base_tensor, tensor_meta
+from .tasks import StateDict, Task, as_sources, checked_base_tensor, nonfinite, tensor_meta
 
 BATCH_MODES = ("auto", "key", "shape")
 DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch (batch="shape")
@@ -118,15 +118,18 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
         if key in groups and key not in ready:
             group = groups[key]
-            bases = [_on(checked_base_tensor(base, k), ctx.device) for k in group]
-            for k, merged, b in zip(group, spec.merge_group(group, bases, sources, ctx), bases):
-                ready[k] = _finite_output(k, merged.to(out_dtype or b.dtype))
+            bases = [base[k] for k in group]
+            if bad := nonfinite(bases):  # one host sync for the group's base tensors
+                checked_base_tensor(base, group[bad[0]])  # raises, naming the key
+            bases = [_on(b, ctx.device) for b in bases]
+            merged = [m.to(out_dtype or b.dtype) for m, b in zip(spec.merge_group(group, bases, sources, ctx), bases)]
+            ready.update(zip(group, _finite_outputs(group, merged)))
         if key in ready:
             yield key, ready.pop(key)
             continue
         b = _on(checked_base_tensor(base, key), ctx.device)
         if key in selected and is_mergeable(b):
-            yield key, _finite_output(key, spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype))
+            yield key, _finite_outputs([key], [spec.merge_key(key, b, sources, ctx).to(out_dtype or b.dtype)])[0]
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
     if stats is not None:
@@ -139,11 +142,12 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
             TSVRankWarning, stacklevel=3)
 
 
-def _finite_output(key: str, merged: Tensor) -> Tensor:
-    """Finite inputs can still sum or round past the output dtype's range: refuse, never write Inf."""
-    if merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
-        raise TSVInputError(f"key {key!r}: the merged weights are not finite (NaN or Inf): the tasks' deltas "
-                            f"overflow {merged.dtype}")
+def _finite_outputs(keys: Sequence[str], merged: Sequence[Tensor]) -> Sequence[Tensor]:
+    """Finite inputs can still sum or round past the output dtype's range: refuse, never write
+    Inf. One host sync for a shape batch's keys."""
+    if bad := nonfinite(merged):
+        raise TSVInputError(f"key {keys[bad[0]]!r}: the merged weights are not finite (NaN or Inf): the tasks' "
+                            f"deltas overflow {merged[bad[0]].dtype}")
     return merged
 
 

@@ -17,7 +17,7 @@ from . import ops, solvers
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
 from .solvers import EXACT_SOLVERS
-from .tasks import TaskSource, compute_dtype, stack_deltas
+from .tasks import TaskSource, compute_dtype, nonfinite, stack_deltas
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
 
 
@@ -59,11 +59,17 @@ def _mean_delta(key: str, base: Tensor, sources: Sequence[TaskSource], device) -
     """Running sum, so only two key-sized buffers are alive whatever the number of tasks.
 
     The first two deltas are added out of place: a task vector's delta may be the
-    caller's own tensor, which must not be modified."""
-    first = sources[0].delta(key, base, device)
-    total = first + sources[1].delta(key, base, device) if len(sources) > 1 else first.clone()
+    caller's own tensor, which must not be modified. NaN/Inf in any delta make the sum
+    non-finite, so one check of the sum (one host sync per key, not one per task: these
+    are the many small keys) finds them; only then is each task checked, for the error
+    naming it (a sum that overflowed from finite deltas is left to the output check)."""
+    first = sources[0].delta(key, base, device, check=False)
+    total = first + sources[1].delta(key, base, device, check=False) if len(sources) > 1 else first.clone()
     for s in sources[2:]:
-        total += s.delta(key, base, device)
+        total += s.delta(key, base, device, check=False)
+    if nonfinite([total]):
+        for s in sources:
+            s.delta(key, base, device)  # raises, naming the task, if its weights are not finite
     return total.div_(len(sources))
 
 

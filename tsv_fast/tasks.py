@@ -134,8 +134,10 @@ class TaskSource:
                  compressed: CompressedTask | None = None):
         self.name, self.state, self.base, self.compressed = name, state, base, compressed
 
-    def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None, check: bool = True) -> Tensor:
-        """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's).
+    def delta(self, key: str, base_tensor: Tensor, device: torch.device | None = None, check: bool = True,
+              out: Tensor | None = None) -> Tensor:
+        """Dense ``τ`` of ``key`` in the compute dtype, on ``device`` (default: base's), or
+        written into ``out`` (fine-tuned weights: subtracted straight into it, one pass).
         ``check=False`` skips the NaN/Inf check (a host sync on a GPU): for callers that check
         on the device themselves and call again with the check where that fails."""
         device = device or base_tensor.device
@@ -144,9 +146,14 @@ class TaskSource:
         if self.compressed is not None:
             d = self.compressed.delta(key)
         elif self.base is not None:  # fine-tuned weights; the base tensor was checked by the caller
-            d = finite(self.state[key], f"task {self.name!r}", key).to(device, dtype) - base_tensor.to(device, dtype)
+            weights = finite(self.state[key], f"task {self.name!r}", key).to(device, dtype)
+            if out is not None:
+                return torch.sub(weights, base_tensor.to(device, dtype), out=out)
+            d = weights - base_tensor.to(device, dtype)
         else:  # task vector
             d = finite(self.state[key], f"task {self.name!r}", key) if key in self.state else None
+        if out is not None:
+            return out.zero_() if d is None else out.copy_(d)
         if d is None:
             return torch.zeros(base_tensor.shape, dtype=dtype, device=device)
         return d.to(device, dtype)
@@ -160,24 +167,35 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
                  device: torch.device | None = None, out: Tensor | None = None) -> Tensor:
     """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer (or
     ``out``), so the peak is the batch plus one task's tensor (not twice the batch, as
-    ``torch.stack`` of a list). NaN/Inf are checked task by task on the device and read back
-    once (one host sync per key, not per task); where that fails, the failing task is read
-    again with the check, for the error naming it."""
+    ``torch.stack`` of a list). NaN/Inf make a task's sum non-finite, so one reduction per
+    task, read back once (one host sync per key), finds them; a non-finite sum is then
+    checked exactly (a sum of finite values can overflow), for the error naming the task."""
     device = device or base_tensor.device
     if out is None:
         out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
-    finite = torch.empty(len(sources), dtype=torch.bool, device=device)
     for i, s in enumerate(sources):
-        out[i] = s.delta(key, base_tensor, device, check=False)
-        finite[i] = torch.isfinite(out[i]).all()  # per task: isfinite's temporaries stay one task's size
-    if not bool(finite.all()):
+        s.delta(key, base_tensor, device, check=False, out=out[i])
+    sums = out.reshape(len(sources), -1).sum(1, dtype=torch.float64)
+    if not bool(torch.isfinite(sums).all()):
         for i, s in enumerate(sources):
-            if bool(finite[i]):
+            if bool(torch.isfinite(out[i]).all()):
                 continue
             s.delta(key, base_tensor, device)  # raises if the task's weights are not finite
             raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
                                 f"{out.dtype} (NaN or Inf)")
     return out
+
+
+def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
+    """Indices of the floating tensors holding NaN or Inf, with one host sync when none does.
+
+    A sum is non-finite when any element is, so one reduction per tensor (float64, no
+    temporaries) screens them all; only where a sum is non-finite are the elements checked
+    (finite values cannot overflow a float64 sum of float32 data, but may of float64 data)."""
+    floats = [(i, t) for i, t in enumerate(tensors) if t.is_floating_point()]
+    if not floats or bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for _, t in floats])).all()):
+        return []
+    return [i for i, t in floats if not bool(torch.isfinite(t).all())]
 
 
 def _finite(t: Tensor, owner: str, key: str) -> Tensor:

@@ -130,16 +130,26 @@ def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
 
 
-def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0) -> Tensor:
+def cholesky_inverse_factor(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, L⁻¹, ok)`` with ``G = L Lᵀ`` per SPD matrix of a batch; where Cholesky fails
+    (numerically singular), ``ok`` is False and L, L⁻¹ are the identity (finite placeholders).
+    L⁻¹ is one triangular solve with c right-hand sides (BLAS-3)."""
+    L, info = torch.linalg.cholesky_ex(G)
+    ok = info == 0
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    L = torch.where(ok[..., None, None], L, eye)
+    return L, torch.linalg.solve_triangular(L, eye, upper=False), ok
+
+
+def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0,
+                                 factors: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration
     (Rayleigh quotients of G⁻¹ = L⁻ᵀL⁻¹ after ``iters`` steps); 0 where Cholesky fails
-    (numerically singular). L⁻¹ is formed once (a triangular solve with c right-hand sides,
-    BLAS-3) so the iteration is small GEMMs: triangular solves with a few right-hand sides
-    are latency-bound on a GPU. Only used to schedule Newton–Schulz steps, never to decide
-    a result."""
-    L, info = torch.linalg.cholesky_ex(G)
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    (numerically singular). With L⁻¹ formed once (:func:`cholesky_inverse_factor`, or
+    ``factors`` when the caller has them) the iteration is small GEMMs: triangular solves
+    with a few right-hand sides are latency-bound on a GPU. Only used to schedule
+    Newton–Schulz steps, never to decide a result."""
+    _, Linv, ok = factors if factors is not None else cholesky_inverse_factor(G)
     gen = torch.Generator(device=G.device).manual_seed(seed)
     V = torch.randn(*G.shape[:-1], vectors, generator=gen, device=G.device, dtype=G.dtype)
     for _ in range(iters):
@@ -147,7 +157,7 @@ def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, se
         V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp(min=torch.finfo(G.dtype).tiny)
     W = Linv @ V
     rho = W.square().sum(-2).amax(-1)  # vᵀG⁻¹v = ‖L⁻¹v‖² ≤ 1/λmin, for unit v
-    return torch.where((info == 0) & (rho > 0), 1 / rho, 0.0)
+    return torch.where(ok & (rho > 0), 1 / rho, 0.0)
 
 
 def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: float) -> tuple[list, list, int]:
@@ -182,14 +192,17 @@ def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: flo
 
 def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
                             tol: float = 1e-10, check: float = 1e-8, info: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``W ≈ G^(-1/2)`` for Gram matrices ``G = XᵀX`` (batched) by a coupled Newton–Schulz
-    iteration ``T = aI + b·ZY, Y ← YT, Z ← TZ`` from ``Y = G/bound², Z = I``: GEMMs only,
-    c×c (and batched over keys). It is the polar iteration ``x ← a x + b x³`` on the singular
-    values x of ``X/bound`` moved to the Gram side (``ZY`` has the eigenvalues x²), in the
-    coupled form, which stays stable in rounding where iterating on ``G^(-1/2)`` alone diverges.
-    Returns ``(W, ok)``; ``ok`` (per matrix) says it converged (``‖ZY − I‖_max ≤ tol``) and
-    that ``X W`` is orthonormal (``‖WGW − I‖_max ≤ check``) with ``WG`` (its ``(XW)ᵀX``)
-    symmetric; only those may be used.
+    """``W ≈ G^(-1/2)`` for Gram matrices ``G = XᵀX`` (batched) by the Newton–Schulz polar
+    iteration ``A ← A (aI + b AᵀA)`` on the c×c Cholesky factor ``A = Lᵀ`` of ``G/bound²``:
+    GEMMs only, c×c (and batched over keys). ``X = (X L⁻ᵀ) Lᵀ`` with ``X L⁻ᵀ`` orthonormal,
+    so the polar factor of X is ``X L⁻ᵀ polar(Lᵀ)`` and ``W = L⁻ᵀ polar(Lᵀ)/bound``. Lᵀ has
+    X's singular values: the iteration is the polar iteration of X itself at c×c cost, two
+    GEMMs a step (``AᵀA``, ``A·T``; the first ``AᵀA`` is ``G/bound²``), where the coupled
+    Gram-side form (``Y ← YT, Z ← TZ``, ``T`` from ``ZY``) takes three. L and L⁻¹ come from
+    the λmin estimate, which needs them anyway. Returns ``(W, ok)``; ``ok`` (per matrix) says
+    Cholesky succeeded, the iteration converged (``‖AᵀA − I‖_max ≤ tol``), ``X W`` is
+    orthonormal (``‖WGW − I‖_max ≤ check``) and ``WG`` (its ``(XW)ᵀX``) is symmetric; only
+    those may be used.
 
     Plain Newton–Schulz (``a, b = 3/2, −1/2``) grows a small x only 1.5× per step: 27–31
     steps for the square concatenations of CLIP keys (σmin/σmax ≈ 1e-4), which is why the
@@ -203,36 +216,38 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     some X the exact path would whiten, which costs time, never accuracy). ``bound_sq ≥
     λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works), inflated by 1e-6
     here: a scaled step maps x slightly above 1 to a negative value, which the checks would
-    not see, so a bound that is only σmax to rounding must not reach it. The Gram side squares
-    σ, and float64 G resolves σ only down to ~1e-8·bound, so ``rcond`` is floored at 1e-7
-    (float32 data use 8·eps ≈ 1e-6 anyway). ``info`` (when given) receives the number of
-    ``steps`` run.
+    not see, so a bound that is only σmax to rounding must not reach it. G resolves σ only
+    down to ~1e-8·bound in float64, so ``rcond`` is floored at 1e-7 (float32 data use
+    8·eps ≈ 1e-6 anyway). ``info`` (when given) receives the number of ``steps`` run.
     """
     rcond = max(rcond, 1e-7)
     bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
     scale = (bound_sq * (1 + 1e-6)).clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    Y, Z = G / scale, eye.expand(G.shape)
-    lower = (smallest_eigenvalue_estimate(Y).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
+    Y = G / scale
+    factors = cholesky_inverse_factor(Y)
+    L, Linv, factored = factors
+    lower = (smallest_eigenvalue_estimate(Y, factors=factors).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
     a_rows, b_rows, first_check = scaled_newton_schulz_schedule(lower.reshape(-1).tolist(), rcond, tol)
     shape = (len(a_rows), *G.shape[:-2], 1, 1)
     A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
     Bc = torch.tensor(b_rows, dtype=G.dtype).reshape(shape).to(G.device)
     last = len(a_rows)
+    X, XtX = L.mT, Y  # the iterate and its Gram matrix (Lᵀ's is Y itself)
     for step in range(last + 1):
-        ZY = Z @ Y
+        if step:
+            XtX = X.mT @ X
         if step >= first_check or step == last:
-            ok = (ZY - eye).abs().amax((-2, -1)) <= tol
-            # done when every matrix converged or has spent its budget (its steps are now I)
-            if step == last or bool((ok | (Bc[step, ..., 0, 0] == 0)).all()):
+            ok = (XtX - eye).abs().amax((-2, -1)) <= tol
+            # done when every matrix converged, has spent its budget (its steps are now I), or has no factor
+            if step == last or bool((ok | (Bc[step, ..., 0, 0] == 0) | ~factored).all()):
                 break
-        T = A[step] * eye + Bc[step] * ZY
-        Y, Z = Y @ T, T @ Z
+        X = X @ (A[step] * eye + Bc[step] * XtX)
     if info is not None:
         info["steps"] = step
-    W = Z / scale.sqrt()
+    W = (Linv.mT @ X) / scale.sqrt()
     WG = W @ G
-    ok &= (WG @ W - eye).abs().amax((-2, -1)) <= check
+    ok &= factored & ((WG @ W - eye).abs().amax((-2, -1)) <= check)
     ok &= (WG - WG.mT).abs().amax((-2, -1)) <= check * scale[..., 0, 0].sqrt()
     return W, ok & (bound_sq > 0)
 

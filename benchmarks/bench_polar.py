@@ -1,0 +1,124 @@
+"""TSV-M's polar factors: float64 eigh, the coupled Gram-side Newton–Schulz iteration (session 5's),
+and Newton–Schulz on the Cholesky factor (now), side by side on the same concatenations.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_polar.py --shapes 768x768:8 1024x1024:20
+
+Inputs are what a merge whitens: ``[U_1 … U_T]``, each task's top-k left singular vectors
+(float64 SVD) of power-law task matrices sharing a component (``tsv_fast.synthetic``'s model),
+``--batch`` keys at once. Each route is timed (best of ``--repeat``), and its result compared
+with the float64 eigh whitening; Newton–Schulz also reports its steps and its c×c products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from timing import best_of, cpu_model  # noqa: E402
+from tsv_fast import tsv  # noqa: E402
+from tsv_fast.synthetic import power_law_matrix  # noqa: E402
+
+
+def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
+    """The baseline: session 5's coupled iteration ``T = aI + b·ZY, Y ← YT, Z ← TZ`` from
+    ``Y = G/bound², Z = I`` (three c×c products a step), with the same schedule and checks."""
+    rcond = max(rcond, 1e-7)
+    bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
+    scale = (bound_sq * (1 + 1e-6))[..., None, None]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    Y, Z = G / scale, eye.expand(G.shape)
+    lower = (tsv.smallest_eigenvalue_estimate(Y).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
+    a_rows, b_rows, first_check = tsv.scaled_newton_schulz_schedule(lower.reshape(-1).tolist(), rcond, tol)
+    shape = (len(a_rows), *G.shape[:-2], 1, 1)
+    A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
+    B = torch.tensor(b_rows, dtype=G.dtype).reshape(shape).to(G.device)
+    for step in range(len(a_rows) + 1):
+        ZY = Z @ Y
+        if step >= first_check or step == len(a_rows):
+            ok = (ZY - eye).abs().amax((-2, -1)) <= tol
+            if step == len(a_rows) or bool((ok | (B[step, ..., 0, 0] == 0)).all()):
+                break
+        T = A[step] * eye + B[step] * ZY
+        Y, Z = Y @ T, T @ Z
+    W = Z / scale.sqrt()
+    WG = W @ G
+    ok &= (WG @ W - eye).abs().amax((-2, -1)) <= check
+    ok &= (WG - WG.mT).abs().amax((-2, -1)) <= check * scale[..., 0, 0].sqrt()
+    return W, ok
+
+
+class SquareProducts(TorchDispatchMode):
+    def __init__(self, c):
+        super().__init__()
+        self.c, self.count = c, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default) and tuple(out.shape[-2:]) == (self.c, self.c):
+            self.count += 1
+        return out
+
+
+def concatenation(m: int, n: int, T: int, gen, shared: float = 0.3) -> torch.Tensor:
+    k = min(m, n) // T
+    common = power_law_matrix(m, n, gen, 0.5).double()
+    blocks = []
+    for _ in range(T):
+        tau = (1 - shared) ** 0.5 * power_law_matrix(m, n, gen, 0.5).double() + shared ** 0.5 * common
+        blocks.append(torch.linalg.svd(tau, full_matrices=False)[0][:, :k])
+    return torch.cat(blocks, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["768x768:8", "3072x768:8", "1024x1024:20"],
+                   help="MxN:T — the task matrices' shape (U is M×(T·k)) and the number of tasks")
+    p.add_argument("--batch", type=int, default=2, help="keys whitened at once")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(f"# {where}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"{args.batch} keys at once, best of {args.repeat}\n")
+    print("| U (per key) | σmin/σmax | eigh | coupled NS (baseline) | Cholesky-factor NS | coupled ÷ new | "
+          "steps | c×c products (coupled / new) | max error vs eigh (coupled / new) | checks passed (coupled / new) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rcond = 8 * torch.finfo(torch.float32).eps
+    for spec in args.shapes:
+        dims, T = spec.split(":")
+        m, n = (int(d) for d in dims.split("x"))
+        T = int(T)
+        gen = torch.Generator(device=device).manual_seed(0)  # drawn where it runs (a GPU: seconds)
+        X = torch.stack([concatenation(m, n, T, gen) for _ in range(args.batch)])
+        k, c = min(m, n) // T, X.shape[-1]
+        G = tsv.block_gram(X, [k] * T)
+        truth = X @ tsv._eigh_inverse_sqrt(G, rcond)
+        sv = torch.linalg.svdvals(X)
+        cond = float((sv[..., -1] / sv[..., 0]).min())
+        t_eigh = best_of(lambda: tsv._eigh_inverse_sqrt(G, rcond), args.repeat, sync)
+        t_old = best_of(lambda: coupled_newton_schulz(G, rcond, float(T)), args.repeat, sync)
+        t_new = best_of(lambda: tsv.newton_schulz_whitening(G, rcond, float(T)), args.repeat, sync)
+        counts, errors, passed = [], [], []
+        for fn in (coupled_newton_schulz, tsv.newton_schulz_whitening):
+            counter = SquareProducts(c)
+            with counter:
+                W, ok = fn(G, rcond, float(T))
+            counts.append(counter.count)
+            errors.append(f"{float((X @ W - truth).abs().amax()):.1e}")
+            passed.append(f"{int(ok.sum())}/{ok.numel()}")
+        info = {}
+        tsv.newton_schulz_whitening(G, rcond, float(T), info=info)
+        print(f"| {m}×{c} (T = {T}) | {cond:.1e} | {t_eigh:.3f} s | {t_old:.3f} s | {t_new:.3f} s | "
+              f"**{t_old / t_new:.2f}×** | {info['steps']} | {counts[0]} / {counts[1]} | "
+              f"{' / '.join(errors)} | {' / '.join(passed)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
