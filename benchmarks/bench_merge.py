@@ -22,7 +22,8 @@ import torch
 
 import tsv_fast
 from timing import cpu_model
-from tsv_fast import ops, solvers
+from bench_polar import coupled_newton_schulz
+from tsv_fast import ops, solvers, tsv
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 
@@ -130,14 +131,16 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
 
 
 def _merge_variant(name: str, blocks: dict, tvs: list) -> dict:
-    """merge_layers with the variant's options and solver knob (``KNOBS``)."""
-    attr, value = KNOBS.get(name, ("SUBSPACE_FILTER", solvers.SUBSPACE_FILTER))
-    previous = getattr(solvers, attr)
-    setattr(solvers, attr, value)
+    """merge_layers with the variant's options and knobs (``KNOBS``), set for this run only."""
+    knobs = KNOBS.get(name, [])
+    previous = [getattr(owner, attr) for owner, attr, _ in knobs]
+    for owner, attr, value in knobs:
+        setattr(owner, attr, value)
     try:
         return tsv_fast.merge_layers(blocks, tvs, **VARIANTS[name][1])
     finally:
-        setattr(solvers, attr, previous)
+        for (owner, attr, _), value in zip(knobs, previous):
+            setattr(owner, attr, value)
 
 
 def _rel(out, want, base) -> float:
@@ -184,13 +187,23 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "work-quarter": ("exact, float64 work of a quarter of the batch's bytes at a time", {"solver": "exact"}),
     "ell-2k": ("exact, block ℓ = 2k (no shared-memory cap)", {"solver": "exact"}),
     "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
+    # session 6's changes undone, with the GPU's polar route on any device (compare with "ns" on a CPU)
+    "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
+    "gram-full": ("exact, NS polar, Gram matrices as one full GEMM (session 5's)",
+                  {"solver": "exact", "polar": "newton-schulz"}),
+    "session5": ("exact, session 5's Newton–Schulz and Gram matrices", {"solver": "exact", "polar": "newton-schulz"}),
 }
-KNOBS = {  # variant -> (module attribute of tsv_fast.solvers, value) set for its run only
-    "subspace-power": ("SUBSPACE_FILTER", "power"),
-    "work-half": ("WORK_SHARE", 0.5),
-    "work-quarter": ("WORK_SHARE", 0.25),
-    "ell-2k": ("MAX_BLOCK", None),
-    "ell138": ("MAX_BLOCK", 138),
+_COUPLED_NS = (tsv, "newton_schulz_whitening", coupled_newton_schulz)
+_FULL_GRAM = (solvers, "GRAM_BLOCKS", 1)
+KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
+    "subspace-power": [(solvers, "SUBSPACE_FILTER", "power")],
+    "work-half": [(solvers, "WORK_SHARE", 0.5)],
+    "work-quarter": [(solvers, "WORK_SHARE", 0.25)],
+    "ell-2k": [(solvers, "MAX_BLOCK", None)],
+    "ell138": [(solvers, "MAX_BLOCK", 138)],
+    "ns-coupled": [_COUPLED_NS],
+    "gram-full": [_FULL_GRAM],
+    "session5": [_COUPLED_NS, _FULL_GRAM],
 }
 
 

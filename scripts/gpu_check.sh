@@ -4,7 +4,8 @@
 #   2. run every CUDA test against its CPU twin (pytest -k cuda over the suites that have them)
 #   3. the GPU benchmarks: TSV-M on ViT-L/14 (T=20, all 24 blocks; (a) timed on REF_BLOCKS blocks and
 #      scaled) and ViT-B/32 (T=8), each route side by side with the reference (a); the stage
-#      breakdown of one ViT-L/14 merge; the polar factor's Newton–Schulz forms (stage polar); the
+#      breakdown of one ViT-L/14 merge; the Gram matrices' block form (stage gram) and the polar
+#      factor's Newton–Schulz forms (stage polar); the
 #      batched eigensolver and the segmented apply kernels
 #
 # From a session with a device:   make gpu-wheels   (once, here: open_clip is not on the GPU image)
@@ -62,11 +63,12 @@ stage 80 b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --re
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth
+stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
 stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 4  # Newton–Schulz forms
 stage 30 eigh.md "$PY" bench_eigh.py --device cuda
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
-for f in l14 stages b32 l14x polar eigh segmented; do
+for f in l14 stages b32 l14x gram polar eigh segmented; do
     [[ -f "$OUT/$f.md" ]] || continue
     echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton)' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
 done

@@ -322,3 +322,33 @@ def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
     assert torch.isfinite(U).all() and torch.isfinite(V).all() and torch.isfinite(S).all()
     got, expected = (U * S.unsqueeze(-2)) @ V.mT, (want.U * want.S.unsqueeze(-2)) @ want.V.mT
     assert (got - expected).abs().max() < 1e-9 * low.abs().max()
+
+
+@pytest.mark.parametrize("shape,blocks", [((3, 50, 20), None), ((2, 7, 1), None), ((2, 33, 13), 4), ((2, 40, 30), 7),
+                                          ((1, 9, 64), 2), ((2, 300, 97), 1)])
+def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
+    """Only the upper column blocks are multiplied (5/8 of the GEMM work at 4 blocks); the result
+    is XᵀX in float64 to rounding and exactly symmetric (LAPACK's eigh reads one triangle)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsv_fast.solvers import GRAM_BLOCKS, gram64
+
+    class Flops(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.baddbmm_.default, torch.ops.aten.baddbmm.default):
+                a, b = args[1], args[2]
+                Flops.total += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+            return func(*args, **(kwargs or {}))
+
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    with Flops():
+        G = gram64(X, blocks)
+    exact = X.double().mT @ X.double()
+    torch.testing.assert_close(G, exact, rtol=0, atol=1e-13 * exact.abs().max().item())
+    assert torch.equal(G, G.mT)
+    B, p, q = shape
+    b = min(blocks or GRAM_BLOCKS, q)
+    share = sum((q * (i + 1) // b - q * i // b) * (q - q * i // b) for i in range(b)) / q ** 2
+    assert Flops.total == B * p * q * q * share and (b == 1 or share < 1)

@@ -51,17 +51,29 @@ def _short_side(A: Tensor) -> tuple[Tensor, bool]:
 
 
 _CHUNKS = 8  # float64 work goes row-chunk by row-chunk: a float64 copy of 1/8 of the batch at a time
+GRAM_BLOCKS = 4  # gram64 multiplies the upper b(b+1)/2 of b×b column blocks: 5/8 of a full GEMM's work
 
 
-def gram64(X: Tensor) -> Tensor:
+def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     """``XᵀX`` in float64 for a batch ``(B, p, q)``, accumulated over 8 row chunks (batched
-    GEMMs; the float64 copy alive at a time is a quarter of the float32 batch's bytes)."""
+    GEMMs; the float64 copy alive at a time is a quarter of the float32 batch's bytes).
+
+    Symmetric, so only the upper blocks of a ``blocks × blocks`` (default ``GRAM_BLOCKS``)
+    partition of the columns are multiplied, one GEMM per block row, and mirrored: the
+    symmetric rank-k update (BLAS ``syrk``, which has no batched form in torch) from GEMMs,
+    (b + 1)/2b of the full product's work. These Gram matrices are a third of a merge's
+    float64 arithmetic on a GPU (``benchmarks/bench_flops.py``)."""
     B, p, q = X.shape
+    b = max(1, min(blocks or GRAM_BLOCKS, q))
+    edges = [q * i // b for i in range(b + 1)]
     G = torch.zeros(B, q, q, dtype=torch.float64, device=X.device)
     step = max(1, -(-p // _CHUNKS))
     for r in range(0, p, step):
         c = X[:, r:r + step].double()
-        G.baddbmm_(c.mT, c)
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            G[:, lo:hi, lo:].baddbmm_(c[..., lo:hi].mT, c[..., lo:])
+    for lo, hi in zip(edges[1:-1], edges[2:]):
+        G[:, lo:hi, :lo] = G[:, :lo, lo:hi].mT
     return G
 
 
