@@ -158,38 +158,39 @@ def _tsv_concatenation(m, n, T, k, gen, shared=0.9):
     return torch.cat(blocks, 1)
 
 
-class _SquareProducts(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts matrix products whose result is c×c (per matrix of a batch)."""
+class _GemmWork(torch.utils._python_dispatch.TorchDispatchMode):
+    """Arithmetic of every matrix product, in units of one c×c×c product per matrix."""
 
-    def __init__(self, c):
+    def __init__(self, c, batch):
         super().__init__()
-        self.c, self.count = c, 0
+        self.unit, self.units = batch * c ** 3, 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default) and tuple(out.shape[-2:]) == (self.c, self.c):
-            self.count += 1
-        return out
+        aten = torch.ops.aten
+        if func in (aten.mm.default, aten.bmm.default, aten.baddbmm_.default, aten.baddbmm.default):
+            a, b = args[-2:] if func in (aten.baddbmm_.default, aten.baddbmm.default) else args[:2]
+            self.units += (a.shape[0] if a.dim() == 3 else 1) * a.shape[-2] * a.shape[-1] * b.shape[-1] / self.unit
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("rows", [1, 4])
 def test_newton_schulz_whitens_tsv_concatenations_like_the_svd_in_two_products_a_step(rows):
     """Square (the short side) and 4× tall concatenations of T = 8 tasks' factors: the polar
-    factor to 1e-9 of the float64 SVD's, ``P Qᵀ``, and two c×c products per step (the
-    Cholesky-factor form; the coupled Gram-side iteration takes three)."""
+    factor to 1e-9 of the float64 SVD's, ``P Qᵀ``, in two c×c×c products per step (the
+    Cholesky-factor form; the coupled Gram-side iteration took three)."""
     gen = torch.Generator().manual_seed(26)
     T, k = 8, 15
     c = T * k
     X = torch.stack([_tsv_concatenation(rows * c, c, T, k, gen) for _ in range(2)])
-    counter, info = _SquareProducts(c), {}
+    G, counter, info = block_gram(X, [k] * T), _GemmWork(c, len(X)), {}
     with counter:
-        W, ok = newton_schulz_whitening(block_gram(X, [k] * T), 1e-6, float(T), info=info)
+        W, ok = newton_schulz_whitening(G, 1e-6, float(T), info=info)
     assert ok.all()
     for x, w in zip(X, W):
         P, sv, Qh = np.linalg.svd(x.numpy(), full_matrices=False)
         assert sv[-1] / sv[0] < 0.02  # scaled steps needed (square: 5e-4)
         np.testing.assert_allclose((x @ w).numpy(), P @ Qh, atol=1e-9)
-    assert info["steps"] >= 6 and counter.count <= 2 * info["steps"] + 3
+    assert info["steps"] >= 6 and counter.units <= 2 * info["steps"] + 4, (counter.units, info["steps"])
 
 
 def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_still_refuses(monkeypatch):

@@ -328,7 +328,7 @@ def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
                                           ((1, 9, 64), 2), ((2, 300, 97), 1)])
 def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     """Only the upper column blocks are multiplied (5/8 of the GEMM work at 4 blocks); the result
-    is XᵀX in float64 to rounding and exactly symmetric (LAPACK's eigh reads one triangle)."""
+    is XᵀX in float64 to rounding (both triangles: LAPACK's eigh reads one)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from tsv_fast.solvers import GRAM_BLOCKS, gram64
@@ -347,8 +347,8 @@ def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
         G = gram64(X, blocks)
     exact = X.double().mT @ X.double()
     torch.testing.assert_close(G, exact, rtol=0, atol=1e-13 * exact.abs().max().item())
-    assert torch.equal(G, G.mT)
     B, p, q = shape
     b = min(blocks or GRAM_BLOCKS, q)
     share = sum((q * (i + 1) // b - q * i // b) * (q - q * i // b) for i in range(b)) / q ** 2
     assert Flops.total == B * p * q * q * share and (b == 1 or share < 1)
+
