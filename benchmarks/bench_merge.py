@@ -187,6 +187,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "work-quarter": ("exact, float64 work of a quarter of the batch's bytes at a time", {"solver": "exact"}),
     "ell-2k": ("exact, block ℓ = 2k (no shared-memory cap)", {"solver": "exact"}),
     "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
+    "ell-k10": ("exact, block ℓ = k + 10", {"solver": "exact"}),
+    "ell-k25": ("exact, block ℓ = k + 25", {"solver": "exact"}),
     # session 6's changes undone, with the GPU's polar route on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
     "gram-full": ("exact, NS polar, Gram matrices as one full GEMM (session 5's)",
@@ -201,6 +203,8 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "work-quarter": [(solvers, "WORK_SHARE", 0.25)],
     "ell-2k": [(solvers, "MAX_BLOCK", None)],
     "ell138": [(solvers, "MAX_BLOCK", 138)],
+    "ell-k10": [(solvers, "SUBSPACE_OVERSAMPLE", 10)],
+    "ell-k25": [(solvers, "SUBSPACE_OVERSAMPLE", 25)],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],
     "session5": [_COUPLED_NS, _FULL_GRAM],

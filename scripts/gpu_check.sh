@@ -20,9 +20,9 @@ REF_BLOCKS="${REF_BLOCKS:-2}"
 STAGES="${STAGES:-tests l14 stages b32 eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="14 8": further T for ViT-L/14 (stage l14x, after the others)
-L14_VARIANTS="${L14_VARIANTS:-d,work-quarter,e}"
+L14_VARIANTS="${L14_VARIANTS:-d,session5,ell-k10,e}"  # session5: session 6's changes undone
 L14X_VARIANTS="${L14X_VARIANTS:-d,ell138}"  # at T = 8 (k = 128 > 108) the default ℓ is 2k = 256
-B32_VARIANTS="${B32_VARIANTS:-d,ell-2k,e}"
+B32_VARIANTS="${B32_VARIANTS:-d,session5,e}"
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1

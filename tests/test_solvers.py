@@ -177,19 +177,23 @@ def test_subspace_iteration_matches_full_eigh(decay, T):
     assert (dots > 1 - 1e-6).all()
 
 
-@pytest.mark.parametrize("knob,value", [("WORK_SHARE", 1e-9), ("WORK_SHARE", 10.0), ("MAX_BLOCK", 30)])
+@pytest.mark.parametrize("knob,value", [("WORK_SHARE", 1e-9), ("WORK_SHARE", 10.0), ("MAX_BLOCK", 30),
+                                        ("SUBSPACE_OVERSAMPLE", 10)])
 def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, knob, value):
-    """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10): eigh's result."""
+    """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10, by cap or by
+    oversampling): eigh's result."""
     import tsv_fast.solvers as solvers_module
     monkeypatch.setattr(solvers_module, knob, value)
+    blocks = []
+    block_size = solvers_module._block_size
+    monkeypatch.setattr(solvers_module, "_block_size", lambda *a, **kw: blocks.append(block_size(*a, **kw)) or blocks[-1])
     A = task_batch(600, 160, 4, 0.5, seed=31)
     k = 20
     U1, S1, V1, _ = eigh_topk(A, k, torch.float64)
     U2, S2, V2, _ = subspace_topk(A, k, torch.float64)
     torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
     assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
-    if knob == "MAX_BLOCK":
-        assert solvers_module._block_size(k, 160, cap=solvers_module._block_cap(A.device)) == k + 10
+    assert blocks == [k + 10 if knob != "WORK_SHARE" else 2 * k]
 
 
 def test_block_size_cap_applies_only_where_k_plus_10_fits_under_it():

@@ -200,6 +200,10 @@ WORK_SHARE = 0.75
 # Jacobi kernel keeps in shared memory (118 on an H100/H200), when k + 10 fits under it; beyond
 # it the kernel runs from global memory (ViT-L/14 at T = 14, ℓ = 146: 3.71 s, capped at 118: 2.26 s).
 MAX_BLOCK: int | str | None = "auto"
+# ℓ − k (None: max(10, k)). Counted on the CPU at ViT-L/14, T = 20 (k = 51): ℓ = 61 takes 4–4.5
+# Rayleigh–Ritz steps per matrix instead of 3 and the same products, for 3.5× less ℓ³ Jacobi
+# work; unmeasured on a GPU (bench_merge.py variants ell-k10, ell-k25).
+SUBSPACE_OVERSAMPLE: int | None = None
 
 
 def _block_cap(device: torch.device) -> int | None:
@@ -238,6 +242,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
+    oversample = oversample if oversample is not None else SUBSPACE_OVERSAMPLE
     ell = _block_size(k, q, oversample, _block_cap(A.device) if small_eigh is None else None)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
