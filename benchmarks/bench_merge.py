@@ -189,7 +189,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
     "ell-k10": ("exact, block ℓ = k + 10", {"solver": "exact"}),
     "ell-k25": ("exact, block ℓ = k + 25", {"solver": "exact"}),
-    # session 6's changes undone, with the GPU's polar route on any device (compare with "ns" on a CPU)
+    # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
+    # on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
     "gram-full": ("exact, NS polar, Gram matrices as one full GEMM (session 5's)",
                   {"solver": "exact", "polar": "newton-schulz"}),

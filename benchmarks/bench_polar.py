@@ -30,7 +30,7 @@ def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
     ``Y = G/bound², Z = I`` (three c×c products a step), with the same schedule and checks."""
     rcond = max(rcond, 1e-7)
     bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
-    scale = (bound_sq * (1 + 1e-6))[..., None, None]
+    scale = (bound_sq * (1 + 1e-6)).clamp(min=torch.finfo(G.dtype).tiny)[..., None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     Y, Z = G / scale, eye.expand(G.shape)
     lower = (tsv.smallest_eigenvalue_estimate(Y).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
@@ -50,7 +50,7 @@ def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
     WG = W @ G
     ok &= (WG @ W - eye).abs().amax((-2, -1)) <= check
     ok &= (WG - WG.mT).abs().amax((-2, -1)) <= check * scale[..., 0, 0].sqrt()
-    return W, ok
+    return W, ok & (bound_sq > 0)
 
 
 class GemmWork(TorchDispatchMode):

@@ -20,7 +20,7 @@ REF_BLOCKS="${REF_BLOCKS:-2}"
 STAGES="${STAGES:-tests l14 stages b32 eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="14 8": further T for ViT-L/14 (stage l14x, after the others)
-L14_VARIANTS="${L14_VARIANTS:-d,session5,ell-k10,e}"  # session5: session 6's changes undone
+L14_VARIANTS="${L14_VARIANTS:-d,session5,ell-k10,e}"  # session5: session 6's two float64 changes undone
 L14X_VARIANTS="${L14X_VARIANTS:-d,ell138}"  # at T = 8 (k = 128 > 108) the default ℓ is 2k = 256
 B32_VARIANTS="${B32_VARIANTS:-d,session5,e}"
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)

@@ -228,6 +228,7 @@ def test_newton_schulz_on_two_batch_dims_with_per_matrix_bounds_and_an_early_sto
     info = {}
     W, ok = newton_schulz_whitening(G, 1e-7, bound_sq, info=info)
     assert ok.reshape(-1).tolist() == want_ok
+    assert torch.isfinite(W).all()  # also where refused (a failed Cholesky iterates from I)
     for i in range(3):
         x = X.reshape(4, 50, 12)[i]
         np.testing.assert_allclose((x @ W.reshape(4, 12, 12)[i]).numpy(), ref.whiten(x.numpy()), atol=1e-8)
@@ -407,3 +408,11 @@ def test_vit_b32_block_on_cuda_matches_the_float64_algorithm():
         if b.dim() == 2 and ".ln_" not in key:
             want = ref.tsv_m_delta([t[key].double().numpy() for t in tasks])
             assert ref.rel_err(ref.np64(gpu[key]) - ref.np64(b), want) < 1e-4, (key, stats["polar"])
+
+
+def test_newton_schulz_refuses_a_matrix_whose_cholesky_fails_and_keeps_its_neighbours():
+    G = torch.stack([torch.eye(6, dtype=torch.float64) * 2, torch.zeros(6, 6, dtype=torch.float64)])
+    G[1, :2, :2] = torch.eye(2)  # rank 2: Cholesky fails
+    W, ok = newton_schulz_whitening(G, 1e-7, 2.0)
+    assert ok.tolist() == [True, False] and torch.isfinite(W).all()
+    torch.testing.assert_close(W[0], torch.eye(6, dtype=torch.float64) / 2 ** 0.5, rtol=1e-10, atol=1e-12)

@@ -121,12 +121,35 @@ def test_compressed_state_dict_with_missing_factor():
 
 
 def test_inputs_are_not_modified(base):
+    """Fine-tuned dicts, task vectors and compressed tasks, key by key and in shape batches."""
+    base["b.weight"] = torch.randn(6, 4)  # a second key of a.weight's shape: a shape batch
     tasks = [finetuned(base), finetuned(base)]
-    before = [{k: v.clone() for k, v in t.items()} for t in [base, *tasks]]
+    vectors = tsv_fast.task_vectors(base, tasks)
+    compressed = tsv_fast.compress(base, tasks[:1])
+    inputs = [base, *tasks, *vectors]
+    before = [{k: v.clone() for k, v in t.items()} for t in inputs]
+    factors = {k: [f.clone() for f in fs] for k, fs in compressed[0].factors.items()}
     for method in tsv_fast.METHODS:
-        tsv_fast.merge_layers(base, tasks, method=method)
-    for saved, live in zip(before, [base, *tasks]):
+        for batch in ("key", "shape"):
+            for these in (tasks, vectors, [compressed[0], tasks[1]]):
+                tsv_fast.merge_layers(base, these, method=method, batch=batch)
+    for saved, live in zip(before, inputs):
         assert all(torch.equal(saved[k], live[k]) for k in saved)
+    assert all(torch.equal(a, b) for k, fs in factors.items() for a, b in zip(fs, compressed[0].factors[k]))
+
+
+@pytest.mark.parametrize("method", ["tsv", "ties", "mean"])
+def test_parameters_that_require_grad_are_read_as_values(method):
+    """``dict(model.named_parameters())`` as inputs: merged and compressed as their values."""
+    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8)}
+    tasks = [finetuned(base) for _ in range(3)]
+    params = [{k: torch.nn.Parameter(v.clone()) for k, v in t.items()} for t in [base, *tasks]]
+    merged = tsv_fast.merge_layers(params[0], params[1:], method=method)
+    want = tsv_fast.merge_layers(base, tasks, method=method)
+    assert all(torch.equal(merged[k], want[k]) and not merged[k].requires_grad for k in want)
+    got, plain = tsv_fast.compress(params[0], params[1:]), tsv_fast.compress(base, tasks)
+    assert all(torch.equal(a, b) for g, p in zip(got, plain) for k in p.factors for a, b in zip(g.factors[k], p.factors[k]))
+    tsv_fast.interference(params[0], params[1:])
 
 
 @pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
@@ -162,6 +185,8 @@ def test_nonfinite_screens_by_sums_and_confirms_element_by_element():
     assert nonfinite([ok, big, torch.arange(3)]) == []
     assert nonfinite([torch.arange(3), nan, ok, big, inf]) == [1, 4]  # indices into the list given
     assert nonfinite([]) == []
+    half = torch.full((8,), 60000.0, dtype=torch.float16)  # finite; its float16 sum overflows
+    assert nonfinite([half, ok.bfloat16()]) == [] and nonfinite([half, nan.half()]) == [1]
 
 
 def test_a_task_sum_that_overflows_is_not_mistaken_for_nan():

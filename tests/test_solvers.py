@@ -329,7 +329,7 @@ def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
 
 
 @pytest.mark.parametrize("shape,blocks", [((3, 50, 20), None), ((2, 7, 1), None), ((2, 33, 13), 4), ((2, 40, 30), 7),
-                                          ((1, 9, 64), 2), ((2, 300, 97), 1)])
+                                          ((1, 9, 64), 2), ((2, 300, 97), 1), ((1, 40, 300), None), ((1, 20, 600), None)])
 def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     """Only the upper column blocks are multiplied (5/8 of the GEMM work at 4 blocks); the result
     is XᵀX in float64 to rounding (both triangles: LAPACK's eigh reads one)."""
@@ -352,7 +352,7 @@ def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     exact = X.double().mT @ X.double()
     torch.testing.assert_close(G, exact, rtol=0, atol=1e-13 * exact.abs().max().item())
     B, p, q = shape
-    b = min(blocks or GRAM_BLOCKS, q)
+    b = min(blocks, q) if blocks else max(1, min(GRAM_BLOCKS, q // 128))  # default: blocks ≥ 128 wide
     share = sum((q * (i + 1) // b - q * i // b) * (q - q * i // b) for i in range(b)) / q ** 2
     assert Flops.total == B * p * q * q * share and (b == 1 or share < 1)
 

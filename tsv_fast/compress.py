@@ -23,6 +23,7 @@ def energy_rank(S: Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
 
 
+@torch.no_grad()
 def compress(
     base: StateDict,
     tasks: Sequence[Task],

@@ -42,6 +42,7 @@ class Interference:
         return out
 
 
+@torch.no_grad()
 def interference(
     base: StateDict,
     tasks: Sequence[Task],

@@ -113,6 +113,7 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     return spec, sources, selected, ctx
 
 
+@torch.no_grad()  # merging is not differentiable work: parameters that require grad are read as values
 def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups):
     ready: dict[str, Tensor] = {}  # merged keys of the current shape batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):

@@ -58,13 +58,14 @@ def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     """``XᵀX`` in float64 for a batch ``(B, p, q)``, accumulated over 8 row chunks (batched
     GEMMs; the float64 copy alive at a time is a quarter of the float32 batch's bytes).
 
-    Symmetric, so only the upper blocks of a ``blocks × blocks`` (default ``GRAM_BLOCKS``)
+    Symmetric, so only the upper blocks of a ``blocks × blocks`` (default ``GRAM_BLOCKS``,
+    fewer where blocks would be under 128 columns wide: small GEMMs lose more than they save)
     partition of the columns are multiplied, one GEMM per block row, and mirrored: the
     symmetric rank-k update (BLAS ``syrk``, which has no batched form in torch) from GEMMs,
     (b + 1)/2b of the full product's work. These Gram matrices are a third of a merge's
     float64 arithmetic on a GPU (``benchmarks/bench_flops.py``)."""
     B, p, q = X.shape
-    b = max(1, min(blocks or GRAM_BLOCKS, q))
+    b = max(1, min(blocks, q)) if blocks else max(1, min(GRAM_BLOCKS, q // 128))  # blocks ≥ 128 wide
     edges = [q * i // b for i in range(b + 1)]
     G = torch.zeros(B, q, q, dtype=torch.float64, device=X.device)
     step = max(1, -(-p // _CHUNKS))
@@ -200,9 +201,10 @@ WORK_SHARE = 0.75
 # Jacobi kernel keeps in shared memory (118 on an H100/H200), when k + 10 fits under it; beyond
 # it the kernel runs from global memory (ViT-L/14 at T = 14, ℓ = 146: 3.71 s, capped at 118: 2.26 s).
 MAX_BLOCK: int | str | None = "auto"
-# ℓ − k (None: max(10, k)). Counted on the CPU at ViT-L/14, T = 20 (k = 51): ℓ = 61 takes 4–4.5
-# Rayleigh–Ritz steps per matrix instead of 3 and the same products, for 3.5× less ℓ³ Jacobi
-# work; unmeasured on a GPU (bench_merge.py variants ell-k10, ell-k25).
+# ℓ − k (None: max(10, k), capped by MAX_BLOCK; a number is not capped). Counted on the CPU at
+# ViT-L/14, T = 20 (k = 51): ℓ = 61 takes 4–4.5 Rayleigh–Ritz steps per matrix instead of 3 and
+# the same products, for 3.5× less ℓ³ Jacobi work; unmeasured on a GPU (bench_merge.py variants
+# ell-k10, ell-k25). The GPU route only: the CPU's choice between eigh and subspace ignores it.
 SUBSPACE_OVERSAMPLE: int | None = None
 
 
@@ -243,6 +245,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     X = X.reshape(-1, *X.shape[-2:])
     B, p, q = X.shape
     oversample = oversample if oversample is not None else SUBSPACE_OVERSAMPLE
+    if oversample is not None and oversample < 0:
+        raise ValueError(f"oversample must be ≥ 0, got {oversample}")
     ell = _block_size(k, q, oversample, _block_cap(A.device) if small_eigh is None else None)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)

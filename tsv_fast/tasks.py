@@ -148,7 +148,8 @@ class TaskSource:
         elif self.base is not None:  # fine-tuned weights; the base tensor was checked by the caller
             weights = finite(self.state[key], f"task {self.name!r}", key).to(device, dtype)
             if out is not None:
-                return torch.sub(weights, base_tensor.to(device, dtype), out=out)
+                with torch.no_grad():  # out= takes no autograd inputs (e.g. a model's named_parameters())
+                    return torch.sub(weights, base_tensor.to(device, dtype), out=out)
             d = weights - base_tensor.to(device, dtype)
         else:  # task vector
             d = finite(self.state[key], f"task {self.name!r}", key) if key in self.state else None
@@ -175,7 +176,7 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
         out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
     for i, s in enumerate(sources):
         s.delta(key, base_tensor, device, check=False, out=out[i])
-    sums = out.reshape(len(sources), -1).sum(1, dtype=torch.float64)
+    sums = out.reshape(len(sources), -1).sum(1)  # in the stack's dtype: a float64 sum would copy it
     if not bool(torch.isfinite(sums).all()):
         for i, s in enumerate(sources):
             if bool(torch.isfinite(out[i]).all()):
@@ -189,11 +190,14 @@ def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
 def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
     """Indices of the floating tensors holding NaN or Inf, with one host sync when none does.
 
-    A sum is non-finite when any element is, so one reduction per tensor (float64, no
-    temporaries) screens them all; only where a sum is non-finite are the elements checked
-    (finite values cannot overflow a float64 sum of float32 data, but may of float64 data)."""
+    A sum is non-finite when any element is, so one reduction per tensor (no temporaries; one
+    sync per device) screens them all; only where a sum is non-finite (also when finite values
+    overflow it, float16 ones easily) are the elements checked, so no finite tensor is refused."""
     floats = [(i, t) for i, t in enumerate(tensors) if t.is_floating_point()]
-    if not floats or bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for _, t in floats])).all()):
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for _, t in floats:  # each sum in the tensor's dtype (a float64 one would copy it whole)
+        by_device.setdefault(t.device, []).append(t.sum().double())
+    if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
         return []
     return [i for i, t in floats if not bool(torch.isfinite(t).all())]
 

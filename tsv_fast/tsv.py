@@ -233,7 +233,8 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
     Bc = torch.tensor(b_rows, dtype=G.dtype).reshape(shape).to(G.device)
     last = len(a_rows)
-    X, XtX = L.mT, Y  # the iterate and its Gram matrix (Lᵀ's is Y itself)
+    # the iterate and its Gram matrix (Lᵀ's is Y itself; I where Cholesky failed, so W stays finite)
+    X, XtX = L.mT, torch.where(factored[..., None, None], Y, eye)
     for step in range(last + 1):
         if step:
             XtX = X.mT @ X
