@@ -356,3 +356,30 @@ def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     share = sum((q * (i + 1) // b - q * i // b) * (q - q * i // b) for i in range(b)) / q ** 2
     assert Flops.total == B * p * q * q * share and (b == 1 or share < 1)
 
+
+
+@pytest.mark.parametrize("degree", [1, 2, 5, 16])
+def test_chebyshev_filter_is_the_scaled_chebyshev_polynomial_of_g(degree):
+    """p(G) V with p(λ) = T_d((2λ − b)/b) / T_d((2θ1 − b)/b), from G's eigendecomposition: the
+    interval [0, b] damped, 1 at the top Ritz value (independent of the three-term recurrence)."""
+    from tsv_fast.solvers import chebyshev_filter
+
+    g = torch.Generator().manual_seed(33)
+    X = torch.randn(2, 150, 60, generator=g, dtype=torch.float64)
+    G = X.mT @ X
+    V = torch.linalg.qr(torch.randn(2, 60, 12, generator=g, dtype=torch.float64)).Q
+    ritz = torch.linalg.eigvalsh(V.mT @ G @ V).flip(-1)
+    top, b = ritz[:, :1], ritz[:, -1:]
+    w, P = torch.linalg.eigh(G)
+    p = _chebyshev_t(degree, (2 * w - b) / b) / _chebyshev_t(degree, (2 * top - b) / b)
+    want = P @ (p.unsqueeze(-1) * (P.mT @ V))
+    got = chebyshev_filter(G, V, G @ V, ritz, degree)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+def _chebyshev_t(d, y):
+    """T_d(y) by the three-term recurrence, valid inside and outside [−1, 1]."""
+    t0, t1 = torch.ones_like(y), y
+    for _ in range(d - 1):
+        t0, t1 = t1, 2 * y * t1 - t0
+    return t1 if d else t0
