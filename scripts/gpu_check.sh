@@ -59,16 +59,16 @@ cd benchmarks || exit 1
 stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
     --repeat 2 --device cuda --no-baselines --variants "$L14_VARIANTS"
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
+stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
+stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 2  # Newton–Schulz forms
 stage 80 b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth
-stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
-stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 4  # Newton–Schulz forms
 stage 30 eigh.md "$PY" bench_eigh.py --device cuda
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
-for f in l14 stages b32 l14x gram polar eigh segmented; do
+for f in l14 stages gram polar b32 l14x eigh segmented; do
     [[ -f "$OUT/$f.md" ]] || continue
     echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton)' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
 done

@@ -6,7 +6,8 @@ the storages of the tensors that dispatched torch ops return while ``fn`` runs, 
 until they are freed, so a merge's memory can be checked on a CPU, run the way it runs on a
 GPU (on an H200 it gave the same ratios as ``max_memory_allocated``: 1.88× / 1.76× of a shape
 batch, BENCHMARKS.md). Not counted: temporaries inside one op's kernel (LAPACK or cuSOLVER
-workspaces, the Jacobi kernel's global workspace) and non-strided (sparse) tensors.
+workspaces, the Jacobi kernel's global workspace, the copy a reduction with ``dtype=`` makes
+of its input) and non-strided (sparse) tensors.
 """
 
 from __future__ import annotations
