@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 
 import torch  # noqa: E402
 
-from timing import best_of, cpu_model  # noqa: E402
+from timing import best_of, device_clock  # noqa: E402
 from tsv_fast import ops  # noqa: E402
 
 
@@ -35,8 +35,7 @@ def main() -> None:
     if not ok:
         raise SystemExit(why)
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+    sync, where = device_clock(dev)
     print(f"# {where}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; batch {args.batch}; best of {args.repeat}")
     print("| n | dtype | batched_eigh (ms) | torch.linalg.eigh (ms) | ratio eigh/batched | max |dw|/||A|| |")

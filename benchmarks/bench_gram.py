@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 
 import torch  # noqa: E402
 
-from timing import best_of, cpu_model  # noqa: E402
+from timing import best_of, device_clock  # noqa: E402
 from tsv_fast import solvers  # noqa: E402
 
 
@@ -27,8 +27,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)  # noqa: E731
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    sync, where = device_clock(device)
     print(f"# {where}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"best of {args.repeat}\n")
     print("| X (B×p×q, float32) | full GEMM | " + " | ".join(f"{b} blocks" for b in args.blocks) + " |")

@@ -20,7 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from timing import best_of, cpu_model  # noqa: E402
+from bench_flops import _GEMMS, gemm_flops  # noqa: E402
+from timing import best_of, device_clock  # noqa: E402
 from tsv_fast import tsv  # noqa: E402
 from tsv_fast.synthetic import power_law_matrix  # noqa: E402
 
@@ -61,10 +62,8 @@ class GemmWork(TorchDispatchMode):
         self.unit, self.units = batch * c ** 3, 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        aten = torch.ops.aten
-        if func in (aten.mm.default, aten.bmm.default, aten.baddbmm_.default, aten.baddbmm.default):
-            a, b = args[-2:] if func in (aten.baddbmm_.default, aten.baddbmm.default) else args[:2]
-            self.units += (a.shape[0] if a.dim() == 3 else 1) * a.shape[-2] * a.shape[-1] * b.shape[-1] / self.unit
+        if func in _GEMMS:
+            self.units += gemm_flops(func, args) / 2 / self.unit
         return func(*args, **(kwargs or {}))
 
 
@@ -87,8 +86,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)  # noqa: E731
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    sync, where = device_clock(device)
     print(f"# {where}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"{args.batch} keys at once, best of {args.repeat}\n")
     print("| U (per key) | σmin/σmax | eigh | coupled NS (baseline) | Cholesky-factor NS | coupled ÷ new | "

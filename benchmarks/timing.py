@@ -3,6 +3,8 @@
 import platform
 import time
 
+import torch
+
 
 def cpu_model() -> str:
     """The CPU's model name (what BENCHMARKS.md records as the machine)."""
@@ -27,3 +29,10 @@ def best_of(fn, repeat: int, sync) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def device_clock(device: torch.device):
+    """(``sync``: waits for the device, ``where``: what BENCHMARKS.md records as the machine)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize, torch.cuda.get_device_name(device)
+    return (lambda: None), cpu_model()
