@@ -189,6 +189,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
     "ell-k10": ("exact, block ℓ = k + 10", {"solver": "exact"}),
     "ell-k25": ("exact, block ℓ = k + 25", {"solver": "exact"}),
+    "minp12": ("exact, ≥ 12 products between Rayleigh–Ritz steps", {"solver": "exact"}),
+    "minp16": ("exact, ≥ 16 products between Rayleigh–Ritz steps", {"solver": "exact"}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
     # on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
@@ -206,6 +208,8 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "ell138": [(solvers, "MAX_BLOCK", 138)],
     "ell-k10": [(solvers, "SUBSPACE_OVERSAMPLE", 10)],
     "ell-k25": [(solvers, "SUBSPACE_OVERSAMPLE", 25)],
+    "minp12": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 12)],
+    "minp16": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 16)],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],
     "session5": [_COUPLED_NS, _FULL_GRAM],

@@ -24,6 +24,7 @@ L14_VARIANTS="${L14_VARIANTS:-d,session5,ell-k10,e}"  # session5: session 6's tw
 L14X_VARIANTS="${L14X_VARIANTS:-d,ell138}"  # at T = 8 (k = 128 > 108) the default ℓ is 2k = 256
 B32_VARIANTS="${B32_VARIANTS:-d,session5,e}"
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
+# B32_TRUTH=4: the float64 ground truth (on the CPU) on all 4 blocks (a) runs on
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without a pip install there
@@ -61,7 +62,7 @@ stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --bloc
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
 stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
 stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 2  # Newton–Schulz forms
-stage 80 b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks 1 --repeat 2 \
+stage "${B32_LIMIT:-80}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks "${B32_TRUTH:-1}" --repeat 2 \
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth

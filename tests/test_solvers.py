@@ -178,7 +178,8 @@ def test_subspace_iteration_matches_full_eigh(decay, T):
 
 
 @pytest.mark.parametrize("knob,value", [("WORK_SHARE", 1e-9), ("WORK_SHARE", 10.0), ("MAX_BLOCK", 30),
-                                        ("SUBSPACE_OVERSAMPLE", 10)])
+                                        ("SUBSPACE_OVERSAMPLE", 10), ("CHEBYSHEV_MIN_PRODUCTS", 2),
+                                        ("CHEBYSHEV_MIN_PRODUCTS", 30)])
 def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, knob, value):
     """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10, by cap or by
     oversampling): eigh's result."""
@@ -193,14 +194,15 @@ def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, kn
     U2, S2, V2, _ = subspace_topk(A, k, torch.float64)
     torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
     assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
-    assert blocks == [k + 10 if knob != "WORK_SHARE" else 2 * k]
+    assert blocks == [k + 10 if knob in ("MAX_BLOCK", "SUBSPACE_OVERSAMPLE") else 2 * k]
 
 
-def test_block_size_cap_applies_only_where_k_plus_10_fits_under_it():
+def test_block_size_is_capped_but_never_below_k_plus_10():
     from tsv_fast.solvers import _block_size
     assert _block_size(50, 1024) == 100 and _block_size(50, 1024, cap=118) == 100  # 2k under the cap
     assert _block_size(60, 1024, cap=118) == 118 and _block_size(108, 1024, cap=118) == 118
-    assert _block_size(109, 1024, cap=118) == 218  # k + 10 > cap: the full block, no use capping
+    assert _block_size(109, 1024) == 218  # no cap: 2k
+    assert _block_size(109, 1024, cap=118) == 119 and _block_size(128, 1024, cap=118) == 138  # k + 10 > cap
     assert _block_size(60, 1024, oversample=5, cap=100) == 65  # an explicit oversample is not capped
     assert _block_size(60, 100, cap=118) == 100  # never more than the short side
 

@@ -190,6 +190,8 @@ def randomized_topk(A: Tensor, k: int, oversample: int = 10, power_iters: int = 
 
 SUBSPACE_FILTERS = ("chebyshev", "power")
 SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
+# products with G between two Rayleigh–Ritz steps (Chebyshev filter), at least
+CHEBYSHEV_MIN_PRODUCTS = 8
 # subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
 # matrix and ~9 ℓ-wide blocks per matrix: 8q(q + 9ℓ) bytes, fitted to device peaks measured on
 # an H200) under this share of the batch's bytes. A merge's peak is then about 1 + WORK_SHARE
@@ -198,8 +200,9 @@ SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/benc
 # matrices, 2.24 s with half).
 WORK_SHARE = 0.75
 # cap on the block ℓ (None: ℓ = 2k). "auto": on a GPU, the largest float64 ℓ×ℓ problem the
-# Jacobi kernel keeps in shared memory (118 on an H100/H200), when k + 10 fits under it; beyond
-# it the kernel runs from global memory (ViT-L/14 at T = 14, ℓ = 146: 3.71 s, capped at 118: 2.26 s).
+# Jacobi kernel keeps in shared memory (118 on an H100/H200), or k + 10 where that is more
+# (beyond 118 the kernel runs from global memory). ViT-L/14 on an H200: T = 14, ℓ = 146: 3.71 s,
+# capped at 118: 2.26 s; T = 8, ℓ = 256: 13.7 s, ℓ = k + 10 = 138: 3.0 s.
 MAX_BLOCK: int | str | None = "auto"
 # ℓ − k (None: max(10, k), capped by MAX_BLOCK; a number is not capped). Counted on the CPU at
 # ViT-L/14, T = 20 (k = 51): ℓ = 61 takes 4–4.5 Rayleigh–Ritz steps per matrix instead of 3 and
@@ -220,8 +223,8 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     """Exact-quality top-k by block subspace iteration on the float64 Gram matrices, run to a
     tolerance: batched GEMMs and small ℓ×ℓ eigenproblems instead of one full eigh per matrix.
 
-    A block of ℓ = k + max(10, k) vectors (on a GPU at most ``MAX_BLOCK``'s cap, where k + 10
-    fits under it) is multiplied by G (as many matrices at once as ``WORK_SHARE`` allows) and
+    A block of ℓ = k + max(10, k) vectors (on a GPU at most ``MAX_BLOCK``'s cap or k + 10,
+    whichever is more) is multiplied by G (as many matrices at once as ``WORK_SHARE`` allows) and
     checked by Rayleigh–Ritz (``eigh(QᵀGQ)``, ℓ×ℓ; the batched Jacobi kernel on a GPU). A
     matrix is done when each of its top-k Ritz pairs has residual ``‖G v − θ v‖ ≤ tol·θ1``,
     which bounds its eigenvector error by ``tol·θ1/gap`` (float64 ``eigh`` itself is
@@ -309,7 +312,7 @@ def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: i
     return batch.active
 
 
-def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_products: int = 8,
+def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_products: int | None = None,
                          cond_budget: float = 1e14) -> Tensor:
     """Rayleigh–Ritz, then Chebyshev filters (at least ``min_products`` products with G) before
     the next Rayleigh–Ritz step: the ℓ×ℓ eigenproblems, one batched kernel launch each, cost
@@ -319,6 +322,7 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
     budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
     did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
     took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks)."""
+    min_products = min_products or CHEBYSHEV_MIN_PRODUCTS
     products = 0
     while True:
         Z = batch.G @ Q
@@ -374,11 +378,13 @@ EXACT_ROUTE = {"cpu": "by-size", "cuda": "subspace"}
 
 def _block_size(k: int, q: int, oversample: int | None = None, cap: int | None = None) -> int:
     """ℓ, the subspace iteration's block: k plus max(10, k) (or ``oversample``), at most q, and
-    at most ``cap`` when k + 10 fits under it (a smaller block converges more slowly, so the
-    cap only pays where it keeps the Rayleigh–Ritz problems in fast memory)."""
+    with a ``cap`` at most max(cap, k + 10). A smaller block converges more slowly per product,
+    but on a GPU the ℓ×ℓ Rayleigh–Ritz problems cost more than the products: under the cap they
+    stay in shared memory, and above it ℓ³ still counts (ViT-L/14, T = 8 on an H200: ℓ = 2k =
+    256 took 13.7 s, ℓ = k + 10 = 138 3.0 s)."""
     ell = k + (oversample if oversample is not None else max(10, k))
-    if cap is not None and oversample is None and k + 10 <= cap:
-        ell = min(ell, cap)
+    if cap is not None and oversample is None:
+        ell = min(ell, max(cap, k + 10))
     return min(q, ell)
 
 
