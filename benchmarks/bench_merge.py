@@ -189,7 +189,10 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "ell138": ("exact, block ℓ ≤ 138 (k + 10 at ViT-L/14, T = 8)", {"solver": "exact"}),
     "ell-k10": ("exact, block ℓ = k + 10", {"solver": "exact"}),
     "ell-k25": ("exact, block ℓ = k + 25", {"solver": "exact"}),
+    "minp4": ("exact, ≥ 4 products between Rayleigh–Ritz steps", {"solver": "exact"}),
+    "minp6": ("exact, ≥ 6 products between Rayleigh–Ritz steps", {"solver": "exact"}),
     "minp12": ("exact, ≥ 12 products between Rayleigh–Ritz steps", {"solver": "exact"}),
+    "route-subspace": ("exact, subspace iteration at every size (session 6's GPU route)", {"solver": "exact"}),
     "minp16": ("exact, ≥ 16 products between Rayleigh–Ritz steps", {"solver": "exact"}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
     # on any device (compare with "ns" on a CPU)
@@ -208,7 +211,10 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "ell138": [(solvers, "MAX_BLOCK", 138)],
     "ell-k10": [(solvers, "SUBSPACE_OVERSAMPLE", 10)],
     "ell-k25": [(solvers, "SUBSPACE_OVERSAMPLE", 25)],
+    "minp4": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 4)],
+    "minp6": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 6)],
     "minp12": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 12)],
+    "route-subspace": [(solvers, "EXACT_ROUTE", {"cpu": "subspace", "cuda": "subspace"})],
     "minp16": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 16)],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],

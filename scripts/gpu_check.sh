@@ -5,7 +5,7 @@
 #   3. the GPU benchmarks: TSV-M on ViT-L/14 (T=20, all 24 blocks; (a) timed on REF_BLOCKS blocks and
 #      scaled) and ViT-B/32 (T=8), each route side by side with the reference (a); the stage
 #      breakdown of one ViT-L/14 merge; the Gram matrices' block form (stage gram) and the polar
-#      factor's Newton–Schulz forms (stage polar); the
+#      factor's Newton–Schulz forms (stage polar); where exact differs from float64 (stage diag); the
 #      batched eigensolver and the segmented apply kernels
 #
 # From a session with a device:   make gpu-wheels   (once, here: open_clip is not on the GPU image)
@@ -17,12 +17,12 @@ OUT="${OUT:-results/gpu}"
 PY="${PY:-python3}"
 BUDGET="${BUDGET:-460}"
 REF_BLOCKS="${REF_BLOCKS:-2}"
-STAGES="${STAGES:-tests l14 stages b32 eigh segmented}"  # which of the stages below to run
+STAGES="${STAGES:-tests diag l14 stages b32 eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
-# L14X_TASKS="14 8": further T for ViT-L/14 (stage l14x, after the others)
-L14_VARIANTS="${L14_VARIANTS:-d,session5,ell-k10,e}"  # session5: session 6's two float64 changes undone
-L14X_VARIANTS="${L14X_VARIANTS:-d,ell138}"  # at T = 8 (k = 128 > 108) the default ℓ is 2k = 256
-B32_VARIANTS="${B32_VARIANTS:-d,session5,e}"
+# L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
+L14_VARIANTS="${L14_VARIANTS:-d,minp6,minp4,e}"  # minpN: ≥ N products between Rayleigh–Ritz steps (default 8)
+L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
+B32_VARIANTS="${B32_VARIANTS:-d,e}"
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 # B32_TRUTH=4: the float64 ground truth (on the CPU) on all 4 blocks (a) runs on
 mkdir -p "$OUT"
@@ -57,6 +57,7 @@ stage 110 tests.log "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" --tb
     tests/test_batching.py tests/test_runtime.py
 grep -sE "^(FAILED|E   |[0-9]+ (passed|failed))" "$OUT/tests.log" | cut -c1-300 | head -40
 cd benchmarks || exit 1
+stage 100 diag.md "$PY" diagnose_exact.py --model ViT-B-32 --tasks 8 --blocks 12 --check-blocks 4 --device cuda
 stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
     --repeat 2 --device cuda --no-baselines --variants "$L14_VARIANTS"
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
@@ -69,7 +70,7 @@ stage "${B32_LIMIT:-80}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 
 stage 30 eigh.md "$PY" bench_eigh.py --device cuda
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
-for f in l14 stages gram polar b32 l14x eigh segmented; do
+for f in diag l14 stages gram polar b32 l14x eigh segmented; do
     [[ -f "$OUT/$f.md" ]] || continue
-    echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton)' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
+    echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton|Worst|- )' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
 done

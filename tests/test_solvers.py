@@ -261,6 +261,23 @@ def test_exact_on_cpu_routes_by_block_size(monkeypatch):
     assert calls == ["subspace", "eigh", "eigh"]
 
 
+def test_exact_on_a_gpu_routes_by_the_capped_block(monkeypatch):
+    """On a GPU ℓ is capped (at the Jacobi kernel's shared-memory order, or k + 10), so subspace
+    iteration runs up to larger k than on a CPU; eigh once even the capped ℓ exceeds q/6."""
+    from tsv_fast import solvers
+
+    assert solvers.EXACT_ROUTE["cuda"] == "by-size"
+    monkeypatch.setattr(ops, "eigh_shared_order", lambda device, dtype: 118 if device.type == "cuda" else None)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    # ViT-L/14 (q = 1024): T = 20, 14, 8 (ℓ = 102, 118, 138) subspace; T = 6, 4 (ℓ = 180, 266) eigh
+    assert [solvers.exact_route(1024 // T, 1024, gpu) for T in (20, 14, 8, 6, 4)] == \
+        ["subspace"] * 3 + ["eigh"] * 2
+    assert [solvers.exact_route(1024 // T, 1024, cpu) for T in (20, 14, 8)] == ["subspace", "subspace", "eigh"]  # ℓ = 2k
+    assert solvers.exact_route(768 // 8, 768, gpu) == "subspace"  # ViT-B/32, T = 8: ℓ = 118
+    monkeypatch.setitem(solvers.EXACT_ROUTE, "cuda", "subspace")
+    assert solvers.exact_route(1024 // 4, 1024, gpu) == "subspace"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 @pytest.mark.parametrize("solver", ["exact", "subspace", "randomized"])
 def test_solvers_on_cuda_match_cpu_eigh(solver):

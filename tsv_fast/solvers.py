@@ -369,11 +369,14 @@ def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int
 
 
 # Which algorithm "exact" runs, per device. All give float64-eigh quality (tests/test_solvers.py);
-# the choices are measured (BENCHMARKS.md). On an H200 (ViT-L/14, T = 20) subspace iteration took
-# 6.8 s where one cuSOLVER syevd per matrix took 23 s. On a CPU, "by-size": LAPACK eigh while the
-# block is a large share of the short side, Chebyshev subspace iteration once ℓ ≤ q/6 (ViT-B/32:
-# eigh 1.13× faster at T = 8, even at T = 12, subspace 1.5–1.65× faster at T = 16–20).
-EXACT_ROUTE = {"cpu": "by-size", "cuda": "subspace"}
+# the choices are measured (BENCHMARKS.md). "by-size": eigh while the block ℓ is a large share of
+# the short side q, Chebyshev subspace iteration once ℓ ≤ q/6. CPU: ViT-B/32, eigh 1.13× faster
+# at T = 8, even at T = 12, subspace 1.5–1.65× faster at T = 16–20. H200, ViT-L/14: subspace 2.96 s
+# at T = 8 (ℓ = 138), 20.3 s at T = 4 (ℓ = 266, the Jacobi kernel in global memory), where one
+# cuSOLVER syevd per matrix (11 ms, 384 matrices) is ~4.5 s; at T = 20 subspace took 6.8 s where
+# syevd took 23 s (session 3). Per matrix the subspace route grew like ℓ⁴ between T = 8 and 4,
+# which puts the break-even near ℓ = 180 = q/5.7 there.
+EXACT_ROUTE = {"cpu": "by-size", "cuda": "by-size"}
 
 
 def _block_size(k: int, q: int, oversample: int | None = None, cap: int | None = None) -> int:
@@ -390,11 +393,16 @@ def _block_size(k: int, q: int, oversample: int | None = None, cap: int | None =
 
 def exact_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """The default solver: :func:`eigh_topk` or :func:`subspace_topk`, per device (``EXACT_ROUTE``)."""
-    route = EXACT_ROUTE.get(A.device.type, "eigh")
-    if route == "by-size":
-        q = min(A.shape[-2:])
-        route = "subspace" if 6 * _block_size(k, q, cap=_block_cap(A.device)) <= q else "eigh"
+    route = exact_route(k, min(A.shape[-2:]), A.device)
     return (subspace_topk if route == "subspace" else eigh_topk)(A, k, out_dtype)
+
+
+def exact_route(k: int, q: int, device: torch.device) -> str:
+    """``"eigh"`` or ``"subspace"``: which solver ``"exact"`` runs for top-k of a short side q."""
+    route = EXACT_ROUTE.get(device.type, "eigh")
+    if route == "by-size":
+        route = "subspace" if 6 * _block_size(k, q, cap=_block_cap(device)) <= q else "eigh"
+    return route
 
 
 EXACT_SOLVERS = ("exact", "eigh", "subspace")  # float64-eigh quality; can return float64 factors
