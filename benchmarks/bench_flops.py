@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_flops.py --model ViT-L-14 --tasks 20 --blocks 2
 
-Runs ``merge_layers`` with the ``exact`` solver's GPU route (subspace iteration, ℓ capped at
-the Jacobi kernel's shared-memory order, Newton–Schulz polar factors, shape batches) on the
+Runs ``merge_layers`` with the ``exact`` solver's GPU route (by size: subspace iteration with ℓ
+capped at the Jacobi kernel's shared-memory order or k + 10, else eigh; Newton–Schulz polar
+factors, shape batches) on the
 CPU under a dispatch mode that counts, per stage, the floating-point operations of every
 matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``) by dtype, the dispatched operators
 (on a GPU each is at least one kernel launch), host synchronisations (``item``/``bool``) and
@@ -130,7 +131,7 @@ def count_merge(blocks: dict, T: int, cap: int | None) -> StageCounter:
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
     counter = StageCounter()
     route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
-    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = "subspace", cap
+    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
     try:
         with contextlib.ExitStack() as stack:
             for owner, name, label in STAGES:

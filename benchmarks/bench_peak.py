@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_peak.py --models ViT-B-32 ViT-L-14 --tasks 4 8 14 20
 
 Runs ``merge_layers(batch="shape", polar="newton-schulz")`` with the ``exact`` solver's GPU
-route (subspace iteration, ℓ capped at the Jacobi kernel's shared-memory order, 118 on an
-H100/H200) on ``--blocks`` CLIP blocks, under :func:`tsv_fast.memory.peak_tensor_bytes`:
+route (by size: subspace iteration with ℓ capped at the Jacobi kernel's shared-memory order,
+118 on an H100/H200, or k + 10, else eigh) on ``--blocks`` CLIP blocks, under :func:`tsv_fast.memory.peak_tensor_bytes`:
 the most bytes of tensors alive at once, beyond inputs and output. That is what
 ``torch.cuda.max_memory_allocated`` measures on a GPU (on an H200 both gave 1.88× for
 ViT-B/32 at T = 8 and 1.75×/1.76× for ViT-L/14 at T = 20), so the issue's target (≤ 2× one
@@ -32,7 +32,7 @@ def gpu_route_peak(blocks: dict, T: int, cap: int | None) -> tuple[int, int]:
     """(peak bytes beyond the output, bytes of the largest shape batch) of one merge."""
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
     route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
-    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = "subspace", cap
+    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
     try:
         peak, out = peak_tensor_bytes(lambda: tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz",
                                                                      batch="shape"))

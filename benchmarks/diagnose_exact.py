@@ -8,7 +8,8 @@ at ViT-B/32, T = 8, while block 0 alone agreed to 1.6e-6 and the same route on t
 to 5e-7 on every key. For the worst key this separates the suspects: the shape batch (the key
 merged alone), the per-task top-k (device solver vs float64 eigh, with the spectral gap at k,
 which says whether the top-k is well defined at all), and the rest (the same algorithm in
-float64 on the CPU).
+float64 on the CPU), and the whitening's pseudo-inverse cut (σmin/σmax of the concatenations;
+the key merged with the cut lowered to 1e-7).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 import tsv_fast
 from bench_merge import _rel, reference_tsv_m
-from tsv_fast import solvers
+from tsv_fast import solvers, tsv
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 
@@ -45,6 +46,22 @@ def topk_report(X: torch.Tensor, k: int) -> list[str]:
         rows.append(f"| {t} | {((s2 - w[t, :k]).abs().max() / w[t, 0]):.1e} | {miss.max():.1e} (vector "
                     f"{int(miss.argmax())}) | {gap:.1e} |")
     return rows
+
+
+def concatenation_conditioning(X: torch.Tensor, k: int) -> str:
+    """σmin/σmax of the concatenated top-k U and V (float64 SVDs of the float32 data), and how
+    many singular values fall under the whitening's default cut (8·eps of float32)."""
+    cut = 8 * torch.finfo(torch.float32).eps
+    Us, Vs = [], []
+    for t in X.double().cpu():
+        U, _, Vh = torch.linalg.svd(t, full_matrices=False)
+        Us.append(U[:, :k]), Vs.append(Vh[:k].T)
+    parts = []
+    for side, M in (("U", torch.cat(Us, 1)), ("V", torch.cat(Vs, 1))):
+        s = torch.linalg.svdvals(M)
+        parts.append(f"{side}: σmin/σmax {float(s[-1] / s[0]):.1e}, {int((s < cut * s[0]).sum())} under the cut")
+        del M
+    return "; ".join(parts)
 
 
 def main() -> None:
@@ -76,13 +93,18 @@ def main() -> None:
     alone = tsv_fast.merge_layers({worst: blocks[worst]}, [tsv_fast.TaskVector({worst: t[worst]}) for t in taus])
     cpu64 = tsv_fast.merge_layers({worst: blocks[worst].double().cpu()},
                                   [tsv_fast.TaskVector({worst: t[worst].double().cpu()}) for t in taus])
+    tsv.WHITENING_RCOND = 1e-7
+    low_cut = tsv_fast.merge_layers({worst: blocks[worst]}, [tsv_fast.TaskVector({worst: t[worst]}) for t in taus])
+    tsv.WHITENING_RCOND = None
     b64 = blocks[worst].double().cpu()
     X = torch.stack([t[worst] for t in taus])
     k = min(X.shape[-2:]) // args.tasks
     print(f"\nWorst key {worst} ({tuple(X.shape)}, k = {k}, route {solvers.exact_route(k, min(X.shape[-2:]), X.device)}):"
           f"\n- in the whole-model merge: {err[worst]:.1e}\n- merged alone on {args.device}: "
           f"{_rel(alone[worst].double().cpu(), truth[worst], b64):.1e}\n- merged alone in float64 on the CPU "
-          f"(this library): {_rel(cpu64[worst].double(), truth[worst], b64):.1e}\n")
+          f"(this library): {_rel(cpu64[worst].double(), truth[worst], b64):.1e}\n- merged alone on {args.device} "
+          f"with the whitening cut at 1e-7 instead of 9.5e-7: {_rel(low_cut[worst].double().cpu(), truth[worst], b64):.1e}"
+          f"\n- concatenations: {concatenation_conditioning(X, k)}\n")
     print("| task | top-k eigenvalues, max error ÷ λ1 | true top-k vectors outside the solver's span | gap (λk − λk+1)/λ1 |")
     print("|---|---|---|---|")
     print("\n".join(topk_report(X, k)))

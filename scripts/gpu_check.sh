@@ -22,9 +22,9 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
 L14_VARIANTS="${L14_VARIANTS:-d,minp6,minp4,e}"  # minpN: ≥ N products between Rayleigh–Ritz steps (default 8)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
-B32_VARIANTS="${B32_VARIANTS:-d,e}"
+B32_VARIANTS="${B32_VARIANTS:-d,rcond-1e-7,e}"  # rcond-1e-7: the whitening cut lowered (BENCHMARKS.md, session 7)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
-# B32_TRUTH=4: the float64 ground truth (on the CPU) on all 4 blocks (a) runs on
+# B32_TRUTH (default 4: every block (a) runs on): blocks checked against the float64 ground truth (CPU)
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without a pip install there
@@ -63,7 +63,7 @@ stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --bloc
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
 stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
 stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 2  # Newton–Schulz forms
-stage "${B32_LIMIT:-80}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks "${B32_TRUTH:-1}" --repeat 2 \
+stage "${B32_LIMIT:-110}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks "${B32_TRUTH:-4}" --repeat 2 \
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth

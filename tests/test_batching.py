@@ -1,6 +1,8 @@
 """Shape batching across layers, the block Gram whitening and the checked Newton–Schulz polar
 factor, each against an independent float64 reference (tests/reference.py) or the plain path."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,34 @@ def test_block_whitening_gives_the_polar_factor(overlap):
     P = X @ whitening(X, sizes)
     np.testing.assert_allclose(P.numpy(), ref.whiten(X.numpy()), atol=1e-7)
     torch.testing.assert_close(P, polar_factor(X), atol=1e-7, rtol=0)
+
+
+def two_blocks_at_angle(n, k, angle, gen):
+    """Two orthonormal n×k blocks whose first columns meet at ``angle``, the rest orthogonal:
+    the concatenation's smallest singular value is √(1 − cos angle) ≈ angle/√2, σmax ≈ √2."""
+    Q = torch.linalg.qr(torch.randn(n, 2 * k, generator=gen, dtype=torch.float64)).Q
+    first = math.cos(angle) * Q[:, :1] + math.sin(angle) * Q[:, k:k + 1]
+    return torch.cat([Q[:, :k], first, Q[:, k + 1:]], 1)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
+def test_whitening_cut_zeroes_directions_below_it_and_keeps_those_above(monkeypatch, method):
+    """σmin/σmax = 3e-7: under the default cut for float32 data (8·eps = 9.5e-7) the direction is
+    zeroed (the documented pseudo-inverse), so the polar factor loses exactly that rank-one
+    part; with ``WHITENING_RCOND = 1e-7`` it is kept and equals the SVD definition."""
+    import tsv_fast.tsv as tsv_module
+
+    X = two_blocks_at_angle(60, 5, 6e-7, torch.Generator().manual_seed(2))
+    P, s, Qh = np.linalg.svd(X.numpy(), full_matrices=False)
+    assert 2e-7 < s[-1] / s[0] < 4e-7
+    svd_polar = P @ Qh
+    cut = polar_from_blocks(X, [5, 5], method, eps=torch.finfo(torch.float32).eps).numpy()
+    np.testing.assert_allclose(cut, svd_polar - np.outer(P[:, -1], Qh[-1]), atol=1e-6)
+    monkeypatch.setattr(tsv_module, "WHITENING_RCOND", 1e-7)
+    kept = polar_from_blocks(X, [5, 5], method, eps=torch.finfo(torch.float32).eps).numpy()
+    # the Gram matrix holds σmin² = 1.8e-13 to float64 rounding: that direction's weight to ~1e-4
+    np.testing.assert_allclose(kept, svd_polar, atol=1e-3)
+    assert np.abs(np.outer(P[:, -1], Qh[-1])).max() > 0.1  # what the cut drops is not small
 
 
 def test_exact_solver_float64_factors_are_orthonormal_to_float64_rounding():

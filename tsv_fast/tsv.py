@@ -263,6 +263,13 @@ def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol
 
 
 POLAR_METHODS = ("auto", "eigh", "newton-schulz")
+# The whitening's pseudo-inverse cut, relative to the largest singular value of the
+# concatenation. None: 8·eps of the inputs' dtype (9.5e-7 for float32): directions below the
+# data's rounding level count as duplicated tasks and are zeroed, where the SVD definition
+# keeps them (unit weight). A smaller cut (≥ 1e-7, what float64 Gram matrices resolve)
+# follows the definition further into ill-conditioned concatenations; see BENCHMARKS.md
+# (session 7) for the ViT-B/32 case on an H200 this may explain.
+WHITENING_RCOND: float | None = None
 
 
 def resolve_polar(method: str, device: torch.device) -> str:
@@ -310,7 +317,7 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     (:func:`sigma_max_sq_bound`), which starts the iteration √k times closer to convergence.
     """
     method = resolve_polar(method, X.device)
-    rcond = 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
+    rcond = WHITENING_RCOND if WHITENING_RCOND is not None else 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
     if X.dim() == 2:  # one matrix: a batch of one
         return polar_from_blocks(X[None], sizes, method, eps, counts, orthonormal)[0]
     X64 = X.double()
