@@ -63,23 +63,32 @@ def two_blocks_at_angle(n, k, angle, gen):
 
 
 @pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
-def test_whitening_cut_zeroes_directions_below_it_and_keeps_those_above(monkeypatch, method):
-    """σmin/σmax = 3e-7: under the default cut for float32 data (8·eps = 9.5e-7) the direction is
-    zeroed (the documented pseudo-inverse), so the polar factor loses exactly that rank-one
-    part; with ``WHITENING_RCOND = 1e-7`` it is kept and equals the SVD definition."""
+def test_whitening_keeps_directions_float64_resolves_and_zeroes_those_under_the_cut(monkeypatch, method):
+    """σmin/σmax = 3e-7 in a concatenation of float32-derived factors: kept, as the SVD
+    definition does (the default cut is 1e-7, what a float64 Gram matrix resolves; it was
+    8·eps of float32 = 9.5e-7, which dropped it); under a cut set above it
+    (``WHITENING_RCOND``) exactly that rank-one part of the polar factor is zeroed."""
     import tsv_fast.tsv as tsv_module
 
     X = two_blocks_at_angle(60, 5, 6e-7, torch.Generator().manual_seed(2))
     P, s, Qh = np.linalg.svd(X.numpy(), full_matrices=False)
     assert 2e-7 < s[-1] / s[0] < 4e-7
-    svd_polar = P @ Qh
-    cut = polar_from_blocks(X, [5, 5], method, eps=torch.finfo(torch.float32).eps).numpy()
-    np.testing.assert_allclose(cut, svd_polar - np.outer(P[:, -1], Qh[-1]), atol=1e-6)
-    monkeypatch.setattr(tsv_module, "WHITENING_RCOND", 1e-7)
+    svd_polar, part = P @ Qh, np.outer(P[:, -1], Qh[-1])
+    assert np.abs(part).max() > 0.1  # what a cut drops is not small
     kept = polar_from_blocks(X, [5, 5], method, eps=torch.finfo(torch.float32).eps).numpy()
     # the Gram matrix holds σmin² = 1.8e-13 to float64 rounding: that direction's weight to ~1e-4
     np.testing.assert_allclose(kept, svd_polar, atol=1e-3)
-    assert np.abs(np.outer(P[:, -1], Qh[-1])).max() > 0.1  # what the cut drops is not small
+    monkeypatch.setattr(tsv_module, "WHITENING_RCOND", 8 * torch.finfo(torch.float32).eps)
+    cut = polar_from_blocks(X, [5, 5], method, eps=torch.finfo(torch.float32).eps).numpy()
+    np.testing.assert_allclose(cut, svd_polar - part, atol=1e-6)
+
+
+def test_whitening_cut_is_8_eps_of_the_inputs_at_most_what_float64_resolves():
+    from tsv_fast.tsv import whitening_rcond
+
+    assert whitening_rcond(torch.finfo(torch.float32).eps) == 1e-7
+    assert whitening_rcond(torch.finfo(torch.bfloat16).eps) == 1e-7
+    assert whitening_rcond(torch.finfo(torch.float64).eps) == 8 * torch.finfo(torch.float64).eps
 
 
 def test_exact_solver_float64_factors_are_orthonormal_to_float64_rounding():

@@ -112,15 +112,15 @@ def whitening(X: Tensor, sizes: Sequence[int] | None = None, eps: float | None =
 
     Costs a c×c Gram matrix and one float64 ``eigh`` instead of an SVD of the tall X.
     float64 matters: X is often ill-conditioned (SPEC.md) and its Gram matrix squares
-    the condition number. Directions whose singular value is below ``8·eps`` (default:
-    X's dtype's eps; pass the inputs' when X was computed from rounded data) relative to
-    the largest are numerically duplicated tasks: there X W is set to zero
+    the condition number. Directions whose singular value is below :func:`whitening_rcond`
+    (8·eps, at most 1e-7; ``eps`` default: X's dtype's, pass the inputs' when X was computed
+    from rounded data) relative to the largest are numerically duplicated tasks: there X W is set to zero
     (pseudo-inverse) instead of an arbitrary orthonormal completion, so duplicated tasks
     merge to their common part and the result is always finite. ``sizes`` (the column
     count of each orthonormal block) selects :func:`block_gram`. Batched over leading dims.
     """
     G = block_gram(X, sizes) if sizes is not None else X.double().mT @ X.double()
-    return _eigh_inverse_sqrt(G, 8 * (eps if eps is not None else torch.finfo(X.dtype).eps))
+    return _eigh_inverse_sqrt(G, whitening_rcond(eps if eps is not None else torch.finfo(X.dtype).eps))
 
 
 def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
@@ -217,8 +217,9 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works), inflated by 1e-6
     here: a scaled step maps x slightly above 1 to a negative value, which the checks would
     not see, so a bound that is only σmax to rounding must not reach it. G resolves σ only
-    down to ~1e-8·bound in float64, so ``rcond`` is floored at 1e-7 (float32 data use
-    8·eps ≈ 1e-6 anyway). ``info`` (when given) receives the number of ``steps`` run.
+    down to ~1e-8·bound in float64, so ``rcond`` is floored at 1e-7 (the default cut
+    for float32 data, :func:`whitening_rcond`). ``info`` (when given) receives the number of
+    ``steps`` run.
     """
     rcond = max(rcond, 1e-7)
     bound_sq = torch.as_tensor(bound_sq, dtype=G.dtype, device=G.device).expand(G.shape[:-2])
@@ -264,12 +265,19 @@ def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol
 
 POLAR_METHODS = ("auto", "eigh", "newton-schulz")
 # The whitening's pseudo-inverse cut, relative to the largest singular value of the
-# concatenation. None: 8·eps of the inputs' dtype (9.5e-7 for float32): directions below the
-# data's rounding level count as duplicated tasks and are zeroed, where the SVD definition
-# keeps them (unit weight). A smaller cut (≥ 1e-7, what float64 Gram matrices resolve)
-# follows the definition further into ill-conditioned concatenations; see BENCHMARKS.md
-# (session 7) for the ViT-B/32 case on an H200 this may explain.
+# concatenation: directions below it count as duplicated tasks and are zeroed; the rest are
+# whitened, as the SVD definition does. None (default): 8·eps of the inputs' dtype, at most
+# 1e-7, about the smallest σ/σmax that a float64 Gram matrix resolves. The cut used to be 8·eps
+# of float32 (9.5e-7), and square concatenations (T·k = n, e.g. ViT-B/32 at T = 8) reach
+# σmin/σmax below it in ~1 of 300: that key's Δ then lost a rank-one part, 5e-2 of it
+# (BENCHMARKS.md, session 7).
 WHITENING_RCOND: float | None = None
+_GRAM_RESOLUTION = 1e-7
+
+
+def whitening_rcond(eps: float) -> float:
+    """The cut for inputs rounded at ``eps`` (``WHITENING_RCOND`` when set)."""
+    return WHITENING_RCOND if WHITENING_RCOND is not None else min(8 * eps, _GRAM_RESOLUTION)
 
 
 def resolve_polar(method: str, device: torch.device) -> str:
@@ -317,7 +325,7 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     (:func:`sigma_max_sq_bound`), which starts the iteration √k times closer to convergence.
     """
     method = resolve_polar(method, X.device)
-    rcond = WHITENING_RCOND if WHITENING_RCOND is not None else 8 * (eps if eps is not None else torch.finfo(X.dtype).eps)
+    rcond = whitening_rcond(eps if eps is not None else torch.finfo(X.dtype).eps)
     if X.dim() == 2:  # one matrix: a batch of one
         return polar_from_blocks(X[None], sizes, method, eps, counts, orthonormal)[0]
     X64 = X.double()
