@@ -22,7 +22,7 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
 L14_VARIANTS="${L14_VARIANTS:-d,minp6,minp4,e}"  # minpN: ≥ N products between Rayleigh–Ritz steps (default 8)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
-B32_VARIANTS="${B32_VARIANTS:-d,rcond-1e-7,e}"  # rcond-1e-7: the whitening cut lowered (BENCHMARKS.md, session 7)
+B32_VARIANTS="${B32_VARIANTS:-d,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 # B32_TRUTH (default 4: every block (a) runs on): blocks checked against the float64 ground truth (CPU)
 mkdir -p "$OUT"
