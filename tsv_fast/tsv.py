@@ -269,7 +269,7 @@ POLAR_METHODS = ("auto", "eigh", "newton-schulz")
 # whitened, as the SVD definition does. None (default): 8·eps of the inputs' dtype, at most
 # 1e-7, about the smallest σ/σmax that a float64 Gram matrix resolves. The cut used to be 8·eps
 # of float32 (9.5e-7), and square concatenations (T·k = n, e.g. ViT-B/32 at T = 8) reach
-# σmin/σmax below it in ~1 of 300: that key's Δ then lost a rank-one part, 5e-2 of it
+# σmin/σmax below it in ~1 of 500: that key's Δ then lost a rank-one part, 5e-2 of it
 # (BENCHMARKS.md, session 7).
 WHITENING_RCOND: float | None = None
 _GRAM_RESOLUTION = 1e-7
