@@ -4,7 +4,8 @@
 
 Runs ``merge_layers`` with the ``exact`` solver's GPU route (by size: subspace iteration with ℓ
 capped at the Jacobi kernel's shared-memory order or k + 10, else eigh; Newton–Schulz polar
-factors, shape batches) on the
+factors, shape batches; where it takes eigh, at ViT-L/14 T ≤ 6, that eigh's arithmetic is not
+counted) on the
 CPU under a dispatch mode that counts, per stage, the floating-point operations of every
 matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``) by dtype, the dispatched operators
 (on a GPU each is at least one kernel launch), host synchronisations (``item``/``bool``) and

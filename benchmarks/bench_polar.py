@@ -92,7 +92,7 @@ def main() -> None:
     print("| U (per key) | σmin/σmax | eigh | coupled NS (baseline) | Cholesky-factor NS | coupled ÷ new | "
           "steps | products, in c³ units (coupled / new) | max error vs eigh (coupled / new) | checks passed (coupled / new) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rcond = 8 * torch.finfo(torch.float32).eps
+    rcond = tsv.WHITENING_RCOND
     for spec in args.shapes:
         dims, T = spec.split(":")
         m, n = (int(d) for d in dims.split("x"))

@@ -50,7 +50,7 @@ def topk_report(X: torch.Tensor, k: int) -> list[str]:
 
 def concatenation_conditioning(X: torch.Tensor, k: int) -> str:
     """σmin/σmax of the concatenated top-k U and V (float64 SVDs of the float32 data), and how
-    many singular values fall under the whitening's default cut (8·eps of float32)."""
+    many singular values fall under the whitening's cut before session 7 (8·eps of float32)."""
     cut = 8 * torch.finfo(torch.float32).eps
     Us, Vs = [], []
     for t in X.double().cpu():
@@ -59,7 +59,7 @@ def concatenation_conditioning(X: torch.Tensor, k: int) -> str:
     parts = []
     for side, M in (("U", torch.cat(Us, 1)), ("V", torch.cat(Vs, 1))):
         s = torch.linalg.svdvals(M)
-        parts.append(f"{side}: σmin/σmax {float(s[-1] / s[0]):.1e}, {int((s < cut * s[0]).sum())} under the cut")
+        parts.append(f"{side}: σmin/σmax {float(s[-1] / s[0]):.1e}, {int((s < cut * s[0]).sum())} under 9.5e-7")
         del M
     return "; ".join(parts)
 
@@ -93,9 +93,11 @@ def main() -> None:
     alone = tsv_fast.merge_layers({worst: blocks[worst]}, [tsv_fast.TaskVector({worst: t[worst]}) for t in taus])
     cpu64 = tsv_fast.merge_layers({worst: blocks[worst].double().cpu()},
                                   [tsv_fast.TaskVector({worst: t[worst].double().cpu()}) for t in taus])
-    tsv.WHITENING_RCOND = 8 * torch.finfo(torch.float32).eps  # the cut before session 7
-    old_cut = tsv_fast.merge_layers({worst: blocks[worst]}, [tsv_fast.TaskVector({worst: t[worst]}) for t in taus])
-    tsv.WHITENING_RCOND = None
+    default_cut, tsv.WHITENING_RCOND = tsv.WHITENING_RCOND, 8 * torch.finfo(torch.float32).eps  # before session 7
+    try:
+        old_cut = tsv_fast.merge_layers({worst: blocks[worst]}, [tsv_fast.TaskVector({worst: t[worst]}) for t in taus])
+    finally:
+        tsv.WHITENING_RCOND = default_cut
     b64 = blocks[worst].double().cpu()
     X = torch.stack([t[worst] for t in taus])
     k = min(X.shape[-2:]) // args.tasks

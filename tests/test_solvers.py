@@ -197,6 +197,26 @@ def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, kn
     assert blocks == [k + 10 if knob in ("MAX_BLOCK", "SUBSPACE_OVERSAMPLE") else 2 * k]
 
 
+def test_chebyshev_min_products_sets_the_products_between_rayleigh_ritz_steps(monkeypatch):
+    """More products between two Rayleigh–Ritz steps: fewer steps (the knob is read per call)."""
+    import tsv_fast.solvers as solvers_module
+
+    steps = {}
+    rayleigh_ritz = solvers_module._Batch.rayleigh_ritz
+    A = task_batch(600, 160, 4, 0.5, seed=31)
+    for value in (1, 30):
+        monkeypatch.setattr(solvers_module, "CHEBYSHEV_MIN_PRODUCTS", value)
+        calls = []
+        monkeypatch.setattr(solvers_module._Batch, "rayleigh_ritz",
+                            lambda self, *a: calls.append(1) or rayleigh_ritz(self, *a))
+        subspace_topk(A, 20, torch.float64)
+        steps[value] = len(calls)
+    assert steps[1] > steps[30] >= 1
+    monkeypatch.setattr(solvers_module, "CHEBYSHEV_MIN_PRODUCTS", 0)
+    with pytest.raises(ValueError, match="≥ 1"):
+        subspace_topk(A, 20, torch.float64)
+
+
 def test_block_size_is_capped_but_never_below_k_plus_10():
     from tsv_fast.solvers import _block_size
     assert _block_size(50, 1024) == 100 and _block_size(50, 1024, cap=118) == 100  # 2k under the cap
@@ -294,15 +314,16 @@ def test_solvers_on_cuda_match_cpu_eigh(solver):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_subspace_on_cuda_matches_cpu_eigh_at_vit_b32_scale():
-    """ViT-B/32 width, T = 8: k = 96 and ℓ = 192, so the Rayleigh–Ritz problems run in the Jacobi
-    kernel's global-memory mode over a batch of 24 (the small cases above fit shared memory)."""
-    A = task_batch(3072, 768, 24, 0.5, seed=8)
-    want = eigh_topk(A, 96, torch.float64)
-    U, S, V, _ = subspace_topk(A.cuda(), 96, torch.float64)
-    torch.testing.assert_close(S.cpu(), want.S, rtol=1e-8, atol=0)
-    for got, ref_vecs in ((U.cpu(), want.U), (V.cpu(), want.V)):  # ‖P1 − P2‖_F without m×m projectors
-        overlap = (got.mT @ ref_vecs).square().sum((-2, -1))
-        assert ((2 * (96 - overlap)).clamp(min=0).sqrt() < 1e-4).all()
+    """ViT-B/32 width, T = 8: k = 96 and ℓ = 118 (shared memory) over a batch of 24; and ViT-L/14
+    width, T = 8: k = 128, ℓ = k + 10 = 138 > 118, the Jacobi kernel's global-memory mode."""
+    for m, n, k in ((3072, 768, 96), (4096, 1024, 128)):
+        A = task_batch(m, n, 24 if n == 768 else 8, 0.5, seed=8)
+        want = eigh_topk(A, k, torch.float64)
+        U, S, V, _ = subspace_topk(A.cuda(), k, torch.float64)
+        torch.testing.assert_close(S.cpu(), want.S, rtol=1e-8, atol=0)
+        for got, ref_vecs in ((U.cpu(), want.U), (V.cpu(), want.V)):  # ‖P1 − P2‖_F without m×m projectors
+            overlap = (got.mT @ ref_vecs).square().sum((-2, -1))
+            assert ((2 * (k - overlap)).clamp(min=0).sqrt() < 1e-4).all()
 
 
 @pytest.mark.parametrize("decay,T", [(0.5, 8), (0.2, 20), (1.0, 8)])

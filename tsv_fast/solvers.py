@@ -204,10 +204,10 @@ WORK_SHARE = 0.75
 # (beyond 118 the kernel runs from global memory). ViT-L/14 on an H200: T = 14, ℓ = 146: 3.71 s,
 # capped at 118: 2.26 s; T = 8, ℓ = 256: 13.7 s, ℓ = k + 10 = 138: 3.0 s.
 MAX_BLOCK: int | str | None = "auto"
-# ℓ − k (None: max(10, k), capped by MAX_BLOCK; a number is not capped). Counted on the CPU at
-# ViT-L/14, T = 20 (k = 51): ℓ = 61 takes 4–4.5 Rayleigh–Ritz steps per matrix instead of 3 and
-# the same products, for 3.5× less ℓ³ Jacobi work; unmeasured on a GPU (bench_merge.py variants
-# ell-k10, ell-k25). The GPU route only: the CPU's choice between eigh and subspace ignores it.
+# ℓ − k (None: max(10, k), capped by MAX_BLOCK; a number is not capped). ViT-L/14, T = 20
+# (k = 51), H200: ℓ = 61 took as long as 102 (4–4.5 Rayleigh–Ritz steps per matrix instead of 3,
+# 3.5× less ℓ³ Jacobi work), ℓ = 76 4% less but peaked at 2.09× (bench_merge.py variants
+# ell-k10, ell-k25). exact_route's choice between eigh and subspace ignores it.
 SUBSPACE_OVERSAMPLE: int | None = None
 
 
@@ -322,7 +322,9 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
     budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
     did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
     took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks)."""
-    min_products = min_products or CHEBYSHEV_MIN_PRODUCTS
+    min_products = CHEBYSHEV_MIN_PRODUCTS if min_products is None else min_products
+    if min_products < 1:
+        raise ValueError(f"min_products (CHEBYSHEV_MIN_PRODUCTS) must be ≥ 1, got {min_products}")
     products = 0
     while True:
         Z = batch.G @ Q

@@ -107,20 +107,19 @@ def block_gram(X: Tensor, sizes: Sequence[int]) -> Tensor:
     return G
 
 
-def whitening(X: Tensor, sizes: Sequence[int] | None = None, eps: float | None = None) -> Tensor:
+def whitening(X: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
     """``W = (XᵀX)^(-1/2)`` in float64 (c×c), so that ``X W`` is the polar factor of X.
 
     Costs a c×c Gram matrix and one float64 ``eigh`` instead of an SVD of the tall X.
     float64 matters: X is often ill-conditioned (SPEC.md) and its Gram matrix squares
-    the condition number. Directions whose singular value is below :func:`whitening_rcond`
-    (8·eps, at most 1e-7; ``eps`` default: X's dtype's, pass the inputs' when X was computed
-    from rounded data) relative to the largest are numerically duplicated tasks: there X W is set to zero
+    the condition number. Directions whose singular value is below ``WHITENING_RCOND``
+    (1e-7) relative to the largest are numerically duplicated tasks: there X W is set to zero
     (pseudo-inverse) instead of an arbitrary orthonormal completion, so duplicated tasks
     merge to their common part and the result is always finite. ``sizes`` (the column
     count of each orthonormal block) selects :func:`block_gram`. Batched over leading dims.
     """
     G = block_gram(X, sizes) if sizes is not None else X.double().mT @ X.double()
-    return _eigh_inverse_sqrt(G, whitening_rcond(eps if eps is not None else torch.finfo(X.dtype).eps))
+    return _eigh_inverse_sqrt(G, WHITENING_RCOND)
 
 
 def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
@@ -217,8 +216,8 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     λmax(G)`` (T for T orthonormal blocks; ``trace(G)`` always works), inflated by 1e-6
     here: a scaled step maps x slightly above 1 to a negative value, which the checks would
     not see, so a bound that is only σmax to rounding must not reach it. G resolves σ only
-    down to ~1e-8·bound in float64, so ``rcond`` is floored at 1e-7 (the default cut
-    for float32 data, :func:`whitening_rcond`). ``info`` (when given) receives the number of
+    down to ~1e-8·bound in float64, so ``rcond`` is floored at 1e-7 (the default
+    cut, ``WHITENING_RCOND``). ``info`` (when given) receives the number of
     ``steps`` run.
     """
     rcond = max(rcond, 1e-7)
@@ -266,18 +265,13 @@ def newton_schulz_polar(X: Tensor, rcond: float, bound: float | None = None, tol
 POLAR_METHODS = ("auto", "eigh", "newton-schulz")
 # The whitening's pseudo-inverse cut, relative to the largest singular value of the
 # concatenation: directions below it count as duplicated tasks and are zeroed; the rest are
-# whitened, as the SVD definition does. None (default): 8·eps of the inputs' dtype, at most
-# 1e-7, about the smallest σ/σmax that a float64 Gram matrix resolves. The cut used to be 8·eps
-# of float32 (9.5e-7), and square concatenations (T·k = n, e.g. ViT-B/32 at T = 8) reach
-# σmin/σmax below it in ~1 of 500: that key's Δ then lost a rank-one part, 5e-2 of it
+# whitened, as the SVD definition does. 1e-7 is about the smallest σ/σmax a float64 Gram
+# matrix resolves (its rounding noise measured ≈ 2e-8 at c ≈ 1000 columns), whatever the
+# inputs' dtype. The cut used to be 8·eps of the inputs: 9.5e-7 for float32, which square
+# concatenations (T·k = n, e.g. ViT-B/32 at T = 8) fall below in ~1 of 500, and the key's Δ then
+# lost a rank-one part, 5e-2 of it; 1.8e-15 for float64, which whitened Gram noise
 # (BENCHMARKS.md, session 7).
-WHITENING_RCOND: float | None = None
-_GRAM_RESOLUTION = 1e-7
-
-
-def whitening_rcond(eps: float) -> float:
-    """The cut for inputs rounded at ``eps`` (``WHITENING_RCOND`` when set)."""
-    return WHITENING_RCOND if WHITENING_RCOND is not None else min(8 * eps, _GRAM_RESOLUTION)
+WHITENING_RCOND = 1e-7
 
 
 def resolve_polar(method: str, device: torch.device) -> str:
@@ -307,15 +301,15 @@ def sigma_max_sq_bound(G: Tensor, sizes: Sequence[int] | None = None, orthonorma
     return bound
 
 
-def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "auto", eps: float | None = None,
+def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "auto",
                       counts: dict | None = None, orthonormal: bool = True) -> Tensor:
     """Polar factor of the concatenation ``X`` (float64 result), by ``method``.
 
     ``"eigh"`` is the exact float64 path (:func:`whitening`). ``"newton-schulz"`` is tried
     first and kept only where its check passes, the exact path running for the rest;
     ``counts`` (when given) tallies ``newton_schulz`` / ``fallback`` so callers can report
-    it. ``"auto"`` picks one per device (:func:`resolve_polar`). ``eps``: the rounding
-    level of the data X was computed from (default X's dtype's). ``X`` may carry leading
+    it. ``"auto"`` picks one per device (:func:`resolve_polar`). Directions below
+    ``WHITENING_RCOND`` are zeroed (:func:`whitening`). ``X`` may carry leading
     batch dimensions (several keys of one shape): Gram matrices, iterations and eigensolver
     calls are then batched, and each matrix is checked on its own. ``sizes``: the column
     counts of X's task blocks, ``orthonormal`` (default) when each is orthonormal to float64
@@ -325,9 +319,9 @@ def polar_from_blocks(X: Tensor, sizes: Sequence[int] | None, method: str = "aut
     (:func:`sigma_max_sq_bound`), which starts the iteration √k times closer to convergence.
     """
     method = resolve_polar(method, X.device)
-    rcond = whitening_rcond(eps if eps is not None else torch.finfo(X.dtype).eps)
+    rcond = WHITENING_RCOND
     if X.dim() == 2:  # one matrix: a batch of one
-        return polar_from_blocks(X[None], sizes, method, eps, counts, orthonormal)[0]
+        return polar_from_blocks(X[None], sizes, method, counts, orthonormal)[0]
     X64 = X.double()
     G = block_gram(X64, sizes) if sizes is not None and orthonormal else X64.mT @ X64
     if method == "eigh":
@@ -363,7 +357,7 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
     ``S (K, c)``, ``V⊥ (K, n, c)``. The K polar factors of each side are one batched Gram
     and one batched eigensolver call instead of K of each. Keys must have equal per-task
     ranks (true for one shape batch of dense tasks; the caller checks)."""
-    first = batch[0]  # eps below: the inputs' rounding level, even for float64 factors
+    first = batch[0]
     dtype = dtype or first[0][1].dtype
     K, device = len(batch), first[0][0].device
     m, n, c = first[0][0].shape[0], first[0][2].shape[0], sum(f[1].shape[0] for f in first)
@@ -375,10 +369,9 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
         torch.cat(Us, dim=1, out=U[j]), torch.cat(Vs, dim=1, out=V[j])
         S[j] = torch.cat(Ss)
     sizes = [f[1].shape[0] for f in first]
-    eps = torch.finfo(dtype).eps
-    U_perp = polar_from_blocks(U, sizes, polar, eps, counts, orthonormal).to(dtype)
+    U_perp = polar_from_blocks(U, sizes, polar, counts, orthonormal).to(dtype)
     del U
-    V_perp = polar_from_blocks(V, sizes, polar, eps, counts, orthonormal).to(dtype)
+    V_perp = polar_from_blocks(V, sizes, polar, counts, orthonormal).to(dtype)
     return U_perp, S, V_perp
 
 
