@@ -197,6 +197,20 @@ def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, kn
     assert blocks == [k + 10 if knob in ("MAX_BLOCK", "SUBSPACE_OVERSAMPLE") else 2 * k]
 
 
+def test_squeeze_moves_the_active_gram_matrices_forward_in_place():
+    """Converged matrices leave the batch without a copy of the rest (``G[keep]`` held both)."""
+    from tsv_fast.memory import peak_tensor_bytes
+    from tsv_fast.solvers import _squeeze
+
+    G = torch.randn(6, 40, 40, dtype=torch.float64)
+    keep = torch.tensor([False, True, True, False, True, False])
+    want = G[keep].clone()
+    peak, out = peak_tensor_bytes(lambda: _squeeze(G, keep))
+    assert torch.equal(out, want) and out.data_ptr() == G.data_ptr()
+    assert peak < 40 * 40 * 8  # not even one matrix's worth allocated
+    assert _squeeze(G, torch.zeros(6, dtype=torch.bool)).shape[0] == 0
+
+
 def test_chebyshev_min_products_sets_the_products_between_rayleigh_ritz_steps(monkeypatch):
     """More products between two Rayleigh–Ritz steps: fewer steps (the knob is read per call)."""
     import tsv_fast.solvers as solvers_module

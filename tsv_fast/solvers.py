@@ -65,7 +65,7 @@ def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     (b + 1)/2b of the full product's work. These Gram matrices are a third of a merge's
     float64 arithmetic on a GPU (``benchmarks/bench_flops.py``)."""
     B, p, q = X.shape
-    b = max(1, min(blocks, q)) if blocks else max(1, min(GRAM_BLOCKS, q // 128))  # blocks ≥ 128 wide
+    b = max(1, min(blocks, q)) if blocks else _gram_blocks(q)
     edges = [q * i // b for i in range(b + 1)]
     G = torch.zeros(B, q, q, dtype=torch.float64, device=X.device)
     step = max(1, -(-p // _CHUNKS))
@@ -76,6 +76,16 @@ def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     for lo, hi in zip(edges[1:-1], edges[2:]):
         G[:, lo:hi, :lo] = G[:, :lo, lo:hi].mT
     return G
+
+
+def _gram_blocks(q: int) -> int:
+    return max(1, min(GRAM_BLOCKS, q // 128))  # blocks ≥ 128 wide
+
+
+def _gram_extra_columns(p: int, q: int) -> int:
+    """gram64's float64 work per matrix beyond G, in q-long float64 columns: one row chunk of X
+    and the (q/b)×q result of one block-row product (baddbmm into a strided view of G)."""
+    return -(-p // _CHUNKS) + q // _gram_blocks(q)
 
 
 def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
@@ -193,8 +203,9 @@ SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/benc
 # products with G between two Rayleigh–Ritz steps (Chebyshev filter), at least
 CHEBYSHEV_MIN_PRODUCTS = 8
 # subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
-# matrix and ~9 ℓ-wide blocks per matrix: 8q(q + 9ℓ) bytes, fitted to device peaks measured on
-# an H200) under this share of the batch's bytes. A merge's peak is then about 1 + WORK_SHARE
+# matrix and ~9 ℓ-wide blocks per matrix, 8q(q + 9ℓ) bytes, fitted to device peaks measured on
+# an H200; or G and gram64's row chunk while forming it, where that is more: small ℓ) under
+# this share of the batch's bytes. A merge's peak is then about 1 + WORK_SHARE
 # shape batches (the stacked deltas are the 1; target ≤ 2). More: fewer, fuller Rayleigh–Ritz
 # launches on a GPU (ViT-L/14, T = 20: 2.53 s with a quarter of the batch's bytes in Gram
 # matrices, 2.24 s with half).
@@ -255,21 +266,23 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
     iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
-    # a WORK_SHARE of the batch's bytes in float64 work at a time (peak memory ≤ 2× the batch)
-    chunk = max(1, int(B * p * q * X.element_size() * WORK_SHARE) // (8 * q * (q + 9 * ell)))
+    # a WORK_SHARE of the batch's bytes in float64 work at a time (peak memory ≤ 2× the batch):
+    # per matrix G and ~9 ℓ-wide blocks while iterating, G and gram64's work while forming it
+    work = 8 * q * (q + max(9 * ell, _gram_extra_columns(p, q)))
+    chunk = max(1, int(B * p * q * X.element_size() * WORK_SHARE) // work)
     for start in range(0, B, chunk):
-        G = gram64(X[start:start + chunk])
-        part = _Batch(G, theta[start:start + chunk], vecs[start:start + chunk], k, tol, eigh)
-        active = part.active
+        part = _Batch(gram64(X[start:start + chunk]), theta[start:start + chunk], vecs[start:start + chunk],
+                      k, tol, eigh)
         if 3 * ell <= 2 * q:  # otherwise the subspace is most of the space: plain eigh is cheaper
             gen = torch.Generator(device=A.device).manual_seed(seed)
-            Q = orthonormalize(G @ torch.randn(G.shape[0], q, ell, generator=gen, device=A.device,
-                                               dtype=torch.float64))
-            active = iterate(part, Q, max_iters)
-        for i in active.tolist():  # not converged (or ℓ too large): a full float64 eigh
-            w, V = torch.linalg.eigh(G[i])
+            Q = orthonormalize(part.G @ torch.randn(part.G.shape[0], q, ell, generator=gen, device=A.device,
+                                                    dtype=torch.float64))
+            iterate(part, Q, max_iters)
+        # not converged (or ℓ too large): a full float64 eigh; part.G[j] is matrix part.active[j]
+        for j, i in enumerate(part.active.tolist()):
+            w, V = torch.linalg.eigh(part.G[j])
             part.theta[i], part.vecs[i] = w.flip(-1)[:k], V.flip(-1)[:, :k]
-        del G, part
+        del part
     s = theta.clamp(min=0).sqrt()
     Y = long_side(X, vecs, s, out=torch.empty(B, p, k, dtype=out_dtype, device=A.device))
     Qv, S = vecs.to(out_dtype), s.to(out_dtype)
@@ -278,7 +291,9 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
 
 
 class _Batch:
-    """The matrices still iterating, and where converged ones' results go."""
+    """The matrices still iterating, and where converged ones' results go. ``G`` holds the
+    active matrices' Gram matrices, ``G[j]`` that of matrix ``active[j]``; converged ones are
+    squeezed out in place (:func:`_squeeze`), so the chunk's Gram matrices are never copied."""
 
     def __init__(self, G: Tensor, theta: Tensor, vecs: Tensor, k: int, tol: float, eigh):
         self.G, self.theta, self.vecs, self.k, self.tol, self.eigh = G, theta, vecs, k, tol, eigh
@@ -297,8 +312,19 @@ class _Batch:
         if bool(done.any()):
             self.theta[self.active[done]], self.vecs[self.active[done]] = w[done], V[done][..., :k]
             keep = ~done
-            self.active, self.G, V, GV, ritz = self.active[keep], self.G[keep], V[keep], GV[keep], ritz[keep]
+            self.active, self.G, V, GV, ritz = self.active[keep], _squeeze(self.G, keep), V[keep], GV[keep], ritz[keep]
         return ritz, V, GV
+
+
+def _squeeze(G: Tensor, keep: Tensor) -> Tensor:
+    """``G[keep]`` without a copy of the kept matrices: they move to the front of G's own
+    storage (``G[keep]`` would hold both at once: 1.14× the batch's bytes in Gram matrices
+    instead of 0.75 at ViT-L/14 T = 20, ℓ = 76). One small copy per moved matrix."""
+    kept = keep.nonzero().flatten().tolist()
+    for dst, src in enumerate(kept):  # ascending, dst ≤ src: a source is never overwritten first
+        if dst != src:
+            G[dst].copy_(G[src])
+    return G[:len(kept)]
 
 
 def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: int = 3) -> Tensor:
