@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 
 import torch  # noqa: E402
 
-from timing import best_of, device_clock  # noqa: E402
+from timing import best_of, device_clock, run_line  # noqa: E402
 from tsv_fast import solvers  # noqa: E402
 
 
@@ -28,8 +28,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     sync, where = device_clock(device)
-    print(f"# {where}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-          f"best of {args.repeat}\n")
+    print(run_line(where, f"best of {args.repeat}") + "\n")
     print("| X (B×p×q, float32) | full GEMM | " + " | ".join(f"{b} blocks" for b in args.blocks) + " |")
     print("|---|---|" + "---|" * len(args.blocks))
     for spec in args.shapes:

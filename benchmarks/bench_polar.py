@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench_flops import _GEMMS, gemm_flops  # noqa: E402
-from timing import best_of, device_clock  # noqa: E402
+from timing import best_of, device_clock, run_line  # noqa: E402
 from tsv_fast import tsv  # noqa: E402
-from tsv_fast.synthetic import power_law_matrix  # noqa: E402
+from tsv_fast.synthetic import correlated_tasks  # noqa: E402
 
 
 def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
@@ -69,12 +69,8 @@ class GemmWork(TorchDispatchMode):
 
 def concatenation(m: int, n: int, T: int, gen, shared: float = 0.3) -> torch.Tensor:
     k = min(m, n) // T
-    common = power_law_matrix(m, n, gen, 0.5).double()
-    blocks = []
-    for _ in range(T):
-        tau = (1 - shared) ** 0.5 * power_law_matrix(m, n, gen, 0.5).double() + shared ** 0.5 * common
-        blocks.append(torch.linalg.svd(tau, full_matrices=False)[0][:, :k])
-    return torch.cat(blocks, 1)
+    taus = correlated_tasks(m, n, T, gen, shared=shared)
+    return torch.cat([torch.linalg.svd(tau.double(), full_matrices=False)[0][:, :k] for tau in taus], 1)
 
 
 def main() -> None:
@@ -87,8 +83,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     sync, where = device_clock(device)
-    print(f"# {where}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-          f"{args.batch} keys at once, best of {args.repeat}\n")
+    print(run_line(where, f"{args.batch} keys at once, best of {args.repeat}") + "\n")
     print("| U (per key) | σmin/σmax | eigh | coupled NS (baseline) | Cholesky-factor NS | coupled ÷ new | "
           "steps | products, in c³ units (coupled / new) | max error vs eigh (coupled / new) | checks passed (coupled / new) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: which CPU, and best-of-N wall times."""
 
+import os
 import platform
 import time
 
@@ -36,3 +37,9 @@ def device_clock(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.synchronize, torch.cuda.get_device_name(device)
     return (lambda: None), cpu_model()
+
+
+def run_line(where: str, *details: str) -> str:
+    """The header a benchmark prints: machine, torch, OpenMP wait policy, then ``details``."""
+    return "; ".join([f"# {where}", f"torch {torch.__version__}",
+                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}", *details])

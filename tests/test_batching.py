@@ -12,7 +12,8 @@ import tsv_fast
 from tsv_fast.merge import _shape_groups
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
-from tsv_fast.synthetic import clip_vit_base, power_law_matrix, synthetic_finetuned, synthetic_task_vectors
+from tsv_fast.synthetic import (clip_vit_base, correlated_tasks, power_law_matrix, synthetic_finetuned,
+                                 synthetic_task_vectors)
 from tsv_fast.tsv import (block_gram, newton_schulz_polar, newton_schulz_whitening, polar_factor, polar_from_blocks,
                           resolve_polar, scaled_newton_schulz_schedule, sigma_max_sq_bound, smallest_eigenvalue_estimate,
                           whitening)
@@ -195,12 +196,8 @@ def test_newton_schulz_takes_the_scaled_steps_on_an_ill_conditioned_square_conca
 def _tsv_concatenation(m, n, T, k, gen, shared=0.9):
     """[U_1 … U_T]: each task's top-k left singular vectors (float64 SVD) of power-law task
     matrices sharing a component, as TSV-M concatenates them (ill-conditioned where square)."""
-    common = power_law_matrix(m, n, gen, 0.5).double()
-    blocks = []
-    for _ in range(T):
-        tau = (1 - shared) ** 0.5 * power_law_matrix(m, n, gen, 0.5).double() + shared ** 0.5 * common
-        blocks.append(torch.linalg.svd(tau, full_matrices=False)[0][:, :k])
-    return torch.cat(blocks, 1)
+    taus = correlated_tasks(m, n, T, gen, shared=shared)
+    return torch.cat([torch.linalg.svd(tau.double(), full_matrices=False)[0][:, :k] for tau in taus], 1)
 
 
 class _GemmWork(torch.utils._python_dispatch.TorchDispatchMode):

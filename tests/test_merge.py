@@ -7,7 +7,7 @@ import torch
 import reference as ref
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
-from tsv_fast.synthetic import power_law_matrix, synthetic_finetuned
+from tsv_fast.synthetic import correlated_tasks, power_law_matrix, synthetic_finetuned
 from tsv_fast.tsv import polar_factor
 
 
@@ -262,8 +262,7 @@ def test_square_concatenation_below_float32_rounding_is_whitened_as_the_svd_defi
     The whitening cut used to be 8·eps of float32 (9.5e-7): it zeroed that direction and moved
     Δ by 5.4e-2 from the definition (an H200 saw 6.4e-2 on ViT-B/32); now within 1e-4."""
     gen = torch.Generator().manual_seed(392)  # found by searching seeds 100–400 for σmin/σmax < 9.5e-7
-    common = power_law_matrix(768, 768, gen)
-    taus = [0.7 ** 0.5 * power_law_matrix(768, 768, gen) + 0.3 ** 0.5 * common for _ in range(8)]
+    taus = correlated_tasks(768, 768, 8, gen)
     parts = [ref.top_k(ref.np64(t), 96) for t in taus]
     U, S, V = (np.concatenate([p[i] for p in parts], axis=-1) for i in range(3))
     sigma = np.linalg.svd(U, compute_uv=False)

@@ -8,16 +8,13 @@ import reference as ref
 import tsv_fast
 from tsv_fast import ops
 from tsv_fast.solvers import SOLVERS, eigh_topk, exact_topk, orthonormalize, randomized_topk, subspace_topk
-from tsv_fast.synthetic import power_law_matrix
+from tsv_fast.synthetic import correlated_tasks, power_law_matrix
 from tsv_fast.tsv import polar_factor, whitening
 
 
 def task_batch(m, n, count, decay=0.5, shared=0.3, seed=0):
     """Task-vector-like matrices: power-law spectra (nearly flat around k) plus a shared part."""
-    gen = torch.Generator().manual_seed(seed)
-    common = power_law_matrix(m, n, gen, decay)
-    return torch.stack([(1 - shared) ** 0.5 * power_law_matrix(m, n, gen, decay) + shared ** 0.5 * common
-                        for _ in range(count)])
+    return torch.stack(correlated_tasks(m, n, count, torch.Generator().manual_seed(seed), decay, shared))
 
 
 def rank_k_errors(A, U, S, V):

@@ -47,6 +47,16 @@ def power_law_matrix(m: int, n: int, gen: torch.Generator, decay: float = 0.5) -
     return (_orthonormal(m, r, gen) * s) @ _orthonormal(n, r, gen).T
 
 
+def correlated_tasks(m: int, n: int, count: int, gen: torch.Generator, decay: float = 0.5,
+                     shared: float = 0.3) -> list[Tensor]:
+    """``count`` m×n task matrices ``√(1−shared)·A_t + √shared·C``: power-law parts of their
+    own (:func:`power_law_matrix`) and one part C common to all, the cross-task overlap TSV-M
+    removes (C drawn first)."""
+    common = power_law_matrix(m, n, gen, decay)
+    return [(1 - shared) ** 0.5 * power_law_matrix(m, n, gen, decay) + shared ** 0.5 * common
+            for _ in range(count)]
+
+
 def synthetic_task_vectors(
     base: dict[str, Tensor], num_tasks: int, *, seed: int = 0, decay: float = 0.5,
     shared: float = 0.3, scale: float = 0.05, device: str | torch.device = "cpu",
@@ -62,10 +72,8 @@ def synthetic_task_vectors(
             continue
         size = scale * w.float().norm().clamp(min=1e-3).to(device)
         if is_matrix_key(key, w):
-            common = power_law_matrix(*w.shape, gen, decay)
-            for tau in taus:
-                own = power_law_matrix(*w.shape, gen, decay)
-                tau[key] = (size * ((1 - shared) ** 0.5 * own + shared ** 0.5 * common)).to(w.dtype)
+            for tau, delta in zip(taus, correlated_tasks(*w.shape, num_tasks, gen, decay, shared)):
+                tau[key] = (size * delta).to(w.dtype)
         else:
             for tau in taus:
                 noise = torch.randn(w.shape, generator=gen, device=gen.device)
