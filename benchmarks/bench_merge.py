@@ -194,6 +194,11 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "route-subspace": ("exact, subspace iteration at every size (session 6's GPU route)", {"solver": "exact"}),
     "rcond-old": ("exact, whitening cut 9.5e-7 (before session 7; now 1e-7)", {"solver": "exact"}),
     "minp16": ("exact, ≥ 16 products between Rayleigh–Ritz steps", {"solver": "exact"}),
+    "jacobi512": ("exact, Jacobi kernel with 512 threads per matrix", {"solver": "exact"}),
+    "jacobi1024": ("exact, Jacobi kernel with 1024 threads per matrix", {"solver": "exact"}),
+    "rr-tol0": ("exact, Jacobi to machine precision in Rayleigh–Ritz (before session 8; now 1e-12)",
+                {"solver": "exact"}),
+    "batch8g": ("exact, shape batches of 8 GiB (peak still ÷ the 2 GiB batch)", {"solver": "exact", "batch_bytes": 8 << 30}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
     # on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
@@ -216,6 +221,9 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "route-subspace": [(solvers, "EXACT_ROUTE", {"cpu": "subspace", "cuda": "subspace"})],
     "rcond-old": [(tsv, "WHITENING_RCOND", 8 * torch.finfo(torch.float32).eps)],
     "minp16": [(solvers, "CHEBYSHEV_MIN_PRODUCTS", 16)],
+    "jacobi512": [(solvers, "JACOBI_THREADS", 512)],
+    "jacobi1024": [(solvers, "JACOBI_THREADS", 1024)],
+    "rr-tol0": [(solvers, "RAYLEIGH_RITZ_TOL", 0.0)],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],
     "session5": [_COUPLED_NS, _FULL_GRAM],

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "kernels/jacobi_eigh.h"
 
 namespace tsv_fast {
 
@@ -23,7 +24,7 @@ struct EighArgs {
 };
 
 inline EighArgs check_eigh_args(const char* op, const at::Tensor& A, int64_t max_sweeps,
-                                double tol) {
+                                double tol, int64_t threads = 0) {
   using namespace checks;
   check_defined(op, "A", A);
   TORCH_CHECK_VALUE(A.dim() == 2 || A.dim() == 3, op,
@@ -36,6 +37,9 @@ inline EighArgs check_eigh_args(const char* op, const at::Tensor& A, int64_t max
   TORCH_CHECK_VALUE(max_sweeps >= 0, op, ": max_sweeps must be >= 0, got ", max_sweeps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0, op,
                     ": tol must be a finite number >= 0 (0 = working precision), got ", tol);
+  TORCH_CHECK_VALUE(threads == 0 || jacobi::valid_threads(threads), op,
+                    ": threads must be 0 (the kernel's choice) or a power of two from ",
+                    jacobi::kMinThreads, " to ", jacobi::kMaxThreads, ", got ", threads);
   const int64_t n = A.size(-1);
   TORCH_CHECK_VALUE(n <= kEighMaxN, op, ": matrices of order n = ", n,
                     " are too large for the Jacobi kernels (at most ", kEighMaxN, ")");

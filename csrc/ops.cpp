@@ -23,13 +23,15 @@ TORCH_LIBRARY(tsv_fast, m) {
   // Eigen-decomposition of a batch of small symmetric matrices (B, n, n) | (n, n)
   // by parallel-ordered Jacobi; eigenvalues ascending, eigenvectors as columns
   // (see csrc/eigh.h, csrc/kernels/jacobi_eigh.h).
-  m.def("batched_eigh(Tensor A, int max_sweeps=30, float tol=0.0) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  // threads: CUDA threads per matrix (0: the kernel's choice, else a power of
+  // two from 32 to 1024); the CPU op runs one thread per matrix and ignores it.
+  m.def("batched_eigh(Tensor A, int max_sweeps=30, float tol=0.0, int threads=0) -> (Tensor eigenvalues, Tensor eigenvectors)");
   // Largest n the CUDA batched_eigh kernel keeps in shared memory, given the
   // device's per-block opt-in limit in bytes (no tensors: computed on the host).
   m.def("batched_eigh_shared_order(int smem_bytes, bool float64) -> int", &eigh_shared_order);
   // CPU emulation of the CUDA kernel; force_path: -1 auto (as on sm_90),
   // 0 global-memory workspace, 1 shared-memory workspace.  For testing.
-  m.def("batched_eigh_emulated(Tensor A, int max_sweeps=30, float tol=0.0, int force_path=-1) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  m.def("batched_eigh_emulated(Tensor A, int max_sweeps=30, float tol=0.0, int force_path=-1, int threads=0) -> (Tensor eigenvalues, Tensor eigenvectors)");
   // Segmented low-rank apply (SGMV): for every segment s of rows
   // offsets[s]:offsets[s+1] with factor slot p = slots[s] (-1: none) and rank
   // k = ranks[p]:  out[rows] += alpha * ((x[rows] V[p,:,:k]) * S[p,:k]) U[p,:,:k]^T.

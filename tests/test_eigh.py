@@ -208,6 +208,23 @@ def test_emulated_auto_path_beyond_shared_limit(dtype):
         run("emulated-shared", A)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind,n", [("random", 102), ("mixed", 64), ("repeated", 40), ("gram", 130), ("random", 3)])
+def test_emulated_kernel_thread_counts(kind, n, dtype):
+    """Blocks of 512 and 1024 threads do the rotations and norms on 256 of them, so they must give
+    the default (256 threads above n = 48) bit for bit; 32 threads reduce in another order."""
+    A = make(kind, n, B=4 if kind == "mixed" else 2, seed=6).to(dtype)
+    w, V = run("emulated", A, threads=256)
+    check_eigh(A, w, V)
+    for threads in (512, 1024):
+        wt, Vt = run("emulated", A, threads=threads)
+        assert torch.equal(wt, w) and torch.equal(Vt, V), threads
+    check_eigh(A, *run("emulated", A, threads=32))
+    if n == 130:  # the global-memory workspace (float64 beyond sm_90's shared memory) too
+        assert torch.equal(run("emulated-global", A, threads=1024)[1], V)
+
+
 def _workspace_bytes(n, size):
     """Shared memory of one block at order n, from the kernel's documented layout: A and W
     (n² each), cos/sin/tan per pair (⌈n/2⌉ each), two int pair indices and n int ranks, padded
@@ -363,6 +380,9 @@ def test_bad_sweeps_and_tol(impl):
         run(impl, A, tol=-0.5)
     with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
         run(impl, A, tol=float("inf"))
+    for threads in (16, 48, 2048, -1):
+        with pytest.raises(ValueError, match="threads must be 0 .* or a power of two from 32 to 1024"):
+            run(impl, A, threads=threads)
 
 
 def test_public_wrapper_supports_autograd():
@@ -378,6 +398,7 @@ def test_public_wrapper_supports_autograd():
 def test_opcheck(op_name, shape, dtype):
     A = make("random", shape[-1], B=shape[0] if len(shape) == 3 else 1).reshape(shape).to(dtype)
     torch.library.opcheck(getattr(torch.ops.tsv_fast, op_name).default, (A, 30, 0.0))
+    torch.library.opcheck(getattr(torch.ops.tsv_fast, op_name).default, (A,), {"threads": 512})
 
 
 @needs_ext
@@ -414,6 +435,21 @@ def test_cuda_matches_cpu_op_and_reference(kind, n, dtype):
     assert (w.cpu().double() - wc.double()).abs().max() <= _tols(dtype, n, False)[0] * norm
     we, Ve = run("emulated", A)  # same algorithm and dtype: close to the emulator
     assert (w.cpu().double() - we.double()).abs().max() <= _tols(dtype, n, False)[0] * norm
+
+
+@needs_cuda
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("threads", [32, 512, 1024])
+def test_cuda_thread_counts(threads, dtype):
+    """The kernel's other block sizes (ℓ = 102 is the Rayleigh–Ritz size of ViT-L/14, T = 20) against the
+    reference and the emulator with the same thread count."""
+    A = make("random", 102, B=5, seed=7).to(dtype)
+    w, V = torch.ops.tsv_fast.batched_eigh(A.cuda(), 30, 0.0, threads)
+    check_eigh(A.cuda(), w, V)
+    we, _ = run("emulated", A, threads=threads)
+    norm = torch.linalg.matrix_norm(A.double()).amax()
+    assert (w.cpu().double() - we.double()).abs().max() <= _tols(dtype, 102, False)[0] * norm
 
 
 @needs_cuda

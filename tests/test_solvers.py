@@ -266,6 +266,37 @@ def test_subspace_iteration_with_the_jacobi_kernel_for_the_small_problems():
     assert (same_subspace_error(U, exact.U) < 1e-6).all()
 
 
+@pytest.mark.skipif(not ops.load_extension()[0], reason="needs the compiled extension (the kernel's CPU emulation)")
+@pytest.mark.parametrize("threads", [0, 1024])
+def test_subspace_iteration_with_the_gpu_rayleigh_ritz_settings(monkeypatch, threads):
+    """The GPU's Rayleigh–Ritz eigensolver as configured (the Jacobi op stopping at
+    ``RAYLEIGH_RITZ_TOL``, ``JACOBI_THREADS``), run by the kernel's CPU emulation: on nearly flat
+    spectra (T = 20) the result is still eigh's, because only pairs that pass the residual test
+    are kept."""
+    from tsv_fast import solvers
+
+    assert solvers.RAYLEIGH_RITZ_TOL == 1e-12 and solvers.JACOBI_THREADS == 0
+    monkeypatch.setattr(solvers, "JACOBI_THREADS", threads)
+    calls = []
+
+    def emulated(A, max_sweeps=30, tol=0.0, threads=0):
+        calls.append((tol, threads))
+        return torch.ops.tsv_fast.batched_eigh_emulated(A, max_sweeps, tol, -1, threads)
+
+    monkeypatch.setattr(ops, "batched_eigh", emulated)
+    A = task_batch(400, 160, 3, 0.2, seed=20)
+    k = 8
+    exact = eigh_topk(A, k, torch.float64)
+    full_eigh = []  # the fallback for matrices that never pass the residual test: must not run
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda G: full_eigh.append(G.shape) or eigh(G))
+    U, S, V, _ = subspace_topk(A, k, torch.float64, small_eigh=solvers._jacobi_eigh)
+    assert not full_eigh
+    torch.testing.assert_close(S, exact.S, rtol=1e-9, atol=0)
+    assert (same_subspace_error(U, exact.U) < 1e-6).all() and (same_subspace_error(V, exact.V) < 1e-6).all()
+    assert calls and set(calls) == {(1e-12, threads)}
+
+
 def test_exact_routes_by_device(monkeypatch):
     from tsv_fast import solvers
 

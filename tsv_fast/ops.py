@@ -149,7 +149,11 @@ __all__ += ["batched_eigh"]
 _EIGH_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_eigh_args(op: str, A: Tensor, max_sweeps: int, tol: float) -> None:
+# CUDA threads per matrix that batched_eigh accepts besides 0 (the kernel's choice): powers of two
+_EIGH_THREADS = (32, 64, 128, 256, 512, 1024)
+
+
+def _check_eigh_args(op: str, A: Tensor, max_sweeps: int, tol: float, threads: int = 0) -> None:
     """Same checks, in the same order, as csrc/eigh.h; raises ValueError."""
     if A.dim() not in (2, 3):
         raise ValueError(
@@ -163,16 +167,19 @@ def _check_eigh_args(op: str, A: Tensor, max_sweeps: int, tol: float) -> None:
         raise ValueError(f"{op}: max_sweeps must be >= 0, got {max_sweeps}")
     if not (tol >= 0 and tol != float("inf")):
         raise ValueError(f"{op}: tol must be a finite number >= 0 (0 = working precision), got {tol}")
+    if threads != 0 and threads not in _EIGH_THREADS:
+        raise ValueError(f"{op}: threads must be 0 (the kernel's choice) or a power of two from 32 to 1024, "
+                         f"got {threads}")
 
 
 def _register_eigh_fakes() -> None:
-    def eigh_fake(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-        _check_eigh_args("batched_eigh", A, max_sweeps, tol)
+    def eigh_fake(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int = 0) -> tuple[Tensor, Tensor]:
+        _check_eigh_args("batched_eigh", A, max_sweeps, tol, threads)
         return A.new_empty(A.shape[:-1]), A.new_empty(A.shape)
 
     def eigh_emulated_fake(A: Tensor, max_sweeps: int = 30, tol: float = 0.0,
-                           force_path: int = -1) -> tuple[Tensor, Tensor]:
-        _check_eigh_args("batched_eigh_emulated", A, max_sweeps, tol)
+                           force_path: int = -1, threads: int = 0) -> tuple[Tensor, Tensor]:
+        _check_eigh_args("batched_eigh_emulated", A, max_sweeps, tol, threads)
         return A.new_empty(A.shape[:-1]), A.new_empty(A.shape)
 
     for name, fake in (("batched_eigh", eigh_fake), ("batched_eigh_emulated", eigh_emulated_fake)):
@@ -183,14 +190,14 @@ def _register_eigh_fakes() -> None:
         torch.library.register_fake(f"tsv_fast::{name}")(fake)
 
 
-def _batched_eigh_torch(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch batched_eigh: torch.linalg.eigh of the symmetrised input (max_sweeps/tol unused)."""
-    _check_eigh_args("batched_eigh", A, max_sweeps, tol)
+def _batched_eigh_torch(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int = 0) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch batched_eigh: torch.linalg.eigh of the symmetrised input (max_sweeps/tol/threads unused)."""
+    _check_eigh_args("batched_eigh", A, max_sweeps, tol, threads)
     w, V = torch.linalg.eigh((A + A.mT) * 0.5)
     return w, V
 
 
-def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Tensor, Tensor]:
+def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int = 0) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of symmetric matrices: ``(eigenvalues, eigenvectors)``.
 
     ``A`` is (n, n) or a batch (B, n, n), float32 or float64, symmetric; the kernels
@@ -204,7 +211,9 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Ten
     float64, depending on the GPU), ``at::parallel_for`` over the batch on the CPU
     (iterating in float64).  It stops after ``max_sweeps`` sweeps or when the
     off-diagonal norm is <= ``tol * ||A||_F`` (``tol = 0``: machine epsilon of the
-    working precision) or a sweep rotates nothing.  Eigenvectors of repeated
+    working precision) or a sweep rotates nothing.  ``threads``: CUDA threads per
+    matrix (0: 64 to 256 by size; up to 1024, which only the GPU's speed notices:
+    the rotations and norms use 256 of them, the updates of A and V all).  Eigenvectors of repeated
     eigenvalues are an arbitrary orthonormal basis of their eigenspace, and signs
     are arbitrary, as with any eigensolver.
 
@@ -215,8 +224,8 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0) -> tuple[Ten
     ok, _ = load_extension()
     needs_grad = torch.is_grad_enabled() and A.requires_grad
     if ok and not needs_grad and _has_kernel("batched_eigh", _DISPATCH_KEYS.get(A.device.type)):
-        return tuple(torch.ops.tsv_fast.batched_eigh(A, int(max_sweeps), float(tol)))
-    return _batched_eigh_torch(A, max_sweeps, tol)
+        return tuple(torch.ops.tsv_fast.batched_eigh(A, int(max_sweeps), float(tol), int(threads)))
+    return _batched_eigh_torch(A, max_sweeps, tol, threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -222,6 +222,26 @@ MAX_BLOCK: int | str | None = "auto"
 SUBSPACE_OVERSAMPLE: int | None = None
 
 
+# The Rayleigh–Ritz steps' ℓ×ℓ eigenproblems on a GPU (the Jacobi kernel, ops.batched_eigh).
+# Its stopping tolerance: off(H) ≤ tol·‖H‖_F. Ritz pairs are only kept once they pass the
+# residual test (1e-10·θ1), to which the Jacobi's leftover adds at most tol·‖H‖_F ≤ tol·√ℓ·θ1
+# (1e-11·θ1 at ℓ ≈ 100), so sweeps down to machine precision buy nothing. On ViT-L/14-shaped
+# Gram matrices (T = 20, ℓ = 102) the three Rayleigh–Ritz steps took 9 + 7 + 5 sweeps to machine
+# precision and 8 + 6 + 4 to 1e-12 (the kernel's CPU twin, which runs the same sweeps).
+RAYLEIGH_RITZ_TOL = 1e-12
+# CUDA threads per ℓ×ℓ problem (0: the kernel's choice, 256 at these sizes; up to 1024). Each
+# Rayleigh–Ritz launch holds fewer matrices than an H100/H200 has SMs (a chunk of Gram matrices,
+# ≤ 90 at ViT-L/14 T = 20), one block each, so its time is one block's latency: more threads
+# share the updates of A and V of each round (not measured on a GPU yet: bench variants
+# jacobi512, jacobi1024).
+JACOBI_THREADS = 0
+
+
+def _jacobi_eigh(H: Tensor) -> tuple[Tensor, Tensor]:
+    """The Rayleigh–Ritz eigensolver on a GPU: the batched Jacobi kernel, one launch per step."""
+    return ops.batched_eigh(H, tol=RAYLEIGH_RITZ_TOL, threads=JACOBI_THREADS)
+
+
 def _block_cap(device: torch.device) -> int | None:
     """The cap on ℓ that ``MAX_BLOCK`` means on this device."""
     return ops.eigh_shared_order(device, torch.float64) if MAX_BLOCK == "auto" else MAX_BLOCK
@@ -264,7 +284,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     ell = _block_size(k, q, oversample, _block_cap(A.device) if small_eigh is None else None)
     theta = torch.zeros(B, k, dtype=torch.float64, device=A.device)
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
-    eigh = small_eigh or (ops.batched_eigh if A.is_cuda else torch.linalg.eigh)
+    eigh = small_eigh or (_jacobi_eigh if A.is_cuda else torch.linalg.eigh)
     iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
     # a WORK_SHARE of the batch's bytes in float64 work at a time (peak memory ≤ 2× the batch):
     # per matrix G and ~9 ℓ-wide blocks while iterating, G and gram64's work while forming it

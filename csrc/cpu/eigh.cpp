@@ -16,8 +16,9 @@
 namespace tsv_fast {
 
 std::tuple<at::Tensor, at::Tensor> batched_eigh_cpu(const at::Tensor& A, int64_t max_sweeps,
-                                                    double tol) {
-  const EighArgs a = check_eigh_args("batched_eigh", A, max_sweeps, tol);
+                                                    double tol, int64_t threads) {
+  // threads (validated) is the CUDA block size: one thread per matrix here.
+  const EighArgs a = check_eigh_args("batched_eigh", A, max_sweeps, tol, threads);
   auto [vals, vecs] = eigh_outputs(a);
   if (a.n == 0 || a.batch == 0) return {vals, vecs};
   const int n = static_cast<int>(a.n);

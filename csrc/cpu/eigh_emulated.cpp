@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA batched_eigh kernel (csrc/cuda/eigh.cu).  Runs the
 // very same phase functions from kernels/jacobi_eigh.h, in the input dtype,
-// with the kernel's thread count, for every simulated thread of every
+// with the kernel's thread count (or `threads`), for every simulated thread of every
 // simulated block (one block per matrix); a phase finishes for all threads of
 // a block before the next one starts, which is what __syncthreads()
 // guarantees on the GPU.  Slow, but it exercises the kernel's indexing,
@@ -30,15 +30,15 @@ constexpr size_t kEmulatedSmemOptin = 232448;  // sharedMemPerBlockOptin of an H
 
 std::tuple<at::Tensor, at::Tensor> batched_eigh_emulated_cpu(const at::Tensor& A,
                                                              int64_t max_sweeps, double tol,
-                                                             int64_t force_path) {
-  const EighArgs a = check_eigh_args("batched_eigh_emulated", A, max_sweeps, tol);
+                                                             int64_t force_path, int64_t threads) {
+  const EighArgs a = check_eigh_args("batched_eigh_emulated", A, max_sweeps, tol, threads);
   TORCH_CHECK_VALUE(force_path >= -1 && force_path <= 1,
                     "batched_eigh_emulated: force_path must be -1 (auto), 0 (global memory) or "
                     "1 (shared memory), got ", force_path);
   auto [vals, vecs] = eigh_outputs(a);
   if (a.n == 0 || a.batch == 0) return {vals, vecs};
   const int n = static_cast<int>(a.n);
-  const int nth = jacobi::threads_for(n);
+  const int nth = threads ? static_cast<int>(threads) : jacobi::threads_for(n);
   const int sweeps = static_cast<int>(std::min<int64_t>(max_sweeps, 1 << 20));
   const bool is_double = a.A.scalar_type() == at::kDouble;
   const double tol2 = eigh_tol2(tol, is_double);

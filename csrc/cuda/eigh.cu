@@ -24,8 +24,11 @@
 namespace tsv_fast {
 namespace {
 
-template <typename T>
-__global__ void __launch_bounds__(jacobi::kMaxThreads)
+// Built for blocks of up to 256 threads (the default sizes: 74 registers in
+// float64 on sm_90), 512 and 1024 (`threads` > 256: at most 128 and 64
+// registers; float64 spills ~100 bytes at 1024), the smallest that fits is run.
+template <typename T, int kBound>
+__global__ void __launch_bounds__(kBound)
     jacobi_eigh_kernel(const T* __restrict__ in, T* __restrict__ vals, T* __restrict__ vecs,
                        int n, int max_sweeps, double tol2, bool in_smem, unsigned char* gws,
                        size_t ws_bytes, int64_t batch_offset) {
@@ -46,7 +49,7 @@ __global__ void __launch_bounds__(jacobi::kMaxThreads)
   for (int sweep = 0;; ++sweep) {
     norms_partial(ws, tid, nth, rot);
     __syncthreads();
-    for (int stride = nth / 2; stride > 0; stride /= 2) {
+    for (int stride = reduce_threads(nth) / 2; stride > 0; stride /= 2) {
       reduce_step(red, tid, nth, stride);
       __syncthreads();
     }
@@ -73,13 +76,13 @@ constexpr int64_t kMaxGridX = 2147483647;
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tensor& A, int64_t max_sweeps,
-                                                     double tol) {
-  const EighArgs a = check_eigh_args("batched_eigh", A, max_sweeps, tol);
+                                                     double tol, int64_t threads) {
+  const EighArgs a = check_eigh_args("batched_eigh", A, max_sweeps, tol, threads);
   const c10::cuda::CUDAGuard guard(a.A.device());
   auto [vals, vecs] = eigh_outputs(a);
   if (a.n == 0 || a.batch == 0) return {vals, vecs};
   const int n = static_cast<int>(a.n);
-  const int nth = jacobi::threads_for(n);
+  const int nth = threads ? static_cast<int>(threads) : jacobi::threads_for(n);
   const int sweeps = static_cast<int>(std::min<int64_t>(max_sweeps, 1 << 20));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // (cudaDeviceGetAttribute rather than ATen/cuda/CUDAContext.h, whose cuSPARSE /
@@ -95,7 +98,9 @@ std::tuple<at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tensor& A, int64_
     const size_t ws_bytes = jacobi::layout_for<T>(n).bytes;
     const bool in_smem = jacobi::smem_bytes_for<T>(n, nth, true) <= optin;
     const size_t smem = jacobi::smem_bytes_for<T>(n, nth, in_smem);
-    auto kernel = jacobi_eigh_kernel<T>;
+    auto kernel = nth <= 256 ? jacobi_eigh_kernel<T, 256>
+                  : nth <= 512 ? jacobi_eigh_kernel<T, 512>
+                               : jacobi_eigh_kernel<T, jacobi::kMaxThreads>;
     if (smem > 48 * 1024)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));

@@ -31,6 +31,11 @@
 // reduction in double) give off(A)^2, diag(A)^2 and the number of rotations of
 // the previous sweep; converged() stops when off(A) <= tol ||A||_F (tol = 0:
 // machine epsilon of the working type) or when a whole sweep rotated nothing.
+// A block may have up to 1024 threads: the rotations and the reduction use the
+// first reduce_threads() (at most 256) of them, so the reduction buffer, and
+// with it the largest order kept in shared memory, does not grow with the
+// block; the phases that touch all of A and V (load, apply, sort, write) use
+// every thread.
 // Finally rank_eigenvalues sorts ascending (stable rank sort, NaN last) and
 // write_out writes eigenvalues and eigenvector columns in that order.
 //
@@ -66,10 +71,17 @@ TSV_HD double hd_sqrt(double x) { return sqrt(x); }
 TSV_HD float hd_abs(float x) { return fabsf(x); }
 TSV_HD double hd_abs(double x) { return fabs(x); }
 
-// Threads per block used by the CUDA kernel (and the emulator) for order n.
-// Power of two (tree reduction); at most 256 (__launch_bounds__ of the kernel).
-constexpr int kMaxThreads = 256;
-inline int threads_for(int64_t n) { return n <= 16 ? 64 : (n <= 48 ? 128 : kMaxThreads); }
+// Threads per block used by the CUDA kernel (and the emulator) for order n,
+// unless the caller asks for another count: a power of two from kMinThreads to
+// kMaxThreads (tree reduction; __launch_bounds__ of the kernel's two builds).
+constexpr int kMinThreads = 32;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxReduceThreads = 256;
+inline int threads_for(int64_t n) { return n <= 16 ? 64 : (n <= 48 ? 128 : 256); }
+inline bool valid_threads(int64_t t) { return t >= kMinThreads && t <= kMaxThreads && (t & (t - 1)) == 0; }
+
+// Threads that compute rotations and reduce norms: the first min(nthreads, 256).
+TSV_HD int reduce_threads(int nthreads) { return nthreads < kMaxReduceThreads ? nthreads : kMaxReduceThreads; }
 
 // ---------------------------------------------------------------------------
 // Workspace of one matrix.  Byte offsets from the workspace base; T arrays
@@ -96,12 +108,12 @@ TSV_HD Layout layout_for(int n) {
   return L;
 }
 
-TSV_HD size_t red_bytes(int nthreads) { return 3 * static_cast<size_t>(nthreads) * sizeof(double); }
+TSV_HD size_t red_bytes(int nthreads) { return 3 * static_cast<size_t>(reduce_threads(nthreads)) * sizeof(double); }
 
 // Dynamic shared memory of one block: the reduction buffer, plus the whole
 // workspace when the matrix is kept in shared memory (else it is in global
-// memory).  Shared path: 2 n^2 sizeof(T) + (1.5 sizeof(T) + 8) n + 24 threads
-// bytes, e.g. n = 64: 39 KB (float32) / 71 KB (float64); n = 110: 102 KB /
+// memory).  Shared path: 2 n^2 sizeof(T) + (1.5 sizeof(T) + 8) n + 24
+// reduce_threads bytes, e.g. n = 64: 39 KB (float32) / 71 KB (float64); n = 110: 102 KB /
 // 197 KB.  With the opt-in limits (sm_80: 163 KB, sm_90: 227 KB per block) the
 // largest shared-memory n is 140 / 167 (float32) and 99 / 118 (float64); the
 // CUDA op queries the device's limit (eigh.cu), larger n use global memory.
@@ -130,7 +142,7 @@ struct Ws {
   int* P;     // per pair of the current round: p < q (q == n: phantom pair)
   int* Q;
   int* perm;  // perm[k] = index of the k-th smallest eigenvalue
-  double* red;  // 3 * nthreads: off^2, diag^2, rotation-count partial sums
+  double* red;  // 3 * reduce_threads: off^2, diag^2, rotation-count partial sums
   int n, np, npairs;
 };
 
@@ -205,13 +217,15 @@ TSV_HD void load_input(const Ws<T>& w, const in_t* in, int tid, int nthreads) {
 }
 
 // Convergence check, part 1: this thread's share of off(A)^2 and diag(A)^2
-// (in double, also for float matrices) and its rotation count of the last sweep.
+// (in double, also for float matrices) and its rotation count of the last sweep
+// (threads from reduce_threads on have none: they compute no rotations).
 template <typename T>
 TSV_HD void norms_partial(const Ws<T>& w, int tid, int nthreads, int rotations) {
-  const int n = w.n;
+  const int n = w.n, R = reduce_threads(nthreads);
+  if (tid >= R) return;
   double off = 0, diag = 0;
   if (tid < n * n) {
-    for (Walk2 ij(tid, nthreads, n); ij.i < n; ij.next()) {
+    for (Walk2 ij(tid, R, n); ij.i < n; ij.next()) {
       const double v = static_cast<double>(w.A[ij.i * n + ij.j]);
       if (ij.i == ij.j)
         diag += v * v;
@@ -220,15 +234,17 @@ TSV_HD void norms_partial(const Ws<T>& w, int tid, int nthreads, int rotations) 
     }
   }
   w.red[tid] = off;
-  w.red[nthreads + tid] = diag;
-  w.red[2 * nthreads + tid] = static_cast<double>(rotations);
+  w.red[R + tid] = diag;
+  w.red[2 * R + tid] = static_cast<double>(rotations);
 }
 
 // Convergence check, part 2: one step of the shared-memory tree reduction;
-// called for stride = nthreads/2, nthreads/4, ..., 1 with a barrier after each.
+// called for stride = R/2, R/4, ..., 1 (R = reduce_threads(nthreads)) with a
+// barrier after each.
 TSV_HD void reduce_step(double* red, int tid, int nthreads, int stride) {
+  const int R = reduce_threads(nthreads);
   if (tid < stride) {
-    for (int k = 0; k < 3; ++k) red[k * nthreads + tid] += red[k * nthreads + tid + stride];
+    for (int k = 0; k < 3; ++k) red[k * R + tid] += red[k * R + tid + stride];
   }
 }
 
@@ -236,17 +252,19 @@ TSV_HD void reduce_step(double* red, int tid, int nthreads, int stride) {
 // or no rotation at all in the previous sweep.  tol2 = tol^2.  An overflowed or
 // NaN norm never counts as converged.
 TSV_HD bool converged(const double* red, int nthreads, double tol2, int sweeps_done) {
-  const double off = red[0], diag = red[nthreads], rot = red[2 * nthreads];
+  const int R = reduce_threads(nthreads);
+  const double off = red[0], diag = red[R], rot = red[2 * R];
   const bool finite = (off - off == 0) && (diag - diag == 0);
   if (finite && off <= tol2 * (off + diag)) return true;
   return sweeps_done > 0 && rot == 0;
 }
 
-// Round phase 1: thread k computes the rotation of pair k of round `round`.
+// Round phase 1: thread k computes the rotation of pair k of round `round`
+// (k < reduce_threads; thread k also takes pairs k + R, k + 2R, ...).
 template <typename T>
 TSV_HD void compute_rotations(const Ws<T>& w, int round, int tid, int nthreads, int& rotations) {
-  const int n = w.n;
-  for (int k = tid; k < w.npairs; k += nthreads) {
+  const int n = w.n, R = reduce_threads(nthreads);
+  for (int k = tid; k < w.npairs; k += R) {
     int p, q;
     pair_of(w.np, round, k, p, q);
     w.P[k] = p;
@@ -403,7 +421,7 @@ inline void emulate_block(const Ws<T>& w, const io_t* in, io_t* vals, io_t* vecs
   for (int t = 0; t < nthreads; ++t) load_input(w, in, t, nthreads);
   for (int sweep = 0;; ++sweep) {
     for (int t = 0; t < nthreads; ++t) norms_partial(w, t, nthreads, rot[t]);
-    for (int stride = nthreads / 2; stride > 0; stride /= 2)
+    for (int stride = reduce_threads(nthreads) / 2; stride > 0; stride /= 2)
       for (int t = 0; t < nthreads; ++t) reduce_step(w.red, t, nthreads, stride);
     // Every thread reads the same reduced values; thread 0 speaks for all.
     if (converged(w.red, nthreads, tol2, sweep) || sweep >= max_sweeps) break;

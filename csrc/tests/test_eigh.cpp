@@ -22,17 +22,17 @@ using tsv_fast_test::expect_value_error;
 using tsv_fast_test::failures;
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
-using OpFn = Pair(const at::Tensor&, int64_t, double);
-using EmuFn = Pair(const at::Tensor&, int64_t, double, int64_t);
+using OpFn = Pair(const at::Tensor&, int64_t, double, int64_t);
+using EmuFn = Pair(const at::Tensor&, int64_t, double, int64_t, int64_t);
 
 Pair call(const std::string& impl, const at::Tensor& A) {
   auto& d = c10::Dispatcher::singleton();
   if (impl == "op")
-    return d.findSchemaOrThrow("tsv_fast::batched_eigh", "").typed<OpFn>().call(A, 30, 0.0);
+    return d.findSchemaOrThrow("tsv_fast::batched_eigh", "").typed<OpFn>().call(A, 30, 0.0, 0);
   const int64_t path = impl == "emulated-global" ? 0 : (impl == "emulated-shared" ? 1 : -1);
   return d.findSchemaOrThrow("tsv_fast::batched_eigh_emulated", "")
       .typed<EmuFn>()
-      .call(A, 30, 0.0, path);
+      .call(A, 30, 0.0, path, impl == "emulated-1024" ? 1024 : 0);
 }
 
 // Random symmetric matrices with a known spectrum: Q diag(lam) Q^T (float64),
@@ -101,7 +101,8 @@ void check_case(const std::string& impl, const at::Tensor& A64, const at::Tensor
 int main() {
   at::manual_seed(0);
   int cases = 0;
-  const std::vector<std::string> impls = {"op", "emulated-global", "emulated-shared"};
+  // emulated-1024: the kernel with 1024 threads per matrix (rotations and reductions on 256 of them)
+  const std::vector<std::string> impls = {"op", "emulated-global", "emulated-shared", "emulated-1024"};
   for (const auto& impl : impls)
     for (int64_t n : {1, 2, 5, 16, 31, 64})
       for (int kind : {0, 1, 2})
@@ -135,18 +136,21 @@ int main() {
   auto& d = c10::Dispatcher::singleton();
   auto op = d.findSchemaOrThrow("tsv_fast::batched_eigh", "").typed<OpFn>();
   auto emu = d.findSchemaOrThrow("tsv_fast::batched_eigh_emulated", "").typed<EmuFn>();
-  expect_value_error("not square", "A must be square", [&] { op.call(at::zeros({2, 3, 4}), 30, 0.0); });
-  expect_value_error("1-D", "A must be 2-D (n, n) or 3-D batched", [&] { op.call(at::zeros({4}), 30, 0.0); });
+  expect_value_error("not square", "A must be square", [&] { op.call(at::zeros({2, 3, 4}), 30, 0.0, 0); });
+  expect_value_error("1-D", "A must be 2-D (n, n) or 3-D batched", [&] { op.call(at::zeros({4}), 30, 0.0, 0); });
   expect_value_error("int dtype", "A must have dtype float32 or float64", [&] {
-    op.call(at::zeros({3, 3}, at::kInt), 30, 0.0);
+    op.call(at::zeros({3, 3}, at::kInt), 30, 0.0, 0);
   });
   expect_value_error("half dtype", "A must have dtype float32 or float64", [&] {
-    emu.call(at::zeros({3, 3}, at::kHalf), 30, 0.0, -1);
+    emu.call(at::zeros({3, 3}, at::kHalf), 30, 0.0, -1, 0);
   });
   expect_value_error("negative tol", "tol must be a finite number >= 0", [&] {
-    op.call(at::zeros({3, 3}), 30, -1.0);
+    op.call(at::zeros({3, 3}), 30, -1.0, 0);
   });
-  expect_value_error("bad path", "force_path must be -1", [&] { emu.call(at::zeros({3, 3}), 30, 0.0, 2); });
+  expect_value_error("bad path", "force_path must be -1", [&] { emu.call(at::zeros({3, 3}), 30, 0.0, 2, 0); });
+  expect_value_error("bad threads", "threads must be 0 (the kernel's choice) or a power of two from 32 to 1024",
+                     [&] { op.call(at::zeros({3, 3}), 30, 0.0, 48); });
+  expect_value_error("too many threads", "got 2048", [&] { emu.call(at::zeros({3, 3}), 30, 0.0, -1, 2048); });
 
   if (failures) {
     std::fprintf(stderr, "%d check(s) FAILED\n", failures);
