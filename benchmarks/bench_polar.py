@@ -1,5 +1,6 @@
 """TSV-M's polar factors: float64 eigh, the coupled Gram-side Newton–Schulz iteration (session 5's),
-and Newton–Schulz on the Cholesky factor (now), side by side on the same concatenations.
+Newton–Schulz on the Cholesky factor with XᵀX as one GEMM (sessions 6–7) and from its upper
+blocks (now), side by side on the same concatenations.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_polar.py --shapes 768x768:8 1024x1024:20
 
@@ -54,6 +55,17 @@ def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
     return W, ok & (bound_sq > 0)
 
 
+def full_gemm_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
+    """Sessions 6–7's form: Newton–Schulz on the Cholesky factor with ``XᵀX`` as one full GEMM
+    (now from its upper blocks, ``solvers.symmetric_gram``); the rest as now."""
+    symmetric_gram = tsv.symmetric_gram
+    tsv.symmetric_gram = lambda X: X.mT @ X
+    try:
+        return tsv.newton_schulz_whitening(G, rcond, bound_sq, tol, check)
+    finally:
+        tsv.symmetric_gram = symmetric_gram
+
+
 class GemmWork(TorchDispatchMode):
     """Arithmetic of the matrix products, in units of one c×c×c product per matrix."""
 
@@ -84,9 +96,12 @@ def main() -> None:
     device = torch.device(args.device)
     sync, where = device_clock(device)
     print(run_line(where, f"{args.batch} keys at once, best of {args.repeat}") + "\n")
-    print("| U (per key) | σmin/σmax | eigh | coupled NS (baseline) | Cholesky-factor NS | coupled ÷ new | "
-          "steps | products, in c³ units (coupled / new) | max error vs eigh (coupled / new) | checks passed (coupled / new) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    routes = [("coupled NS (session 5)", coupled_newton_schulz),
+              ("Cholesky-factor NS, XᵀX one GEMM (sessions 6–7)", full_gemm_newton_schulz),
+              ("Cholesky-factor NS, XᵀX from upper blocks (now)", tsv.newton_schulz_whitening)]
+    print("| U (per key) | σmin/σmax | eigh | " + " | ".join(name for name, _ in routes) + " | sessions 6–7 ÷ now | "
+          "steps | products, in c³ units | max error vs eigh | checks passed |")
+    print("|---|---|---|" + "---|" * len(routes) + "---|---|---|---|---|")
     rcond = tsv.WHITENING_RCOND
     for spec in args.shapes:
         dims, T = spec.split(":")
@@ -100,10 +115,9 @@ def main() -> None:
         sv = torch.linalg.svdvals(X)
         cond = float((sv[..., -1] / sv[..., 0]).min())
         t_eigh = best_of(lambda: tsv._eigh_inverse_sqrt(G, rcond), args.repeat, sync)
-        t_old = best_of(lambda: coupled_newton_schulz(G, rcond, float(T)), args.repeat, sync)
-        t_new = best_of(lambda: tsv.newton_schulz_whitening(G, rcond, float(T)), args.repeat, sync)
-        counts, errors, passed = [], [], []
-        for fn in (coupled_newton_schulz, tsv.newton_schulz_whitening):
+        times, counts, errors, passed = [], [], [], []
+        for _, fn in routes:
+            times.append(best_of(lambda: fn(G, rcond, float(T)), args.repeat, sync))
             counter = GemmWork(c, len(X))
             with counter:
                 W, ok = fn(G, rcond, float(T))
@@ -112,8 +126,8 @@ def main() -> None:
             passed.append(f"{int(ok.sum())}/{ok.numel()}")
         info = {}
         tsv.newton_schulz_whitening(G, rcond, float(T), info=info)
-        print(f"| {m}×{c} (T = {T}) | {cond:.1e} | {t_eigh:.3f} s | {t_old:.3f} s | {t_new:.3f} s | "
-              f"**{t_old / t_new:.2f}×** | {info['steps']} | {counts[0]} / {counts[1]} | "
+        print(f"| {m}×{c} (T = {T}) | {cond:.1e} | {t_eigh:.3f} s | " + " | ".join(f"{t:.3f} s" for t in times)
+              + f" | **{times[1] / times[2]:.2f}×** | {info['steps']} | {' / '.join(counts)} | "
               f"{' / '.join(errors)} | {' / '.join(passed)} |", flush=True)
 
 

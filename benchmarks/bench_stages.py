@@ -93,6 +93,9 @@ def stage_breakdown(blocks, tvs, device, options) -> float:
         (tsv, "polar_from_blocks", lambda a: "3 polar factors (whitening, all of it)"),
         (tsv, "block_gram", lambda a: "3a block Gram " + _shape(a)),
         (tsv, "newton_schulz_whitening", lambda a: "3c Newton–Schulz " + _shape(a)),
+        (tsv, "cholesky_inverse_factor", lambda a: "3c1 Newton–Schulz: Cholesky and L⁻¹ " + _shape(a)),
+        (tsv, "smallest_eigenvalue_estimate", lambda a: "3c2 Newton–Schulz: λmin estimate " + _shape(a)),
+        (tsv, "symmetric_gram", lambda a: "3c3 Newton–Schulz: XᵀX (upper blocks) " + _shape(a)),
         (ops, "reconstruct", lambda a: "4 reconstruct"),
     ]
     with contextlib.ExitStack() as stack:

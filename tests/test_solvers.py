@@ -439,6 +439,25 @@ def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     assert Flops.total == B * p * q * q * share and (b == 1 or share < 1)
 
 
+@pytest.mark.parametrize("shape,blocks", [((1020, 1020), None), ((2, 3, 300, 256), None), ((4, 30, 17), 3),
+                                          ((2, 9, 9), 1), ((5, 1), None)])
+def test_symmetric_gram_is_xtx_exactly_symmetric(shape, blocks):
+    """Newton–Schulz's XᵀX (any leading dims, X's dtype): XᵀX in float64 to rounding; the blocks
+    below the diagonal blocks are copies of those above."""
+    from tsv_fast.solvers import symmetric_gram
+
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)), dtype=torch.float64)
+    G = symmetric_gram(X, blocks)
+    exact = X.mT @ X
+    assert G.shape == exact.shape and G.dtype == torch.float64
+    torch.testing.assert_close(G, exact, rtol=0, atol=1e-13 * exact.abs().max().item())
+    q = shape[-1]
+    b = blocks or max(1, min(4, q // 128))
+    for i in range(1, b):  # rows of block i, columns left of it: mirrored
+        lo, hi = q * i // b, q * (i + 1) // b
+        assert torch.equal(G[..., lo:hi, :lo], G[..., :lo, lo:hi].mT)
+    assert symmetric_gram(X.float()).dtype == torch.float32
+
 
 @pytest.mark.parametrize("degree", [1, 2, 5, 16])
 def test_chebyshev_filter_is_the_scaled_chebyshev_polynomial_of_g(degree):

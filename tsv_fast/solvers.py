@@ -65,14 +65,40 @@ def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     (b + 1)/2b of the full product's work. These Gram matrices are a third of a merge's
     float64 arithmetic on a GPU (``benchmarks/bench_flops.py``)."""
     B, p, q = X.shape
-    b = max(1, min(blocks, q)) if blocks else _gram_blocks(q)
-    edges = [q * i // b for i in range(b + 1)]
-    G = torch.zeros(B, q, q, dtype=torch.float64, device=X.device)
+    edges = _block_edges(q, blocks)
+    G = torch.empty(B, q, q, dtype=torch.float64, device=X.device)
     step = max(1, -(-p // _CHUNKS))
     for r in range(0, p, step):
-        c = X[:, r:r + step].double()
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            G[:, lo:hi, lo:].baddbmm_(c[..., lo:hi].mT, c[..., lo:])
+        _add_upper_gram(G, X[:, r:r + step].double(), edges, beta=1.0 if r else 0.0)
+    return _mirror_upper(G, edges)
+
+
+def symmetric_gram(X: Tensor, blocks: int | None = None) -> Tensor:
+    """``XᵀX`` for a batch ``(..., p, q)`` in X's dtype, from the upper column blocks as in
+    :func:`gram64` (one pass, no row chunks, no cast): Newton–Schulz's ``XᵀX`` step, (b + 1)/2b
+    of a GEMM's work."""
+    p, q = X.shape[-2:]
+    edges = _block_edges(q, blocks)
+    flat = X.reshape(-1, p, q)
+    G = torch.empty(flat.shape[0], q, q, dtype=X.dtype, device=X.device)
+    _add_upper_gram(G, flat, edges, beta=0.0)
+    return _mirror_upper(G, edges).reshape(*X.shape[:-2], q, q)
+
+
+def _block_edges(q: int, blocks: int | None) -> list[int]:
+    b = max(1, min(blocks, q)) if blocks else _gram_blocks(q)
+    return [q * i // b for i in range(b + 1)]
+
+
+def _add_upper_gram(G: Tensor, X: Tensor, edges: list[int], beta: float) -> None:
+    """``G ← beta·G + XᵀX`` on the blocks on and above the diagonal (one GEMM per block row;
+    ``beta = 0`` ignores what G held, NaN included)."""
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        G[:, lo:hi, lo:].baddbmm_(X[..., lo:hi].mT, X[..., lo:], beta=beta)
+
+
+def _mirror_upper(G: Tensor, edges: list[int]) -> Tensor:
+    """The blocks below the diagonal from those above (G symmetric)."""
     for lo, hi in zip(edges[1:-1], edges[2:]):
         G[:, lo:hi, :lo] = G[:, :lo, lo:hi].mT
     return G
