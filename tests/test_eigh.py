@@ -225,6 +225,17 @@ def test_emulated_kernel_thread_counts(kind, n, dtype):
         assert torch.equal(run("emulated-global", A, threads=1024)[1], V)
 
 
+@needs_ext
+def test_emulated_kernel_more_pairs_than_rotation_threads():
+    """n = 520: 260 pairs a round, more than the 256 threads that compute rotations (thread k also
+    takes pair k + 256); 1024 threads give 256's result bit for bit."""
+    A = make("random", 520, B=1, seed=8).float()
+    w, V = run("emulated", A, threads=256)
+    check_eigh(A, w, V)
+    wt, Vt = run("emulated", A, threads=1024)
+    assert torch.equal(wt, w) and torch.equal(Vt, V)
+
+
 def _workspace_bytes(n, size):
     """Shared memory of one block at order n, from the kernel's documented layout: A and W
     (n² each), cos/sin/tan per pair (⌈n/2⌉ each), two int pair indices and n int ranks, padded

@@ -411,7 +411,8 @@ def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
 
 
 @pytest.mark.parametrize("shape,blocks", [((3, 50, 20), None), ((2, 7, 1), None), ((2, 33, 13), 4), ((2, 40, 30), 7),
-                                          ((1, 9, 64), 2), ((2, 300, 97), 1), ((1, 40, 300), None), ((1, 20, 600), None)])
+                                          ((1, 9, 64), 2), ((2, 300, 97), 1), ((1, 40, 300), None), ((1, 20, 600), None),
+                                          ((2, 0, 5), None)])
 def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     """Only the upper column blocks are multiplied (5/8 of the GEMM work at 4 blocks); the result
     is XᵀX in float64 to rounding (both triangles: LAPACK's eigh reads one)."""
@@ -440,8 +441,8 @@ def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
 
 
 @pytest.mark.parametrize("shape,blocks", [((1020, 1020), None), ((2, 3, 300, 256), None), ((4, 30, 17), 3),
-                                          ((2, 9, 9), 1), ((5, 1), None)])
-def test_symmetric_gram_is_xtx_exactly_symmetric(shape, blocks):
+                                          ((2, 9, 9), 1), ((5, 1), None), ((2, 0, 5), None)])
+def test_symmetric_gram_is_xtx_with_mirrored_blocks(shape, blocks):
     """Newton–Schulz's XᵀX (any leading dims, X's dtype): XᵀX in float64 to rounding; the blocks
     below the diagonal blocks are copies of those above."""
     from tsv_fast.solvers import symmetric_gram

@@ -66,7 +66,7 @@ def gram64(X: Tensor, blocks: int | None = None) -> Tensor:
     float64 arithmetic on a GPU (``benchmarks/bench_flops.py``)."""
     B, p, q = X.shape
     edges = _block_edges(q, blocks)
-    G = torch.empty(B, q, q, dtype=torch.float64, device=X.device)
+    G = torch.empty(B, q, q, dtype=torch.float64, device=X.device) if p else X.new_zeros(B, q, q, dtype=torch.float64)
     step = max(1, -(-p // _CHUNKS))
     for r in range(0, p, step):
         _add_upper_gram(G, X[:, r:r + step].double(), edges, beta=1.0 if r else 0.0)
@@ -79,7 +79,7 @@ def symmetric_gram(X: Tensor, blocks: int | None = None) -> Tensor:
     of a GEMM's work."""
     p, q = X.shape[-2:]
     edges = _block_edges(q, blocks)
-    flat = X.reshape(-1, p, q)
+    flat = X.reshape(math.prod(X.shape[:-2]), p, q)
     G = torch.empty(flat.shape[0], q, q, dtype=X.dtype, device=X.device)
     _add_upper_gram(G, flat, edges, beta=0.0)
     return _mirror_upper(G, edges).reshape(*X.shape[:-2], q, q)

@@ -196,7 +196,7 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     GEMMs only, c×c (and batched over keys). ``X = (X L⁻ᵀ) Lᵀ`` with ``X L⁻ᵀ`` orthonormal,
     so the polar factor of X is ``X L⁻ᵀ polar(Lᵀ)`` and ``W = L⁻ᵀ polar(Lᵀ)/bound``. Lᵀ has
     X's singular values: the iteration is the polar iteration of X itself at c×c cost, under
-    two GEMMs a step (``AᵀA`` from its upper blocks, 5/8 of a GEMM: :func:`symmetric_gram`;
+    two GEMMs a step (``AᵀA`` from its upper blocks, 5/8 of a GEMM at c ≥ 512: :func:`symmetric_gram`;
     ``A·T``, T formed in ``AᵀA``'s memory; the first ``AᵀA`` is ``G/bound²``), where the coupled
     Gram-side form (``Y ← YT, Z ← TZ``, ``T`` from ``ZY``) takes three. L and L⁻¹ come from
     the λmin estimate, which needs them anyway. Returns ``(W, ok)``; ``ok`` (per matrix) says
@@ -238,7 +238,7 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     X, E = L.mT, torch.where(factored[..., None, None], Y, eye)
     for step in range(last + 1):
         if step:
-            E = symmetric_gram(X)  # XᵀX from upper blocks: 5/8 of a GEMM
+            E = symmetric_gram(X)  # XᵀX from upper blocks: 5/8 of a GEMM at c ≥ 512
         E.diagonal(dim1=-2, dim2=-1).sub_(1)  # E = XᵀX − I, in place
         if step >= first_check or step == last:
             ok = torch.linalg.vector_norm(E, float("inf"), dim=(-2, -1)) <= tol

@@ -264,6 +264,7 @@ TSV_HD bool converged(const double* red, int nthreads, double tol2, int sweeps_d
 template <typename T>
 TSV_HD void compute_rotations(const Ws<T>& w, int round, int tid, int nthreads, int& rotations) {
   const int n = w.n, R = reduce_threads(nthreads);
+  if (tid >= R) return;  // (n > 512) they would recompute pairs of thread tid mod R
   for (int k = tid; k < w.npairs; k += R) {
     int p, q;
     pair_of(w.np, round, k, p, q);
