@@ -73,7 +73,7 @@ TSV_HD double hd_abs(double x) { return fabs(x); }
 
 // Threads per block used by the CUDA kernel (and the emulator) for order n,
 // unless the caller asks for another count: a power of two from kMinThreads to
-// kMaxThreads (tree reduction; __launch_bounds__ of the kernel's two builds).
+// kMaxThreads (tree reduction; __launch_bounds__ of the kernel's three builds: 256, 512, 1024).
 constexpr int kMinThreads = 32;
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxReduceThreads = 256;
