@@ -198,6 +198,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "jacobi1024": ("exact, Jacobi kernel with 1024 threads per matrix", {"solver": "exact"}),
     "rr-tol0": ("exact, Jacobi to machine precision in Rayleigh–Ritz (before session 8; now 1e-12)",
                 {"solver": "exact"}),
+    "start-rr": ("exact, first Chebyshev filter after a Rayleigh–Ritz step (before session 8; now estimated bounds)",
+                 {"solver": "exact"}),
     "ns-gemm": ("exact, Newton–Schulz's XᵀX as one GEMM (before session 8; now upper blocks)", {"solver": "exact"}),
     "batch8g": ("exact, shape batches of 8 GiB (peak still ÷ the 2 GiB batch)", {"solver": "exact", "batch_bytes": 8 << 30}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
@@ -226,6 +228,7 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "jacobi1024": [(solvers, "JACOBI_THREADS", 1024)],
     "rr-tol0": [(solvers, "RAYLEIGH_RITZ_TOL", 0.0)],
     "ns-gemm": [(tsv, "symmetric_gram", lambda X: X.mT @ X)],
+    "start-rr": [(solvers, "CHEBYSHEV_START", "rayleigh-ritz")],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],
     "session5": [_COUPLED_NS, _FULL_GRAM],

@@ -20,10 +20,11 @@ REF_BLOCKS="${REF_BLOCKS:-2}"
 STAGES="${STAGES:-tests diag b32 l14 stages eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
-# jacobi512/1024: threads per Rayleigh–Ritz matrix (default 256); rr-tol0: Jacobi to machine precision
-# (before session 8); ns-gemm: Newton–Schulz XᵀX as one GEMM (before session 8); batch8g: 8 GiB shape
-# batches (fewer, fuller launches); minp4: ≥ 4 products per step
-L14_VARIANTS="${L14_VARIANTS:-d,jacobi512,jacobi1024,rr-tol0,ns-gemm,batch8g}"
+# Variants measured against d (BENCHMARKS.md, session 8), each the state before session 8 or a candidate:
+#   jacobi512/1024: threads per Rayleigh–Ritz matrix (default 256); start-rr: a Rayleigh–Ritz step
+#   before the first filter; rr-tol0: Jacobi to machine precision; ns-gemm: Newton–Schulz XᵀX as one
+#   GEMM; batch8g: 8 GiB shape batches (fewer, fuller launches); minp4: ≥ 4 products per step
+L14_VARIANTS="${L14_VARIANTS:-d,jacobi512,jacobi1024,start-rr,rr-tol0,ns-gemm,batch8g}"
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
 B32_VARIANTS="${B32_VARIANTS:-d,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)

@@ -176,7 +176,7 @@ def test_subspace_iteration_matches_full_eigh(decay, T):
 
 @pytest.mark.parametrize("knob,value", [("WORK_SHARE", 1e-9), ("WORK_SHARE", 10.0), ("MAX_BLOCK", 30),
                                         ("SUBSPACE_OVERSAMPLE", 10), ("CHEBYSHEV_MIN_PRODUCTS", 2),
-                                        ("CHEBYSHEV_MIN_PRODUCTS", 30)])
+                                        ("CHEBYSHEV_MIN_PRODUCTS", 30), ("CHEBYSHEV_START", "rayleigh-ritz")])
 def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, knob, value):
     """One Gram matrix at a time, all at once, or the smallest block (ℓ = k + 10, by cap or by
     oversampling): eigh's result."""
@@ -226,6 +226,48 @@ def test_chebyshev_min_products_sets_the_products_between_rayleigh_ritz_steps(mo
     monkeypatch.setattr(solvers_module, "CHEBYSHEV_MIN_PRODUCTS", 0)
     with pytest.raises(ValueError, match="≥ 1"):
         subspace_topk(A, 20, torch.float64)
+
+
+def test_estimated_start_spares_a_rayleigh_ritz_step_not_accuracy(monkeypatch):
+    """The first filter's interval from estimates instead of a Rayleigh–Ritz step on the random
+    start block: fewer steps (one fewer per matrix on CLIP-shaped spectra, BENCHMARKS.md), and
+    still eigh's result."""
+    import tsv_fast.solvers as solvers_module
+
+    assert solvers_module.CHEBYSHEV_START == "estimate"
+    A = torch.stack(correlated_tasks(300, 200, 6, torch.Generator().manual_seed(41)))
+    exact = eigh_topk(A, 10, torch.float64)
+    steps = {}
+    rayleigh_ritz = solvers_module._Batch.rayleigh_ritz
+    for start in ("rayleigh-ritz", "estimate"):
+        monkeypatch.setattr(solvers_module, "CHEBYSHEV_START", start)
+        calls = []
+        monkeypatch.setattr(solvers_module._Batch, "rayleigh_ritz",
+                            lambda self, *a: calls.append(1) or rayleigh_ritz(self, *a))
+        U, S, V, _ = subspace_topk(A, 10, torch.float64)
+        torch.testing.assert_close(S, exact.S, rtol=1e-9, atol=0)
+        assert (same_subspace_error(U, exact.U) < 1e-6).all()
+        steps[start] = len(calls)
+    assert steps["estimate"] < steps["rayleigh-ritz"]
+    monkeypatch.setattr(solvers_module, "CHEBYSHEV_START", "ritz")
+    with pytest.raises(ValueError, match="CHEBYSHEV_START must be one of"):
+        subspace_topk(A, 10, torch.float64)
+
+
+def test_spectrum_bounds_err_towards_a_narrower_interval():
+    """λmax from below (power iteration), λmin from above (inverse iteration), both close."""
+    from tsv_fast.solvers import _spectrum_bounds, orthonormalize
+
+    G = torch.stack([t.double().mT @ t.double() for t in correlated_tasks(200, 120, 3, torch.Generator().manual_seed(5))])
+    Q = orthonormalize(G @ torch.randn(3, 120, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    bounds = _spectrum_bounds(Q, G @ Q)
+    w = torch.linalg.eigvalsh(Q.mT @ G @ Q)
+    top, bottom = w[:, -1], w[:, 0]
+    assert bounds.shape == (3, 2)
+    assert (bounds[:, 0] <= top * (1 + 1e-12)).all() and (bounds[:, 0] >= 0.9 * top).all()
+    assert (bounds[:, 1] >= bottom * (1 - 1e-12)).all() and (bounds[:, 1] <= 1.5 * bottom).all()
+    singular = torch.zeros(1, 120, 120, dtype=torch.float64)  # Cholesky fails: λmin reported as 0
+    assert _spectrum_bounds(Q[:1], singular @ Q[:1])[0, 1] == 0
 
 
 def test_block_size_is_capped_but_never_below_k_plus_10():

@@ -157,6 +157,36 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     return TopK(U.reshape(*lead, p if tall else q, k), S.reshape(*lead, k), V.reshape(*lead, q if tall else p, k))
 
 
+def cholesky_inverse_factor(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, L⁻¹, ok)`` with ``G = L Lᵀ`` per SPD matrix of a batch; where Cholesky fails
+    (numerically singular), ``ok`` is False and L, L⁻¹ are the identity (finite placeholders).
+    L⁻¹ is one triangular solve with c right-hand sides (BLAS-3)."""
+    L, info = torch.linalg.cholesky_ex(G)
+    ok = info == 0
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    L = torch.where(ok[..., None, None], L, eye)
+    return L, torch.linalg.solve_triangular(L, eye, upper=False), ok
+
+
+def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0,
+                                 factors: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration
+    (Rayleigh quotients of G⁻¹ = L⁻ᵀL⁻¹ after ``iters`` steps); 0 where Cholesky fails
+    (numerically singular). With L⁻¹ formed once (:func:`cholesky_inverse_factor`, or
+    ``factors`` when the caller has them) the iteration is small GEMMs: triangular solves
+    with a few right-hand sides are latency-bound on a GPU. Only used to schedule work
+    (Newton–Schulz steps, the first Chebyshev filter), never to decide a result."""
+    _, Linv, ok = factors if factors is not None else cholesky_inverse_factor(G)
+    gen = torch.Generator(device=G.device).manual_seed(seed)
+    V = torch.randn(*G.shape[:-1], vectors, generator=gen, device=G.device, dtype=G.dtype)
+    for _ in range(iters):
+        V = Linv.mT @ (Linv @ V)
+        V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp(min=torch.finfo(G.dtype).tiny)
+    W = Linv @ V
+    rho = W.square().sum(-2).amax(-1)  # vᵀG⁻¹v = ‖L⁻¹v‖² ≤ 1/λmin, for unit v
+    return torch.where(ok & (rho > 0), 1 / rho, 0.0)
+
+
 def orthonormalize(Y: Tensor) -> Tensor:
     """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down.
 
@@ -228,6 +258,15 @@ SUBSPACE_FILTERS = ("chebyshev", "power")
 SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
 # products with G between two Rayleigh–Ritz steps (Chebyshev filter), at least
 CHEBYSHEV_MIN_PRODUCTS = 8
+# Where the first Chebyshev filter gets the interval it damps. "estimate" (default): λmax of the
+# start block's H = QᵀGQ by power iteration and λmin by Cholesky inverse iteration, small GEMMs;
+# "rayleigh-ritz": a Rayleigh–Ritz step on the random start block (before session 8; nothing
+# converges there). The span filtered is the same, and the steps after it were no slower: on
+# CLIP-shaped batches every matrix converged one Rayleigh–Ritz step earlier (3 → 2, 5 → 4 on the
+# flattest spectra), and at ViT-L/14 T = 20 the Jacobi kernel's sweeps went from 8 + 6 + 4 to
+# 6 + 4 (its CPU twin; bench variant start-rr).
+CHEBYSHEV_START = "estimate"
+CHEBYSHEV_STARTS = ("rayleigh-ritz", "estimate")
 # subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
 # matrix and ~9 ℓ-wide blocks per matrix, 8q(q + 9ℓ) bytes, fitted to device peaks measured on
 # an H200; or G and gram64's row chunk while forming it, where that is more: small ℓ) under
@@ -386,22 +425,31 @@ def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: i
 
 def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_products: int | None = None,
                          cond_budget: float = 1e14) -> Tensor:
-    """Rayleigh–Ritz, then Chebyshev filters (at least ``min_products`` products with G) before
-    the next Rayleigh–Ritz step: the ℓ×ℓ eigenproblems, one batched kernel launch each, cost
-    more on a GPU than the products. The degree keeps ``(4θ1/θ_ℓ)^degree`` (the filter's
+    """Chebyshev filters (at least ``min_products`` products with G) between Rayleigh–Ritz steps,
+    the first from estimated bounds (``CHEBYSHEV_START``): the ℓ×ℓ eigenproblems, one batched
+    kernel launch each, cost more on a GPU than the products. The degree keeps ``(4θ1/θ_ℓ)^degree`` (the filter's
     gain from the bottom to the top of the block) under ``cond_budget``. That gain is mostly a
     spread of column norms, which CholeskyQR2 does not mind (:func:`orthonormalize`), so the
     budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
     did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
-    took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks)."""
+    took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks), and 2 with the estimated start."""
     min_products = CHEBYSHEV_MIN_PRODUCTS if min_products is None else min_products
     if min_products < 1:
         raise ValueError(f"min_products (CHEBYSHEV_MIN_PRODUCTS) must be ≥ 1, got {min_products}")
-    products = 0
+    if CHEBYSHEV_START not in CHEBYSHEV_STARTS:
+        raise ValueError(f"CHEBYSHEV_START must be one of {CHEBYSHEV_STARTS}, got {CHEBYSHEV_START!r}")
+    products, estimate = 0, CHEBYSHEV_START == "estimate"
     while True:
         Z = batch.G @ Q
         products += 1
-        ritz, V, GV = batch.rayleigh_ritz(Q, Z)
+        # the start block: the filter's interval without a Rayleigh–Ritz step, unless G vanishes
+        # on some block (zero matrices), which Rayleigh–Ritz finds converged
+        bounds = _spectrum_bounds(Q, Z) if estimate else None
+        estimate = False
+        if bounds is not None and bool((bounds[:, 0] > 0).all()):
+            ritz, V, GV = bounds, Q, Z
+        else:
+            ritz, V, GV = batch.rayleigh_ritz(Q, Z)
         del Q, Z  # spanned by V now; blocks are ℓ/q of a Gram matrix each, so few stay alive
         if batch.active.numel() == 0 or products >= max_products:
             return batch.active
@@ -415,6 +463,22 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
             Y = chebyshev_filter(batch.G, Q, batch.G @ Q, ritz, degree)
         products += filters * degree - 1
         Q = orthonormalize(Y)
+
+
+def _spectrum_bounds(Q: Tensor, Z: Tensor, iters: int = 8) -> Tensor:
+    """``(B, 2)``: λmax and λmin of ``H = QᵀZ`` (Z = G Q), estimated from below by power iteration
+    and from above by Cholesky inverse iteration (:func:`smallest_eigenvalue_estimate`), in the
+    layout :func:`chebyshev_filter` reads (first and last Ritz value). Both err towards a
+    narrower interval, so the filter damps the same range or a little more of the block's
+    bottom, which the next Rayleigh–Ritz step keeps anyway."""
+    H = Q.mT @ Z
+    H = (H + H.mT) * 0.5
+    v = torch.ones(*H.shape[:-1], 1, dtype=H.dtype, device=H.device)
+    for _ in range(iters):
+        v = H @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=torch.finfo(H.dtype).tiny)
+    top = (v * (H @ v)).sum((-2, -1))
+    return torch.stack([top, smallest_eigenvalue_estimate(H).clamp(max=top)], -1)
 
 
 def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int) -> Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .solvers import EXACT_SOLVERS, get_solver, symmetric_gram
+from .solvers import EXACT_SOLVERS, cholesky_inverse_factor, get_solver, smallest_eigenvalue_estimate, symmetric_gram
 from .tasks import Factors, TaskSource, compute_dtype, stack_deltas
 
 
@@ -127,36 +127,6 @@ def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
     keep = w > (rcond ** 2) * w[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)
     inv_sqrt = torch.where(keep, w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
-
-
-def cholesky_inverse_factor(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(L, L⁻¹, ok)`` with ``G = L Lᵀ`` per SPD matrix of a batch; where Cholesky fails
-    (numerically singular), ``ok`` is False and L, L⁻¹ are the identity (finite placeholders).
-    L⁻¹ is one triangular solve with c right-hand sides (BLAS-3)."""
-    L, info = torch.linalg.cholesky_ex(G)
-    ok = info == 0
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    L = torch.where(ok[..., None, None], L, eye)
-    return L, torch.linalg.solve_triangular(L, eye, upper=False), ok
-
-
-def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, seed: int = 0,
-                                 factors: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """λmin of each SPD matrix in a batch, estimated from above by block inverse iteration
-    (Rayleigh quotients of G⁻¹ = L⁻ᵀL⁻¹ after ``iters`` steps); 0 where Cholesky fails
-    (numerically singular). With L⁻¹ formed once (:func:`cholesky_inverse_factor`, or
-    ``factors`` when the caller has them) the iteration is small GEMMs: triangular solves
-    with a few right-hand sides are latency-bound on a GPU. Only used to schedule
-    Newton–Schulz steps, never to decide a result."""
-    _, Linv, ok = factors if factors is not None else cholesky_inverse_factor(G)
-    gen = torch.Generator(device=G.device).manual_seed(seed)
-    V = torch.randn(*G.shape[:-1], vectors, generator=gen, device=G.device, dtype=G.dtype)
-    for _ in range(iters):
-        V = Linv.mT @ (Linv @ V)
-        V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp(min=torch.finfo(G.dtype).tiny)
-    W = Linv @ V
-    rho = W.square().sum(-2).amax(-1)  # vᵀG⁻¹v = ‖L⁻¹v‖² ≤ 1/λmin, for unit v
-    return torch.where(ok & (rho > 0), 1 / rho, 0.0)
 
 
 def scaled_newton_schulz_schedule(lower: Sequence[float], rcond: float, tol: float) -> tuple[list, list, int]:
