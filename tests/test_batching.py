@@ -425,6 +425,42 @@ def test_shape_batches_with_compressed_tasks_and_streaming(deep_base):
         torch.testing.assert_close(merged[key], by_key[key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not tsv_fast.ops.load_extension()[0], reason="needs the compiled extension (kernel emulation)")
+@pytest.mark.filterwarnings("ignore:1 matrix key:tsv_fast.errors.TSVRankWarning")  # the 10×192 positional embedding
+def test_the_gpu_route_run_on_the_cpu_matches_the_float64_algorithm(monkeypatch):
+    """What a GPU runs, with the CUDA kernel's CPU emulation in place of the kernel: shape batches,
+    subspace iteration from estimated bounds with Rayleigh–Ritz by the Jacobi kernel (at its
+    stopping tolerance, 512 threads), Newton–Schulz polar factors from upper-block products."""
+    import functools
+
+    from tsv_fast import ops, solvers
+
+    base = clip_vit_base(width=192, layers=2, patch_size=16, image_size=48, embed_dim=32, seed=8)
+    tasks = synthetic_finetuned(base, 16, seed=9)
+    assert solvers.exact_route(192 // 16, 192, torch.device("cpu")) == "subspace"  # k = 12, ℓ = 24
+    calls = []
+
+    def kernel(A, max_sweeps=30, tol=0.0, threads=0):
+        calls.append((tol, threads))
+        return torch.ops.tsv_fast.batched_eigh_emulated(A, max_sweeps, tol, -1, threads)
+
+    monkeypatch.setattr(ops, "batched_eigh", kernel)
+    monkeypatch.setattr(solvers, "JACOBI_THREADS", 512)
+    monkeypatch.setattr(solvers, "subspace_topk", functools.partial(solvers.subspace_topk, small_eigh=solvers._jacobi_eigh))
+    full_eigh = []  # subspace iteration's fallback for a matrix that never converges (one 2-D eigh): none
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda G: (G.dim() == 2 and full_eigh.append(G.shape)) or eigh(G))
+    stats = {}
+    merged = tsv_fast.merge_layers(base, tasks, batch="shape", polar="newton-schulz", stats=stats)
+    assert not full_eigh
+    assert calls and set(calls) == {(solvers.RAYLEIGH_RITZ_TOL, 512)}
+    assert stats["shape_batches"] == 4 and stats["polar"]["fallback"] == 0
+    expected = ref.merge(base, tasks, "tsv", 1.0)
+    for key, want in expected.items():
+        b = ref.np64(base[key])
+        assert ref.rel_err(ref.np64(merged[key]) - b, want - b) < 2e-5, key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_shape_batches_on_cuda_match_cpu(deep_base):
     tasks = synthetic_finetuned(deep_base, 5, seed=6)
