@@ -201,7 +201,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "start-rr": ("exact, first Chebyshev filter after a Rayleigh–Ritz step (before session 8; now estimated bounds)",
                  {"solver": "exact"}),
     "ns-gemm": ("exact, Newton–Schulz's XᵀX as one GEMM (before session 8; now upper blocks)", {"solver": "exact"}),
-    "batch8g": ("exact, shape batches of 8 GiB (peak still ÷ the 2 GiB batch)", {"solver": "exact", "batch_bytes": 8 << 30}),
+    "batch8g": ("exact, shape batches of 8 GiB (peak still ÷ the 2 GiB batch)",
+                {"solver": "exact", "batch_bytes": 8 << 30}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
     # on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),

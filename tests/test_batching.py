@@ -446,7 +446,8 @@ def test_the_gpu_route_run_on_the_cpu_matches_the_float64_algorithm(monkeypatch)
 
     monkeypatch.setattr(ops, "batched_eigh", kernel)
     monkeypatch.setattr(solvers, "JACOBI_THREADS", 512)
-    monkeypatch.setattr(solvers, "subspace_topk", functools.partial(solvers.subspace_topk, small_eigh=solvers._jacobi_eigh))
+    monkeypatch.setattr(solvers, "subspace_topk",
+                        functools.partial(solvers.subspace_topk, small_eigh=solvers._jacobi_eigh))
     full_eigh = []  # subspace iteration's fallback for a matrix that never converges (one 2-D eigh): none
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda G: (G.dim() == 2 and full_eigh.append(G.shape)) or eigh(G))

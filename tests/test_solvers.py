@@ -258,7 +258,8 @@ def test_spectrum_bounds_err_towards_a_narrower_interval():
     """λmax from below (power iteration), λmin from above (inverse iteration), both close."""
     from tsv_fast.solvers import _spectrum_bounds, orthonormalize
 
-    G = torch.stack([t.double().mT @ t.double() for t in correlated_tasks(200, 120, 3, torch.Generator().manual_seed(5))])
+    tasks = correlated_tasks(200, 120, 3, torch.Generator().manual_seed(5))
+    G = torch.stack([t.double().mT @ t.double() for t in tasks])
     Q = orthonormalize(G @ torch.randn(3, 120, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
     bounds = _spectrum_bounds(Q, G @ Q)
     w = torch.linalg.eigvalsh(Q.mT @ G @ Q)
@@ -453,8 +454,8 @@ def test_subspace_handles_rank_deficient_and_zero_matrices(filter):
 
 
 @pytest.mark.parametrize("shape,blocks", [((3, 50, 20), None), ((2, 7, 1), None), ((2, 33, 13), 4), ((2, 40, 30), 7),
-                                          ((1, 9, 64), 2), ((2, 300, 97), 1), ((1, 40, 300), None), ((1, 20, 600), None),
-                                          ((2, 0, 5), None)])
+                                          ((1, 9, 64), 2), ((2, 300, 97), 1), ((1, 40, 300), None),
+                                          ((1, 20, 600), None), ((2, 0, 5), None)])
 def test_gram64_is_the_float64_gram_matrix_from_upper_blocks(shape, blocks):
     """Only the upper column blocks are multiplied (5/8 of the GEMM work at 4 blocks); the result
     is XᵀX in float64 to rounding (both triangles: LAPACK's eigh reads one)."""

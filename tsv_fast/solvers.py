@@ -427,8 +427,9 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
                          cond_budget: float = 1e14) -> Tensor:
     """Chebyshev filters (at least ``min_products`` products with G) between Rayleigh–Ritz steps,
     the first from estimated bounds (``CHEBYSHEV_START``): the ℓ×ℓ eigenproblems, one batched
-    kernel launch each, cost more on a GPU than the products. The degree keeps ``(4θ1/θ_ℓ)^degree`` (the filter's
-    gain from the bottom to the top of the block) under ``cond_budget``. That gain is mostly a
+    kernel launch each, cost more on a GPU than the products. The degree keeps
+    ``(4θ1/θ_ℓ)^degree`` (the filter's gain from the bottom to the top of the block) under
+    ``cond_budget``. That gain is mostly a
     spread of column norms, which CholeskyQR2 does not mind (:func:`orthonormalize`), so the
     budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
     did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
