@@ -89,6 +89,7 @@ def stage_breakdown(blocks, tvs, device, options) -> float:
         (solvers, "orthonormalize", lambda a: "2c orthonormalize " + _shape(a)),
         (solvers._Batch, "rayleigh_ritz", lambda a: "2f Rayleigh–Ritz (all of it) " + _shape(a[1:])),
         (solvers, "chebyshev_filter", lambda a: f"2e Chebyshev filter, degree {a[4]} " + _shape(a)),
+        (solvers, "_spectrum_bounds", lambda a: "2g first filter's interval, estimated " + _shape(a)),
         (solvers, "long_side", lambda a: "2d long-side vectors " + _shape(a)),
         (tsv, "polar_from_blocks", lambda a: "3 polar factors (whitening, all of it)"),
         (tsv, "block_gram", lambda a: "3a block Gram " + _shape(a)),
