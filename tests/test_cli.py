@@ -149,6 +149,22 @@ def test_merge_batch_flag_gives_the_same_merge(work):
     assert json.loads((work / "by_shape.safetensors.json").read_text())["method"] == "tsv"
 
 
+def test_merge_batch_bytes_flag_and_field_reach_the_merge(work, monkeypatch, capsys):
+    seen = []
+    real = cli.iter_merge
+    monkeypatch.setattr(cli, "iter_merge", lambda *a, **kw: seen.append(kw["batch_bytes"]) or real(*a, **kw))
+    run("merge", *TASKS, "-o", "small.safetensors", "-q", "--batch", "shape", "--batch-bytes", "1KiB")
+    run("merge", *TASKS, "-o", "default.safetensors", "-q", "--batch", "shape")
+    (work / "job.yaml").write_text("base: base.safetensors\ntasks: [t0.safetensors, t1.safetensors, t2.safetensors]\n"
+                                   "output: yaml.safetensors\nbatch: shape\nbatch_bytes: 64MiB\n")
+    run("merge", "job.yaml", "-q")
+    assert seen == [1024, 2 << 30, 64 << 20]
+    a, b = load_file("small.safetensors"), load_file("default.safetensors")  # one key per batch, or all
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    run("merge", *TASKS, "-o", "bad.safetensors", "--batch-bytes", "0", expect=2)
+    assert "batch_bytes" in capsys.readouterr().err and not (work / "bad.safetensors").exists()
+
+
 def test_merge_refuses_a_store_of_another_base_or_too_few_tasks(work, small_base, capsys):
     run("compress", *TASKS[:2], "-o", "one", "-q")  # a store holding one task
     run("merge", "base.safetensors", "one", "-o", "m.safetensors", expect=2)

@@ -42,7 +42,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import BATCH_MODES, iter_merge
+from .merge import BATCH_MODES, DEFAULT_BATCH_BYTES, iter_merge
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
@@ -103,7 +103,7 @@ def option_flags() -> list[OptionFlag]:
 _KINDS = {int: "int", float: "number", bool: "bool", str: "str"}  # option type -> field kind
 _MERGE_FIELDS = {
     "base": "path", "tasks": "paths", "output": "path", "method": "str", "alpha": "number", "solver": "str",
-    "batch": "str",
+    "batch": "str", "batch_bytes": "size",
     "device": "str", "dtype": "str", "include": "patterns", "exclude": "patterns", "prefix": "str",
     "max_shard_size": "size", "overwrite": "bool", "unsafe_pickle": "bool", "dry_run": "bool",
 }
@@ -152,6 +152,7 @@ class MergeJob:
     options: dict | None = None
     solver: str = "exact"
     batch: str = "auto"
+    batch_bytes: int = DEFAULT_BATCH_BYTES
     device: str = "auto"
     dtype: str | None = None
     include: list[str] | None = None
@@ -351,7 +352,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     # iter_merge checks keys, shapes, dtypes, method, options and solver now, from the headers
     merged = iter_merge(base, tasks, job.method, job.alpha, names=names, include=job.include, exclude=job.exclude,
                         solver=job.solver, out_dtype=out_dtype, device=device, progress=_progress(args),
-                        batch=job.batch, **job.options)
+                        batch=job.batch, batch_bytes=job.batch_bytes, **job.options)
     if job.output is not None:
         record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
         check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite, also=record_file)
@@ -659,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{MERGE_RECORD}).",
             f"methods:\n{methods}",
             "CONFIG.yaml: the same settings as fields (base, tasks, output, method, alpha, "
-            + ", ".join(f.field for f in option_flags()) + ", solver, batch, device, dtype, include, exclude, prefix, "
+            + ", ".join(f.field for f in option_flags()) + ", solver, batch, batch_bytes, device, dtype, include, exclude, prefix, "
             "max_shard_size, overwrite, unsafe_pickle, dry_run); paths in it are relative to its folder; flags "
             "given on the command line override it."))
     merge.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -670,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--alpha", type=float, default=None, help="scale of the merged delta (default: the method's)")
     merge.add_argument("--batch", default=None, choices=BATCH_MODES,
                        help="TSV-M top-k per key, or per shape across layers (one batch per matrix shape, "
-                            "held in memory up to 2 GiB of deltas); auto = shape on a GPU, key on a CPU")
+                            "held in memory up to --batch-bytes of deltas); auto = shape on a GPU, key on a CPU")
+    merge.add_argument("--batch-bytes", default=None, metavar="SIZE",
+                       help="stacked deltas of one shape batch, e.g. 8GiB (default 2GiB): larger batches make "
+                            "fewer, fuller GPU launches; peak memory stays about twice one batch")
     flags = option_flags()
     shared = {f.option for f in flags if sum(g.option == f.option for g in flags) > 1}
     groups = {option: merge.add_mutually_exclusive_group() for option in shared}
