@@ -451,9 +451,12 @@ def test_the_gpu_route_run_on_the_cpu_matches_the_float64_algorithm(monkeypatch)
     full_eigh = []  # subspace iteration's fallback for a matrix that never converges (one 2-D eigh): none
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda G: (G.dim() == 2 and full_eigh.append(G.shape)) or eigh(G))
+    householder = []  # orthonormalize's fallback where CholeskyQR2 breaks down: none
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **kw: householder.append(1) or qr(*a, **kw))
     stats = {}
     merged = tsv_fast.merge_layers(base, tasks, batch="shape", polar="newton-schulz", stats=stats)
-    assert not full_eigh
+    assert not full_eigh and not householder
     assert calls and set(calls) == {(solvers.RAYLEIGH_RITZ_TOL, 512)}
     assert stats["shape_batches"] == 4 and stats["polar"]["fallback"] == 0
     expected = ref.merge(base, tasks, "tsv", 1.0)

@@ -236,22 +236,30 @@ def test_estimated_start_spares_a_rayleigh_ritz_step_not_accuracy(monkeypatch):
 
     assert solvers_module.CHEBYSHEV_START == "estimate"
     A = torch.stack(correlated_tasks(300, 200, 6, torch.Generator().manual_seed(41)))
-    exact = eigh_topk(A, 10, torch.float64)
+    B = torch.stack(correlated_tasks(1024, 256, 8, torch.Generator().manual_seed(8)))  # broke down with a 1e14 gain
+    k = 200 // 6  # the paper's rank: k = r / T
+    exact = eigh_topk(A, k, torch.float64)
     steps = {}
     rayleigh_ritz = solvers_module._Batch.rayleigh_ritz
+    householder = []  # orthonormalize's fallback where CholeskyQR2 breaks down: the first filter must not cause it
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **kw: householder.append(1) or qr(*a, **kw))
     for start in ("rayleigh-ritz", "estimate"):
         monkeypatch.setattr(solvers_module, "CHEBYSHEV_START", start)
         calls = []
         monkeypatch.setattr(solvers_module._Batch, "rayleigh_ritz",
                             lambda self, *a: calls.append(1) or rayleigh_ritz(self, *a))
-        U, S, V, _ = subspace_topk(A, 10, torch.float64)
+        U, S, V, _ = subspace_topk(A, k, torch.float64)
         torch.testing.assert_close(S, exact.S, rtol=1e-9, atol=0)
         assert (same_subspace_error(U, exact.U) < 1e-6).all()
         steps[start] = len(calls)
-    assert steps["estimate"] < steps["rayleigh-ritz"]
+    assert steps["estimate"] == 2 * steps["rayleigh-ritz"] // 3  # 2 steps per chunk instead of 3
+    assert not householder
+    torch.testing.assert_close(subspace_topk(B, 32, torch.float64).S, eigh_topk(B, 32, torch.float64).S, rtol=1e-9, atol=0)
+    assert not householder
     monkeypatch.setattr(solvers_module, "CHEBYSHEV_START", "ritz")
     with pytest.raises(ValueError, match="CHEBYSHEV_START must be one of"):
-        subspace_topk(A, 10, torch.float64)
+        subspace_topk(A, k, torch.float64)
 
 
 def test_spectrum_bounds_err_towards_a_narrower_interval():

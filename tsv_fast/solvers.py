@@ -264,7 +264,8 @@ CHEBYSHEV_MIN_PRODUCTS = 8
 # converges there). The span filtered is the same, and the steps after it were no slower: on
 # CLIP-shaped batches every matrix converged one Rayleigh–Ritz step earlier (3 → 2, 5 → 4 on the
 # flattest spectra), and at ViT-L/14 T = 20 the Jacobi kernel's sweeps went from 8 + 6 + 4 to
-# 6 + 4 (its CPU twin; bench variant start-rr).
+# 6 + 5 (its CPU twin; bench variant start-rr). The first filter's gain is kept under 1e8 then
+# (``_chebyshev_iteration``'s ``start_budget``).
 CHEBYSHEV_START = "estimate"
 CHEBYSHEV_STARTS = ("rayleigh-ritz", "estimate")
 # subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
@@ -424,7 +425,7 @@ def _power_iteration(batch: _Batch, Q: Tensor, max_products: int, check_every: i
 
 
 def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_products: int | None = None,
-                         cond_budget: float = 1e14) -> Tensor:
+                         cond_budget: float = 1e14, start_budget: float = 1e8) -> Tensor:
     """Chebyshev filters (at least ``min_products`` products with G) between Rayleigh–Ritz steps,
     the first from estimated bounds (``CHEBYSHEV_START``): the ℓ×ℓ eigenproblems, one batched
     kernel launch each, cost more on a GPU than the products. The degree keeps
@@ -433,7 +434,11 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
     spread of column norms, which CholeskyQR2 does not mind (:func:`orthonormalize`), so the
     budget is far above its 1e8: 1e14 gave no Cholesky breakdown on CLIP-shaped spectra, 1e20
     did (Householder fallbacks). There, 3 Rayleigh–Ritz steps per matrix where a 1e7 budget
-    took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks), and 2 with the estimated start."""
+    took 5–6 (ViT-B/32 T = 8 and ViT-L/14 T = 20 blocks), and 2 with the estimated start. A filter
+    applied to the start block itself (no Ritz vectors to scale) makes its columns truly
+    collinear, not just unequal in norm, so that one keeps its gain under ``start_budget``,
+    what CholeskyQR2's float64 pass takes: with 1e14 Cholesky broke down there (Householder QR
+    on 5 of 6 CLIP-shaped chunks), with 1e8 on none."""
     min_products = CHEBYSHEV_MIN_PRODUCTS if min_products is None else min_products
     if min_products < 1:
         raise ValueError(f"min_products (CHEBYSHEV_MIN_PRODUCTS) must be ≥ 1, got {min_products}")
@@ -446,16 +451,16 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
         # the start block: the filter's interval without a Rayleigh–Ritz step, unless G vanishes
         # on some block (zero matrices), which Rayleigh–Ritz finds converged
         bounds = _spectrum_bounds(Q, Z) if estimate else None
-        estimate = False
+        estimate, budget = False, cond_budget
         if bounds is not None and bool((bounds[:, 0] > 0).all()):
-            ritz, V, GV = bounds, Q, Z
+            ritz, V, GV, budget = bounds, Q, Z, start_budget
         else:
             ritz, V, GV = batch.rayleigh_ritz(Q, Z)
         del Q, Z  # spanned by V now; blocks are ℓ/q of a Gram matrix each, so few stay alive
         if batch.active.numel() == 0 or products >= max_products:
             return batch.active
         spread = float((ritz[:, 0] / ritz[:, -1].clamp(min=torch.finfo(torch.float64).tiny)).amax())
-        degree = max(1, min(16, int(math.log10(cond_budget) / math.log10(4 * max(spread, 1.0)))))
+        degree = max(1, min(16, int(math.log10(budget) / math.log10(4 * max(spread, 1.0)))))
         filters = -(-min_products // degree)
         Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
         del V, GV
