@@ -161,8 +161,9 @@ def test_merge_batch_bytes_flag_and_field_reach_the_merge(work, monkeypatch, cap
     assert seen == [1024, 2 << 30, 64 << 20]
     a, b = load_file("small.safetensors"), load_file("default.safetensors")  # one key per batch, or all
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    run("merge", *TASKS, "-o", "bad.safetensors", "--batch-bytes", "0", expect=2)
-    assert "batch_bytes" in capsys.readouterr().err and not (work / "bad.safetensors").exists()
+    for bad in ("0", "1e400", "1.2.3GB"):
+        run("merge", *TASKS, "-o", "bad.safetensors", "--batch-bytes", bad, expect=2)
+        assert "batch_bytes" in capsys.readouterr().err and not (work / "bad.safetensors").exists()
 
 
 def test_merge_refuses_a_store_of_another_base_or_too_few_tasks(work, small_base, capsys):
