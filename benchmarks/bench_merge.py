@@ -22,7 +22,7 @@ import torch
 
 import tsv_fast
 from timing import cpu_model
-from bench_polar import coupled_newton_schulz
+from bench_polar import coupled_newton_schulz, xtx_one_gemm
 from tsv_fast import ops, solvers, tsv
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
@@ -228,7 +228,7 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "jacobi512": [(solvers, "JACOBI_THREADS", 512)],
     "jacobi1024": [(solvers, "JACOBI_THREADS", 1024)],
     "rr-tol0": [(solvers, "RAYLEIGH_RITZ_TOL", 0.0)],
-    "ns-gemm": [(tsv, "symmetric_gram", lambda X: X.mT @ X)],
+    "ns-gemm": [(tsv, "symmetric_gram", xtx_one_gemm)],
     "start-rr": [(solvers, "CHEBYSHEV_START", "rayleigh-ritz")],
     "ns-coupled": [_COUPLED_NS],
     "gram-full": [_FULL_GRAM],

@@ -55,11 +55,16 @@ def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
     return W, ok & (bound_sq > 0)
 
 
+def xtx_one_gemm(X):
+    """Newton–Schulz's XᵀX as sessions 6–7 formed it: one full GEMM."""
+    return X.mT @ X
+
+
 def full_gemm_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
     """Sessions 6–7's form: Newton–Schulz on the Cholesky factor with ``XᵀX`` as one full GEMM
     (now from its upper blocks, ``solvers.symmetric_gram``); the rest as now."""
     symmetric_gram = tsv.symmetric_gram
-    tsv.symmetric_gram = lambda X: X.mT @ X
+    tsv.symmetric_gram = xtx_one_gemm
     try:
         return tsv.newton_schulz_whitening(G, rcond, bound_sq, tol, check)
     finally:

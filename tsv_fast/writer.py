@@ -65,11 +65,11 @@ def parse_size(text: str | int) -> int:
         value = text
     else:
         m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-        if not m or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MiB or a number of bytes)")
         try:
+            if not m or m.group(2).upper() not in _UNITS:
+                raise ValueError
             value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-        except (ValueError, OverflowError):  # "1.2.3", or beyond float range ("1e400")
+        except (ValueError, OverflowError):  # also "1.2.3", or beyond float range ("1e400")
             raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MiB or a number of bytes)") from None
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
