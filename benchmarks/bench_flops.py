@@ -11,11 +11,14 @@ matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``) by dtype, the dispatche
 (on a GPU each is at least one kernel launch), host synchronisations (``item``/``bool``) and
 the small-eigenproblem calls. Counts, not timings: the machine's load does not matter, and
 the GPU runs the same operators (the Jacobi kernel where this runs LAPACK's ``eigh``).
-Counted on ``--blocks`` blocks and scaled to the model's: arithmetic, and the operators of
-the per-key stages (stacking, reconstruction, the rest), by the number of blocks; the
-batched stages' operators and syncs as counted, since their chunks are a share of the shape
-batch, as many for 2 blocks as for 24 (checked: ViT-B/32, T = 8, 2 blocks scaled vs all 12
-counted agree within 7% per stage).
+Counted on ``--blocks`` blocks and scaled to the model's: arithmetic by the number of blocks;
+the operators and syncs of the per-key stages (stacking, reconstruction, the rest) from a
+second count with one block more, as the count on ``--blocks`` plus the per-block increment
+for each further block (exact: runs of keys merged at once, such as the biases and LayerNorm,
+cost the same whatever their length); the batched stages' operators and syncs as counted,
+since their chunks are a share of the shape batch (checked: ViT-B/32, T = 8, 2 blocks scaled
+vs all 12 counted agree within 7% per stage; at ViT-L/14 T = 20 the full model has 12 shape
+batches where 2 blocks have 4, so the Rayleigh–Ritz calls are undercounted there).
 
 The floor is the float64 GEMM work at ``--peak-f64`` TFLOP/s (67: the H100/H200 datasheet's
 float64 tensor-core rate) plus the float32 work at ``--peak-f32``: no merge running these
@@ -35,7 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tsv_fast
 from timing import cpu_model
 from tsv_fast import methods, solvers, tsv
+from tsv_fast.merge import DEFAULT_BATCH_BYTES
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
+from tsv_fast.writer import parse_size
 
 aten = torch.ops.aten
 _GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addmm_.default,
@@ -110,6 +115,7 @@ def _labelled(counter: StageCounter, owner, name: str, label: str):
 
 STAGES = [
     (tsv, "stack_deltas", "1 stack deltas"),
+    (tsv, "check_stacked", "1 stack deltas"),
     (solvers, "gram64", "2a float64 Gram"),
     (solvers, "_chebyshev_iteration", "2c G Q products outside the filters"),
     (solvers, "_power_iteration", "2c G Q products outside the filters"),
@@ -128,7 +134,7 @@ STAGES = [
 PER_KEY = {"0 other", "1 stack deltas", "4 reconstruct"}  # operators per key; the others per chunk
 
 
-def count_merge(blocks: dict, T: int, cap: int | None) -> StageCounter:
+def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> StageCounter:
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
     counter = StageCounter()
     route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
@@ -139,7 +145,7 @@ def count_merge(blocks: dict, T: int, cap: int | None) -> StageCounter:
                 stack.enter_context(_labelled(counter, owner, name, label))
             stack.enter_context(_labelled(counter, methods, "shape_batch_factors", "2f top-k, rest"))
             with counter:
-                tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz", batch="shape")
+                tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz", batch="shape", batch_bytes=batch_bytes)
     finally:
         solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
     return counter
@@ -151,17 +157,28 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=20)
     p.add_argument("--blocks", type=int, default=2, help="blocks counted (≥ 2: keys form shape batches)")
     p.add_argument("--cap", type=int, default=118, help="ℓ cap of the GPU route (0: none, ℓ = 2k)")
+    p.add_argument("--batch-bytes", type=parse_size, default=DEFAULT_BATCH_BYTES,
+                   help="shape batch size (e.g. 8G; default %(default)s bytes)")
     p.add_argument("--peak-f64", type=float, default=67.0, help="float64 TFLOP/s of the card")
     p.add_argument("--peak-f32", type=float, default=67.0, help="float32 (non-TF32) TFLOP/s of the card")
     args = p.parse_args()
     width, layers, patch, image = CLIP_VITS[args.model]
-    base = clip_vit_base(width, args.blocks, patch, image)
+    base = clip_vit_base(width, args.blocks + 1, patch, image)
     blocks = {k: v for k, v in base.items() if ".resblocks." in k}
-    counter = count_merge(blocks, args.tasks, args.cap or None)
+    first = {k: v for k, v in blocks.items() if f".resblocks.{args.blocks}." not in k}
+    counter = count_merge(first, args.tasks, args.cap or None, args.batch_bytes)
+    more = count_merge(blocks, args.tasks, args.cap or None, args.batch_bytes)  # one block more: the per-block increment
     scale = layers / args.blocks
+
+    def count(stage: str, what: str) -> int:
+        """``what`` (ops, syncs, eigh) of ``stage`` for the whole model."""
+        now, plus_one = getattr(counter, what)[stage], getattr(more, what)[stage]
+        return now + (plus_one - now) * (layers - args.blocks) if stage in PER_KEY else now
+
     print(f"# counted on {cpu_model()}, torch {torch.__version__}; {args.model}, T = {args.tasks}, GPU route of "
           f"exact TSV-M (ℓ cap {args.cap or 'none'}, WORK_SHARE {solvers.WORK_SHARE}); {args.blocks} blocks "
-          f"counted, ×{scale:g} for {layers}\n")
+          f"counted (and {args.blocks + 1} for the per-key stages' increment), arithmetic ×{scale:g} for {layers}; "
+          f"shape batches of {args.batch_bytes / 2**30:g} GiB\n")
     print("| stage | float64 TFLOP | float32 TFLOP | floor (ms) | operators | host syncs | eigh calls |")
     print("|---|---|---|---|---|---|---|")
     stages = sorted(set(counter.ops) | set(counter.flops))
@@ -170,9 +187,8 @@ def main() -> None:
         f64 = counter.flops[stage][torch.float64] * scale
         f32 = counter.flops[stage][torch.float32] * scale
         floor = f64 / (args.peak_f64 * 1e12) + f32 / (args.peak_f32 * 1e12)
-        per_key = scale if stage in PER_KEY else 1
-        row = {"f64": f64, "f32": f32, "floor": floor, "ops": counter.ops[stage] * per_key,
-               "syncs": counter.syncs[stage] * per_key, "eigh": counter.eigh[stage] * per_key}
+        row = {"f64": f64, "f32": f32, "floor": floor, "ops": count(stage, "ops"), "syncs": count(stage, "syncs"),
+               "eigh": count(stage, "eigh")}
         total.update(row)
         print(f"| {stage} | {f64 / 1e12:.2f} | {f32 / 1e12:.2f} | {1e3 * floor:.0f} | {row['ops']:.0f} | "
               f"{row['syncs']:.0f} | {row['eigh']:.0f} |")

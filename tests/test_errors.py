@@ -50,25 +50,30 @@ def test_nan_or_inf_in_a_task(base, bad):
         tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
 
 
-def test_a_delta_that_overflows_is_named(base):
+@pytest.mark.parametrize("batch", ["key", "shape"])
+def test_a_delta_that_overflows_is_named(base, batch):
     """Finite weights whose difference from the base is not (float32 overflow): the batched
-    check finds it and names the task."""
-    base["a.weight"][0, 0] = -3e38
-    w = base["a.weight"].clone()
+    check (one for the shape batch of a.weight and b.weight) finds it and names the task and key."""
+    base["b.weight"] = torch.randn(6, 4)
+    base["b.weight"][0, 0] = -3e38
+    w = base["b.weight"].clone()
     w[0, 0] = 3e38
-    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
-        tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"a.weight": w})])
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'b.weight': its delta from the base overflows"):
+        tsv_fast.merge_layers(base, [finetuned(base), finetuned(base, **{"b.weight": w})], batch=batch)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "mean", "tsv"])
-def test_merged_weights_that_overflow_are_refused(base, method):
-    """Every input finite, but deltas of 3.4e38 each sum past float32: an error naming the key, not Inf."""
-    base["a.weight"][0, 0] = 0.0
-    w = base["a.weight"].clone()
-    w[0, 0] = 3.4e38
-    tasks = [finetuned(base, **{"a.weight": w}) for _ in range(2)]
-    with pytest.raises(tsv_fast.TSVInputError, match=r"key 'a.weight'.*not finite"):
-        tsv_fast.merge_layers(base, tasks, method=method, alpha=1.0 if method == "mean" else 2.0)
+@pytest.mark.parametrize("key,batch", [("a.weight", "key"), ("a.bias", "key"), ("a.bias", "shape")])
+def test_merged_weights_that_overflow_are_refused(base, method, key, batch):
+    """Every input finite, but deltas of 3.4e38 each sum past float32: an error naming the key, not
+    Inf (a bias alone, or in a run of non-matrix keys merged at once)."""
+    base["b.bias"] = torch.randn(6)
+    base[key].view(-1)[0] = 0.0
+    w = base[key].clone()
+    w.view(-1)[0] = 3.4e38
+    tasks = [finetuned(base, **{key: w}) for _ in range(2)]
+    with pytest.raises(tsv_fast.TSVInputError, match=rf"key '{key}'.*not finite"):
+        tsv_fast.merge_layers(base, tasks, method=method, alpha=1.0 if method == "mean" else 2.0, batch=batch)
 
 
 def test_nan_in_base(base):
@@ -123,6 +128,7 @@ def test_compressed_state_dict_with_missing_factor():
 def test_inputs_are_not_modified(base):
     """Fine-tuned dicts, task vectors and compressed tasks, key by key and in shape batches."""
     base["b.weight"] = torch.randn(6, 4)  # a second key of a.weight's shape: a shape batch
+    base["b.bias"] = torch.randn(6)  # a second non-matrix key: they merge at once in shape batches
     tasks = [finetuned(base), finetuned(base)]
     vectors = tsv_fast.task_vectors(base, tasks)
     compressed = tsv_fast.compress(base, tasks[:1])
@@ -153,11 +159,12 @@ def test_parameters_that_require_grad_are_read_as_values(method):
 
 
 @pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
-@pytest.mark.parametrize("key", ["a.weight", "a.bias", "b.weight"])
+@pytest.mark.parametrize("key", ["a.weight", "a.bias", "b.weight", "b.bias"])
 def test_nan_in_a_task_is_named_on_every_key_kind(method, key):
-    """Matrix keys of a shape batch, a lone matrix key, a mean-merged bias: each screens NaN/Inf with
-    one sum per key and names the task and key when it finds one."""
-    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8), "b.weight": torch.randn(8, 6)}
+    """Matrix keys of a shape batch, a lone matrix key, mean-merged biases (alone, or as one run in
+    shape batches): each screens NaN/Inf with one check per key or batch and names the task and key."""
+    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8), "b.weight": torch.randn(8, 6),
+            "b.bias": torch.randn(8)}
     bad = finetuned(base)
     bad[key] = bad[key].clone()
     bad[key].view(-1)[3] = float("nan")
@@ -175,18 +182,19 @@ def test_nan_in_the_base_of_a_shape_batch_is_named():
         tsv_fast.merge_layers(base, tasks, batch="shape")
 
 
-def test_nonfinite_screens_by_sums_and_confirms_element_by_element():
+def test_nonfinite_finds_nan_and_inf_but_no_finite_tensor():
     from tsv_fast.tasks import nonfinite
 
     ok = torch.randn(5, 7)
     nan, inf = ok.clone(), ok.clone()
     nan[4, 6], inf[0, 0] = float("nan"), float("-inf")
-    big = torch.full((4,), 1e308, dtype=torch.float64)  # finite, but its sum overflows float64
+    big = torch.full((4,), 1e308, dtype=torch.float64)  # finite, though its sum overflows float64
     assert nonfinite([ok, big, torch.arange(3)]) == []
     assert nonfinite([torch.arange(3), nan, ok, big, inf]) == [1, 4]  # indices into the list given
     assert nonfinite([]) == []
     half = torch.full((8,), 60000.0, dtype=torch.float16)  # finite; its float16 sum overflows
     assert nonfinite([half, ok.bfloat16()]) == [] and nonfinite([half, nan.half()]) == [1]
+    assert nonfinite([torch.empty(0), inf.double(), torch.tensor(float("nan")), ok.T]) == [1, 2]  # mixed dtypes
 
 
 def test_a_task_sum_that_overflows_is_not_mistaken_for_nan():

@@ -47,11 +47,42 @@ def iter_merge(
     """
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    groups = _shape_groups(base, spec, selected, len(sources), ctx.device, batch, batch_bytes)
+    T = len(sources)
+    groups = _shape_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
     # a run's keys share shape and dtype; groups maps every key of a run to it
-    ctx.largest_batch_bytes = max((len(g) * _stacked_bytes(base, g[0], len(sources)) for g in groups.values()),
-                                  default=0)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups)
+    ctx.largest_batch_bytes = max((len(g) * _stacked_bytes(base, g[0], T) for g in groups.values()), default=0)
+    vectors = _vector_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, vectors)
+
+
+def _batched(base, selected, device, batch: str) -> bool:
+    """Whether ``batch`` asks for batches: ``"shape"``, or ``"auto"`` on a GPU, where batching
+    is the lever (on a CPU the solvers loop per matrix anyway: BENCHMARKS.md)."""
+    if batch not in BATCH_MODES:
+        raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+    if batch != "auto":
+        return batch == "shape"
+    # lazily loaded checkpoints are read to the CPU; in-memory ones tell their device
+    where = device if device is not None else next(
+        (base[k].device for k in selected if isinstance(base, dict)), torch.device("cpu"))
+    return where.type == "cuda"
+
+
+def _runs(base, keys, T: int, batch_bytes: int, run_of) -> dict[str, list[str]]:
+    """key → its run: consecutive ``keys`` with the same ``run_of(shape, dtype)``, as many as
+    fit ``batch_bytes`` of stacked deltas (runs of one key are left out)."""
+    groups: dict[str, list[str]] = {}
+    open_runs: dict[tuple, tuple[list[str], list[int]]] = {}  # run_of -> (keys, bytes) of the run being filled
+    for key in keys:
+        label = run_of(*tensor_meta(base, key, "base"))
+        item_bytes = _stacked_bytes(base, key, T)
+        run, size = open_runs.setdefault(label, ([], [0]))
+        if run and size[0] + item_bytes > batch_bytes:
+            run, size = open_runs[label] = ([], [0])
+        run.append(key)
+        size[0] += item_bytes
+        groups[key] = run
+    return {k: g for k, g in groups.items() if len(g) > 1}
 
 
 def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes: int) -> dict[str, list[str]]:
@@ -59,32 +90,24 @@ def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes:
 
     ``"key"``: none (one key at a time, the least memory). ``"shape"``: keys of one shape
     and dtype, in order (a ViT's blocks repeat 4 shapes), as many as fit ``batch_bytes``
-    of stacked float32 deltas; merged keys wait in memory until their turn to be yielded. ``"auto"``: ``"shape"`` on a GPU, where batching is the
-    lever; ``"key"`` on a CPU, where the solvers loop per matrix anyway (BENCHMARKS.md).
+    of stacked float32 deltas; merged keys wait in memory until their turn to be yielded.
+    ``"auto"``: ``"shape"`` on a GPU, ``"key"`` on a CPU.
     """
-    if batch not in BATCH_MODES:
-        raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
-    if spec.merge_group is None or batch == "key":
+    if not _batched(base, selected, device, batch) or spec.merge_group is None:
         return {}
-    if batch == "auto":
-        # lazily loaded checkpoints are read to the CPU; in-memory ones tell their device
-        where = device if device is not None else next(
-            (base[k].device for k in selected if isinstance(base, dict)), torch.device("cpu"))
-        if where.type != "cuda":
-            return {}
-    groups: dict[str, list[str]] = {}
-    open_runs: dict[tuple, list[str]] = {}  # (shape, dtype) -> keys of the batch being filled
-    for key in base:
-        shape, dtype = tensor_meta(base, key, "base")
-        if key not in selected or not is_matrix_meta(key, shape, dtype):
-            continue
-        item_bytes = _stacked_bytes(base, key, T)
-        run = open_runs.setdefault((tuple(shape), dtype), [])
-        if run and (len(run) + 1) * item_bytes > batch_bytes:
-            run = open_runs[(tuple(shape), dtype)] = []
-        run.append(key)
-        groups[key] = run
-    return {k: g for k, g in groups.items() if len(g) > 1}
+    keys = [k for k in base if k in selected and is_matrix_meta(k, *tensor_meta(base, k, "base"))]
+    return _runs(base, keys, T, batch_bytes, lambda shape, dtype: (tuple(shape), dtype))
+
+
+def _vector_groups(base, spec, selected, T: int, device, batch: str, batch_bytes: int) -> dict[str, list[str]]:
+    """key → the run of non-matrix floating keys (biases, LayerNorm, embeddings) of one dtype
+    merged at once by multi-tensor ops (a ViT-L/14 has 192 such keys, each a few launches and
+    host syncs alone), when shape batches are on; runs as in :func:`_shape_groups`."""
+    if not _batched(base, selected, device, batch) or spec.merge_vectors is None:
+        return {}
+    metas = {k: tensor_meta(base, k, "base") for k in base if k in selected}
+    keys = [k for k, (shape, dtype) in metas.items() if dtype.is_floating_point and not is_matrix_meta(k, shape, dtype)]
+    return _runs(base, keys, T, batch_bytes, lambda shape, dtype: dtype)
 
 
 def _stacked_bytes(base, key: str, T: int) -> int:
@@ -114,16 +137,16 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
 
 
 @torch.no_grad()  # merging is not differentiable work: parameters that require grad are read as values
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups):
-    ready: dict[str, Tensor] = {}  # merged keys of the current shape batch, not yet yielded
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, vectors):
+    ready: dict[str, Tensor] = {}  # merged keys of the current batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
-        if key in groups and key not in ready:
-            group = groups[key]
+        if (key in groups or key in vectors) and key not in ready:
+            group, merge = (groups[key], spec.merge_group) if key in groups else (vectors[key], spec.merge_vectors)
             bases = [base[k] for k in group]
             if bad := nonfinite(bases):  # one host sync for the group's base tensors
                 checked_base_tensor(base, group[bad[0]])  # raises, naming the key
             bases = [_on(b, ctx.device) for b in bases]
-            merged = [m.to(out_dtype or b.dtype) for m, b in zip(spec.merge_group(group, bases, sources, ctx), bases)]
+            merged = [m.to(out_dtype or b.dtype) for m, b in zip(merge(group, bases, sources, ctx), bases)]
             ready.update(zip(group, _finite_outputs(group, merged)))
         if key in ready:
             yield key, ready.pop(key)

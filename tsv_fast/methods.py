@@ -49,40 +49,60 @@ class MergeMethod:
     options: dict  # option name -> default
     summary: str
     merge_group: GroupMergeFn | None = None  # several same-shape matrix keys at once (batch="shape")
+    merge_vectors: GroupMergeFn | None = None  # several non-matrix keys at once (batch="shape")
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
     return stack_deltas(sources, key, base, device)
 
 
-def _mean_delta(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
-    """Running sum, so only two key-sized buffers are alive whatever the number of tasks.
+def _mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                 device) -> list[Tensor]:
+    """Each key's mean task delta, as a running sum: two sets of the keys' tensors are alive
+    whatever the number of tasks, and each step is one multi-tensor op for all the keys (a few
+    GPU launches instead of a few per key: a ViT has hundreds of bias and LayerNorm keys).
 
-    The first two deltas are added out of place: a task vector's delta may be the
-    caller's own tensor, which must not be modified. NaN/Inf in any delta make the sum
-    non-finite, so one check of the sum (one host sync per key, not one per task: these
-    are the many small keys) finds them; only then is each task checked, for the error
+    The first two deltas are added out of place: a task vector's delta may be the caller's own
+    tensor, which must not be modified. NaN/Inf in any delta make the sums non-finite, so one
+    check of the sums (one host sync) finds them; only then is each task checked, for the error
     naming it (a sum that overflowed from finite deltas is left to the output check)."""
-    first = sources[0].delta(key, base, device, check=False)
-    total = first + sources[1].delta(key, base, device, check=False) if len(sources) > 1 else first.clone()
-    for s in sources[2:]:
-        total += s.delta(key, base, device, check=False)
-    if nonfinite([total]):
+    per_task = (s.deltas(keys, bases, device) for s in sources)
+    totals = next(per_task)
+    totals = torch._foreach_add(totals, next(per_task)) if len(sources) > 1 else [t.clone() for t in totals]
+    for deltas in per_task:
+        torch._foreach_add_(totals, deltas)
+    if nonfinite(totals):
         for s in sources:
-            s.delta(key, base, device)  # raises, naming the task, if its weights are not finite
-    return total.div_(len(sources))
+            for key, b in zip(keys, bases):
+                s.delta(key, b, device)  # raises, naming the task, if its weights are not finite
+    torch._foreach_div_(totals, len(sources))
+    return totals
 
 
-def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
-    return base.to(delta.dtype).add_(delta, alpha=alpha) if base.dtype != delta.dtype \
-        else torch.add(base, delta, alpha=alpha)
+def _add_mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                     device, alpha: float) -> list[Tensor]:
+    """``base + α · mean τt`` for each key, in the deltas' compute dtype."""
+    deltas = _mean_deltas(keys, bases, sources, device)
+    return torch._foreach_add([b.to(d.dtype) for b, d in zip(bases, deltas)], deltas, alpha=alpha)
+
+
+def merge_mean_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                     ctx: KeyContext) -> list[Tensor]:
+    """Weight averaging of several keys at once (TSV-M's rule for non-matrix keys too)."""
+    return _add_mean_deltas(keys, bases, sources, ctx.device, ctx.alpha)
+
+
+def merge_task_arithmetic_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
+                                ctx: KeyContext) -> list[Tensor]:
+    """Task Arithmetic of several keys at once: ``θ0 + λ Σ τt``."""
+    return _add_mean_deltas(keys, bases, sources, ctx.device, ctx.alpha * len(sources))
 
 
 def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """TSV-M: whitened concatenation of every task's top-k factors (k = floor(r/T) unless the
     ``rank`` option says otherwise); mean of the deltas on non-matrix keys."""
     if not is_matrix_key(key, base):
-        return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha)
+        return merge_mean_group([key], [base], sources, ctx)[0]
     return merge_tsv_group([key], [base], sources, ctx)[0]
 
 
@@ -157,12 +177,12 @@ def _merge_tsv_batch(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequ
 
 def merge_task_arithmetic(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """``θ0 + λ Σ τt``."""
-    return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha * len(sources))
+    return merge_task_arithmetic_group([key], [base], sources, ctx)[0]
 
 
 def merge_mean(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """Weight averaging ``mean θt`` (= ``θ0 + mean τt``; α scales the mean delta)."""
-    return _add(base, _mean_delta(key, base, sources, ctx.device), ctx.alpha)
+    return merge_mean_group([key], [base], sources, ctx)[0]
 
 
 def ties_delta(taus: Tensor, density: float) -> Tensor:
@@ -181,6 +201,11 @@ def ties_delta(taus: Tensor, density: float) -> Tensor:
     return merged.reshape(taus.shape[1:])
 
 
+def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    return base.to(delta.dtype).add_(delta, alpha=alpha) if base.dtype != delta.dtype \
+        else torch.add(base, delta, alpha=alpha)
+
+
 def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """TIES-merging, trimmed per key (as mergekit does), then ``θ0 + λ·merged``."""
     density = ctx.options["density"]
@@ -192,10 +217,11 @@ def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCo
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in [
         MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "auto"}, "TSV-M (Gargiulo et al., CVPR 2025)",
-                    merge_group=merge_tsv_group),
-        MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt"),
+                    merge_group=merge_tsv_group, merge_vectors=merge_mean_group),
+        MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt",
+                    merge_vectors=merge_task_arithmetic_group),
         MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),
-        MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging"),
+        MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging", merge_vectors=merge_mean_group),
     ]
 }
 

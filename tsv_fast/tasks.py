@@ -10,6 +10,7 @@ dense delta or, when the task is compressed, for its stored factors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -159,47 +160,71 @@ class TaskSource:
             return torch.zeros(base_tensor.shape, dtype=dtype, device=device)
         return d.to(device, dtype)
 
+    def deltas(self, keys: Sequence[str], base_tensors: Sequence[Tensor],
+               device: torch.device | None = None) -> list[Tensor]:
+        """:meth:`delta` of several keys, unchecked (``check=False``); fine-tuned weights are
+        subtracted by one multi-tensor op, a few GPU launches for all the keys."""
+        if self.base is None or self.compressed is not None or not keys:
+            return [self.delta(key, b, device, check=False) for key, b in zip(keys, base_tensors)]
+        device = device or base_tensors[0].device
+        dtypes = [compute_dtype(b) for b in base_tensors]
+        return torch._foreach_sub([self.state[key].to(device, d) for key, d in zip(keys, dtypes)],
+                                  [b.to(device, d) for b, d in zip(base_tensors, dtypes)])
+
     def factors(self, key: str) -> Factors | None:
         """Stored TSV-C factors for ``key``, if this task is compressed and has them."""
         return None if self.compressed is None else self.compressed.factors.get(key)
 
 
 def stack_deltas(sources: Sequence[TaskSource], key: str, base_tensor: Tensor,
-                 device: torch.device | None = None, out: Tensor | None = None) -> Tensor:
+                 device: torch.device | None = None, out: Tensor | None = None, check: bool = True) -> Tensor:
     """``(T, *shape)`` deltas of ``key``, filled task by task into one preallocated buffer (or
     ``out``), so the peak is the batch plus one task's tensor (not twice the batch, as
-    ``torch.stack`` of a list). NaN/Inf make a task's sum non-finite, so one reduction per
-    task, read back once (one host sync per key), finds them; a non-finite sum is then
-    checked exactly (a sum of finite values can overflow), for the error naming the task."""
+    ``torch.stack`` of a list), and checked for NaN/Inf (one host sync) unless ``check=False``:
+    for callers that stack several keys and check them at once with :func:`check_stacked`."""
     device = device or base_tensor.device
     if out is None:
         out = torch.empty(len(sources), *base_tensor.shape, dtype=compute_dtype(base_tensor), device=device)
     for i, s in enumerate(sources):
         s.delta(key, base_tensor, device, check=False, out=out[i])
-    sums = out.reshape(len(sources), -1).sum(1)  # in the stack's dtype: a float64 sum would copy it
-    if not bool(torch.isfinite(sums).all()):
-        for i, s in enumerate(sources):
-            if bool(torch.isfinite(out[i]).all()):
-                continue
-            s.delta(key, base_tensor, device)  # raises if the task's weights are not finite
-            raise TSVInputError(f"task {s.name!r}: key {key!r}: its delta from the base overflows "
-                                f"{out.dtype} (NaN or Inf)")
+    if check:
+        check_stacked(sources, [key], [base_tensor], out)
     return out
 
 
-def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
-    """Indices of the floating tensors holding NaN or Inf, with one host sync when none does.
+def check_stacked(sources: Sequence[TaskSource], keys: Sequence[str], base_tensors: Sequence[Tensor],
+                  stack: Tensor) -> None:
+    """Refuse NaN/Inf in a stack of deltas (key-major: ``stack[j·T + t]`` is task t's delta of
+    key j), with one host sync however many keys; the error names the first bad task and key
+    (its weights, or a delta that overflows the stack's dtype)."""
+    T = len(sources)
+    if bad := nonfinite(list(stack)):
+        j, t = divmod(bad[0], T)
+        sources[t].delta(keys[j], base_tensors[j], stack.device)  # raises if the task's weights are not finite
+        raise TSVInputError(f"task {sources[t].name!r}: key {keys[j]!r}: its delta from the base overflows "
+                            f"{stack.dtype} (NaN or Inf)")
 
-    A sum is non-finite when any element is, so one reduction per tensor (no temporaries; one
-    sync per device) screens them all; only where a sum is non-finite (also when finite values
-    overflow it, float16 ones easily) are the elements checked, so no finite tensor is refused."""
-    floats = [(i, t) for i, t in enumerate(tensors) if t.is_floating_point()]
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for _, t in floats:  # each sum in the tensor's dtype (a float64 one would copy it whole)
-        by_device.setdefault(t.device, []).append(t.sum().double())
-    if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
-        return []
-    return [i for i, t in floats if not bool(torch.isfinite(t).all())]
+
+def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
+    """Indices of the floating tensors holding NaN or Inf, with one host sync per device.
+
+    A tensor's largest magnitude (its ∞-norm, which propagates NaN and cannot overflow) is
+    finite exactly when all its elements are, and the multi-tensor norm finds those of all the
+    tensors of one dtype in a few GPU launches, without temporaries the size of the tensors."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    by_device: dict[torch.device, list[tuple[list[int], Tensor]]] = {}
+    for (device, _), idx in groups.items():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], ord=math.inf))
+        by_device.setdefault(device, []).append((idx, norms.double()))
+    bad = []
+    for parts in by_device.values():
+        finite = torch.isfinite(torch.cat([norms for _, norms in parts]))
+        if not bool(finite.all()):
+            bad += [i for i, ok in zip((i for idx, _ in parts for i in idx), finite.tolist()) if not ok]
+    return sorted(bad)
 
 
 def _finite(t: Tensor, owner: str, key: str) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .solvers import EXACT_SOLVERS, cholesky_inverse_factor, get_solver, smallest_eigenvalue_estimate, symmetric_gram
-from .tasks import Factors, TaskSource, compute_dtype, stack_deltas
+from .tasks import Factors, TaskSource, check_stacked, compute_dtype, stack_deltas
 
 
 def task_factors(
@@ -46,8 +46,10 @@ def shape_batch_factors(
         T = len(dense)
         stack = torch.empty(len(keys) * T, *base_tensors[0].shape, dtype=compute_dtype(base_tensors[0]),
                             device=device)
+        dense_sources = [sources[i] for i in dense]
         for j, (key, b) in enumerate(zip(keys, base_tensors)):
-            stack_deltas([sources[i] for i in dense], key, b, device, out=stack[j * T:(j + 1) * T])
+            stack_deltas(dense_sources, key, b, device, out=stack[j * T:(j + 1) * T], check=False)
+        check_stacked(dense_sources, keys, base_tensors, stack)  # one host sync for the batch
         U, S, V, residual = (get_solver(solver)(stack, k, torch.float64)
                              if float64_factors and solver in EXACT_SOLVERS else get_solver(solver)(stack, k))
         del stack
