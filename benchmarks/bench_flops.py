@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tsv_fast
 from timing import cpu_model
 from tsv_fast import methods, solvers, tsv
-from tsv_fast.merge import DEFAULT_BATCH_BYTES
+from tsv_fast.keys import resolve_rank
+from tsv_fast.merge import DEFAULT_BATCH_BYTES, _shape_groups, _stacked_bytes
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 from tsv_fast.writer import parse_size
 
@@ -151,6 +152,30 @@ def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> Stag
     return counter
 
 
+def solver_chunks(width: int, layers: int, patch: int, image: int, T: int, cap: int | None,
+                  batch_bytes: int) -> list[tuple[tuple[int, int], int, int]]:
+    """(shape, matrices, matrices per chunk) of every subspace-iteration call a TSV-M merge with
+    shape batches makes on ``layers`` blocks: from shapes alone (meta tensors), by the same
+    functions the merge uses, so it covers a whole model where counting arithmetic would take long."""
+    one = {k: v for k, v in clip_vit_base(width, 1, patch, image).items() if ".resblocks.0." in k}
+    base = {k.replace(".resblocks.0.", f".resblocks.{i}."): torch.empty(v.shape, dtype=v.dtype, device="meta")
+            for i in range(layers) for k, v in one.items()}
+    groups = list({id(g): g for g in _shape_groups(base, methods.get_method("tsv"), set(base), T, None, "shape",
+                                                   batch_bytes).values()}.values())
+    largest = max(len(g) * _stacked_bytes(base, g[0], T) for g in groups)
+    calls = []
+    for group in groups:
+        shape = tuple(base[group[0]].shape)
+        k = resolve_rank(shape, None, T)
+        p, q = max(shape), min(shape)
+        ell = solvers._block_size(k, q, cap=cap)
+        for part in methods._sub_batches(group, methods.tsv_key_bytes(shape, k, T), methods.PEAK_SHARE * largest):
+            B = len(group[part]) * T
+            with solvers.work_base(largest):
+                calls.append((shape, B, min(B, solvers.subspace_chunk(B, p, q, ell, 4))))
+    return calls
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-L-14", choices=sorted(CLIP_VITS))
@@ -196,6 +221,19 @@ def main() -> None:
           f"**{1e3 * total['floor']:.0f}** | {total['ops']:.0f} | {total['syncs']:.0f} | {total['eigh']:.0f} |")
     print(f"\nGEMM floor at {args.peak_f64:g} TFLOP/s float64, {args.peak_f32:g} float32: "
           f"{total['floor']:.3f} s; a 1 s merge needs {math.ceil(100 * total['floor']):.0f}% of that rate end to end.")
+    counted = solver_chunks(width, args.blocks, patch, image, args.tasks, args.cap or None, args.batch_bytes)
+    whole = solver_chunks(width, layers, patch, image, args.tasks, args.cap or None, args.batch_bytes)
+    n_counted = sum(-(-B // c) for _, B, c in counted)
+    steps = total["eigh"] / n_counted
+    print(f"\nChunks of subspace iteration (each takes its Rayleigh–Ritz steps as one Jacobi launch per step; "
+          f"{steps:.2f} steps per chunk as counted on {args.blocks} blocks):\n")
+    print("| blocks | shape | matrices per call | matrices per chunk | chunks |")
+    print("|---|---|---|---|---|")
+    for label, calls in ((args.blocks, counted), (layers, whole)):
+        for shape, B, chunk in calls:
+            print(f"| {label} | {shape[0]}×{shape[1]} | {B} | {chunk} | {-(-B // chunk)} |")
+    n_whole = sum(-(-B // c) for _, B, c in whole)
+    print(f"\n{layers} blocks: {n_whole} chunks, about {steps * n_whole:.0f} Jacobi launches.")
 
 
 if __name__ == "__main__":

@@ -130,14 +130,14 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return min(times), result
 
 
-def _merge_variant(name: str, blocks: dict, tvs: list) -> dict:
+def _merge_variant(name: str, blocks: dict, tvs: list, stats: dict | None = None) -> dict:
     """merge_layers with the variant's options and knobs (``KNOBS``), set for this run only."""
     knobs = KNOBS.get(name, [])
     previous = [getattr(owner, attr) for owner, attr, _ in knobs]
     for owner, attr, value in knobs:
         setattr(owner, attr, value)
     try:
-        return tsv_fast.merge_layers(blocks, tvs, **VARIANTS[name][1])
+        return tsv_fast.merge_layers(blocks, tvs, stats=stats, **VARIANTS[name][1])
     finally:
         for (owner, attr, _), value in zip(knobs, previous):
             setattr(owner, attr, value)
@@ -160,16 +160,6 @@ def _with_peak(fn, peaks: dict, name: str):
     out_bytes = sum(t.numel() * t.element_size() for t in out.values())
     peaks[name] = torch.cuda.max_memory_allocated() - before - out_bytes
     return out
-
-
-def _largest_shape_batch(blocks: dict, T: int) -> int:
-    """Bytes of the largest stack of same-shape deltas merge_layers(batch="auto") forms on a GPU."""
-    from tsv_fast.merge import DEFAULT_BATCH_BYTES, _shape_groups
-    from tsv_fast.methods import get_method
-
-    groups = _shape_groups(blocks, get_method("tsv"), set(blocks), T, torch.device("cuda"), "shape",
-                           DEFAULT_BATCH_BYTES)
-    return max((T * sum(blocks[k].numel() * 4 for k in g) for g in groups.values()), default=0)
 
 
 VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselines
@@ -201,8 +191,9 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "start-rr": ("exact, first Chebyshev filter after a Rayleigh–Ritz step (before session 8; now estimated bounds)",
                  {"solver": "exact"}),
     "ns-gemm": ("exact, Newton–Schulz's XᵀX as one GEMM (before session 8; now upper blocks)", {"solver": "exact"}),
-    "batch8g": ("exact, shape batches of 8 GiB (peak still ÷ the 2 GiB batch)",
-                {"solver": "exact", "batch_bytes": 8 << 30}),
+    "batch8g": ("exact, shape batches of 8 GiB", {"solver": "exact", "batch_bytes": 8 << 30}),
+    "batch2g": ("exact, shape batches of 2 GiB (before session 9; now a quarter of free memory)",
+                {"solver": "exact", "batch_bytes": 2 << 30}),
     # session 6's two float64 changes undone (not its sync reductions), with the GPU's polar route
     # on any device (compare with "ns" on a CPU)
     "ns-coupled": ("exact, coupled Gram-side Newton–Schulz (session 5's)", {"solver": "exact", "polar": "newton-schulz"}),
@@ -285,9 +276,9 @@ def main() -> None:
             runs["b"] = lambda: reference_tsv_m(ref_base, taus, lowrank_topk)
         if cupy:
             runs["c"] = lambda: reference_tsv_m(ref_base, taus, cupy_topk)
-        peaks = {}
+        peaks, stats = {}, {}  # variant -> CUDA peak bytes, merge_layers stats
         for v in variants:
-            runs[v] = lambda v=v: _with_peak(lambda: _merge_variant(v, blocks, tvs), peaks, v)
+            runs[v] = lambda v=v: _with_peak(lambda: _merge_variant(v, blocks, tvs, stats.setdefault(v, {})), peaks, v)
         k0 = ref_keys[0]
         reference_tsv_m({k0: blocks[k0]}, taus)  # warm-up: library handles and kernels load outside the timing
         results = {name: best_of(fn, 1 if name in "abc" and ref_scale > 1 else args.repeat)
@@ -299,7 +290,6 @@ def main() -> None:
         truth_keys = [k for k in ref_keys if int(k.split(".resblocks.")[1].split(".")[0]) < args.truth_blocks]
         truth = reference_tsv_m({k: blocks[k].double().cpu() for k in truth_keys},
                                 [{k: t[k].double().cpu() for k in truth_keys} for t in taus]) if truth_keys else {}
-        batch_bytes = _largest_shape_batch(blocks, T) if args.device == "cuda" else 0
 
         def errors(out) -> str:
             cell = ", err " + f"{max(_rel(out[k], ref[k], blocks[k]) for k in ref_keys):.1e}"
@@ -310,7 +300,8 @@ def main() -> None:
         cells = [f"{t_ref:.2f} s" + (f", f64 {max(_rel(ref[k].double().cpu(), truth[k], blocks[k].double().cpu()) for k in truth):.1e}" if truth else "")]
         for name in [n for n in runs if n != "a"]:
             t, out = results[name]
-            peak = f", peak {peaks[name] / batch_bytes:.2f}×" if name in peaks and batch_bytes else ""
+            largest = stats.get(name, {}).get("largest_batch_bytes")  # ÷ this run's largest shape batch
+            peak = f", peak {peaks[name] / largest:.2f}×" if name in peaks and largest else ""
             cells.append(f"{t:.2f} s, **{t_ref / t:.2f}×**{errors(out)}{peak}")
         print(f"| {args.model} ×{args.blocks} blocks | {T} | " + " | ".join(cells) + " |")
 

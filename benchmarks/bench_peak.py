@@ -21,7 +21,6 @@ import argparse
 import torch
 
 import tsv_fast
-from bench_merge import _largest_shape_batch
 from timing import cpu_model
 from tsv_fast import solvers
 from tsv_fast.memory import peak_tensor_bytes
@@ -33,12 +32,13 @@ def gpu_route_peak(blocks: dict, T: int, cap: int | None) -> tuple[int, int]:
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
     route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
     solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
+    stats = {}
     try:
         peak, out = peak_tensor_bytes(lambda: tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz",
-                                                                     batch="shape"))
+                                                                     batch="shape", stats=stats))
     finally:
         solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
-    return peak - sum(t.numel() * t.element_size() for t in out.values()), _largest_shape_batch(blocks, T)
+    return peak - sum(t.numel() * t.element_size() for t in out.values()), stats["largest_batch_bytes"]
 
 
 def main() -> None:

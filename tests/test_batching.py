@@ -547,3 +547,18 @@ def test_newton_schulz_refuses_a_matrix_whose_cholesky_fails_and_keeps_its_neigh
     W, ok = newton_schulz_whitening(G, 1e-7, 2.0)
     assert ok.tolist() == [True, False] and torch.isfinite(W).all()
     torch.testing.assert_close(W[0], torch.eye(6, dtype=torch.float64) / 2 ** 0.5, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_bytes_auto_is_a_quarter_of_the_gpus_free_memory(monkeypatch):
+    """``batch_bytes=None``: 2 GiB on a CPU; on a GPU a quarter of its free memory (2 GiB at least),
+    so an H100/H200 holds every matrix of a shape in one batch at ViT-L/14, T = 20."""
+    from tsv_fast.merge import DEFAULT_BATCH_BYTES, resolve_batch_bytes
+    GiB = 1 << 30
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (40 * GiB, 80 * GiB))
+    cuda = torch.device("cuda")
+    assert resolve_batch_bytes(None, cuda) == 10 * GiB and asked == [cuda]
+    assert resolve_batch_bytes(5 * GiB, cuda) == 5 * GiB  # given: kept
+    assert resolve_batch_bytes(None, torch.device("cpu")) == DEFAULT_BATCH_BYTES == 2 * GiB and len(asked) == 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
+    assert resolve_batch_bytes(None, cuda) == 2 * GiB

@@ -158,10 +158,11 @@ def test_merge_batch_bytes_flag_and_field_reach_the_merge(work, monkeypatch, cap
     (work / "job.yaml").write_text("base: base.safetensors\ntasks: [t0.safetensors, t1.safetensors, t2.safetensors]\n"
                                    "output: yaml.safetensors\nbatch: shape\nbatch_bytes: 64MiB\n")
     run("merge", "job.yaml", "-q")
-    assert seen == [1024, 2 << 30, 64 << 20]
+    run("merge", "job.yaml", "-q", "-o", "auto.safetensors", "--batch-bytes", "auto")  # the flag overrides the file
+    assert seen == [1024, None, 64 << 20, None]  # None: resolve_batch_bytes (2 GiB on a CPU)
     a, b = load_file("small.safetensors"), load_file("default.safetensors")  # one key per batch, or all
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    for bad in ("0", "1e400", "1.2.3GB"):
+    for bad in ("0", "1e400", "1.2.3GB", "automatic"):
         run("merge", *TASKS, "-o", "bad.safetensors", "--batch-bytes", bad, expect=2)
         assert "batch_bytes" in capsys.readouterr().err and not (work / "bad.safetensors").exists()
 

@@ -194,6 +194,31 @@ def test_subspace_iteration_knobs_change_the_cost_not_the_result(monkeypatch, kn
     assert blocks == [k + 10 if knob in ("MAX_BLOCK", "SUBSPACE_OVERSAMPLE") else 2 * k]
 
 
+def test_work_base_sizes_the_chunks_by_the_merges_largest_batch(monkeypatch):
+    """A small shape in a merge with larger batches: chunks sized by WORK_SHARE of the largest batch
+    (fewer Gram matrices formed apart, fewer Rayleigh–Ritz launches on a GPU); eigh's result."""
+    import tsv_fast.solvers as solvers_module
+    chunks = []
+    gram64 = solvers_module.gram64
+    monkeypatch.setattr(solvers_module, "gram64", lambda X: chunks.append(X.shape[0]) or gram64(X))
+    A = task_batch(200, 64, 3, 0.5, seed=32).repeat(2, 1, 1)  # 6 matrices
+    k = 8
+    own = A.numel() * A.element_size()
+    U1, S1, V1, _ = eigh_topk(A, k, torch.float64)
+    results = {}
+    for base in (None, own, 8 * own):
+        chunks.clear()
+        with solvers_module.work_base(base):
+            topk = subspace_topk(A, k, torch.float64)
+        results[base] = (list(chunks), topk)
+    assert results[None][0] == results[own][0] and len(results[None][0]) > 1  # the batch's own bytes: several
+    assert results[8 * own][0] == [6]  # eight times them: one chunk
+    for _, (U2, S2, V2, _) in results.values():
+        torch.testing.assert_close(S2, S1, rtol=1e-9, atol=0)
+        assert (same_subspace_error(U1, U2) < 1e-6).all() and (same_subspace_error(V1, V2) < 1e-6).all()
+    assert solvers_module._WORK_BASE.get() is None  # reset on leaving the block
+
+
 def test_squeeze_moves_the_active_gram_matrices_forward_in_place():
     """Converged matrices leave the batch without a copy of the rest (``G[keep]`` held both)."""
     from tsv_fast.memory import peak_tensor_bytes

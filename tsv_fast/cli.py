@@ -42,7 +42,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import BATCH_MODES, DEFAULT_BATCH_BYTES, iter_merge
+from .merge import BATCH_MODES, iter_merge
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
@@ -103,7 +103,7 @@ def option_flags() -> list[OptionFlag]:
 _KINDS = {int: "int", float: "number", bool: "bool", str: "str"}  # option type -> field kind
 _MERGE_FIELDS = {
     "base": "path", "tasks": "paths", "output": "path", "method": "str", "alpha": "number", "solver": "str",
-    "batch": "str", "batch_bytes": "size",
+    "batch": "str", "batch_bytes": "size or auto",
     "device": "str", "dtype": "str", "include": "patterns", "exclude": "patterns", "prefix": "str",
     "max_shard_size": "size", "overwrite": "bool", "unsafe_pickle": "bool", "dry_run": "bool",
 }
@@ -134,11 +134,13 @@ def _check_field(name: str, value, kind: str, source: str):
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
-    elif kind == "size":
+    elif kind in ("size", "size or auto"):
+        if kind == "size or auto" and value == "auto":
+            return None
         try:
             value = parse_size(value)
         except ValueError as exc:
-            raise bad("a size like 5GB or 500MiB") from exc
+            raise bad("a size like 5GB or 500MiB" + (", or auto" if kind == "size or auto" else "")) from exc
     return value
 
 
@@ -152,7 +154,7 @@ class MergeJob:
     options: dict | None = None
     solver: str = "exact"
     batch: str = "auto"
-    batch_bytes: int = DEFAULT_BATCH_BYTES
+    batch_bytes: int | None = None  # auto: resolve_batch_bytes
     device: str = "auto"
     dtype: str | None = None
     include: list[str] | None = None
@@ -673,8 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TSV-M top-k per key, or per shape across layers (one batch per matrix shape, "
                             "held in memory up to --batch-bytes of deltas); auto = shape on a GPU, key on a CPU")
     merge.add_argument("--batch-bytes", default=None, metavar="SIZE",
-                       help="stacked deltas of one shape batch, e.g. 8GiB (default 2GiB): larger batches make "
-                            "fewer, fuller GPU launches; peak memory stays about twice one batch")
+                       help="stacked deltas of one shape batch, e.g. 8GiB, or auto (default: a quarter of the "
+                            "GPU's free memory, 2GiB on a CPU): larger batches make fewer, fuller GPU launches; "
+                            "peak memory stays about twice one batch")
     flags = option_flags()
     shared = {f.option for f in flags if sum(g.option == f.option for g in flags) > 1}
     groups = {option: merge.add_mutually_exclusive_group() for option in shared}

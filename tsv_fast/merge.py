@@ -17,7 +17,25 @@ from .solvers import get_solver
 from .tasks import StateDict, Task, as_sources, checked_base_tensor, nonfinite, tensor_meta
 
 BATCH_MODES = ("auto", "key", "shape")
-DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch (batch="shape")
+DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch on a CPU (batch="shape")
+GPU_BATCH_SHARE = 0.25  # on a GPU: this share of the device's free memory (a merge peaks near twice a batch)
+
+
+def resolve_batch_bytes(batch_bytes: int | None, device: torch.device) -> int:
+    """The size of a shape batch: ``batch_bytes``, or for ``None`` (auto) a quarter of the free
+    memory of a CUDA device when the merge starts (2 GiB on a CPU, or when that is more).
+
+    Larger batches mean fewer, fuller launches: every Rayleigh–Ritz step is one Jacobi launch
+    per chunk of a batch, each about one CUDA block's latency (ViT-L/14, T = 20: 56 launches
+    with 2 GiB batches, BENCHMARKS.md), and the H200 ran 2.53 s → 2.24 s when chunks doubled.
+    A quarter of free memory holds every matrix of a shape in one batch on an H100/H200 at
+    ViT-L/14 T = 20 (8 GB of stacked deltas for the largest shape)."""
+    if batch_bytes is not None:
+        return batch_bytes
+    if device.type != "cuda":
+        return DEFAULT_BATCH_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(DEFAULT_BATCH_BYTES, int(GPU_BATCH_SHARE * free))
 
 
 def iter_merge(
@@ -35,7 +53,7 @@ def iter_merge(
     progress: bool = False,
     stats: dict | None = None,
     batch: str = "auto",
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    batch_bytes: int | None = None,
     **options,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge ``tasks`` into ``base``, yielding ``(key, merged tensor)`` in the base's key order.
@@ -48,6 +66,7 @@ def iter_merge(
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     T = len(sources)
+    batch_bytes = resolve_batch_bytes(batch_bytes, _merge_device(base, selected, ctx.device))
     groups = _shape_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
     # a run's keys share shape and dtype; groups maps every key of a run to it
     ctx.largest_batch_bytes = max((len(g) * _stacked_bytes(base, g[0], T) for g in groups.values()), default=0)
@@ -60,12 +79,14 @@ def _batched(base, selected, device, batch: str) -> bool:
     is the lever (on a CPU the solvers loop per matrix anyway: BENCHMARKS.md)."""
     if batch not in BATCH_MODES:
         raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
-    if batch != "auto":
-        return batch == "shape"
-    # lazily loaded checkpoints are read to the CPU; in-memory ones tell their device
-    where = device if device is not None else next(
+    return batch == "shape" or batch == "auto" and _merge_device(base, selected, device).type == "cuda"
+
+
+def _merge_device(base, selected, device) -> torch.device:
+    """Where the merge computes: ``device``, or where the base's tensors are (lazily loaded
+    checkpoints are read to the CPU; in-memory ones tell their device)."""
+    return device if device is not None else next(
         (base[k].device for k in selected if isinstance(base, dict)), torch.device("cpu"))
-    return where.type == "cuda"
 
 
 def _runs(base, keys, T: int, batch_bytes: int, run_of) -> dict[str, list[str]]:
@@ -157,8 +178,9 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
     if stats is not None:
-        stats.update(solver=ctx.solver, shape_batches=len({id(g) for g in groups.values()}), zero_rank_keys=ctx.zero_rank_keys, residuals=ctx.residuals,
-                     polar=dict(ctx.polar_counts))
+        stats.update(solver=ctx.solver, shape_batches=len({id(g) for g in groups.values()}),
+                     largest_batch_bytes=ctx.largest_batch_bytes, zero_rank_keys=ctx.zero_rank_keys,
+                     residuals=ctx.residuals, polar=dict(ctx.polar_counts))
     if ctx.zero_rank_keys:
         warnings.warn(
             f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
@@ -194,7 +216,7 @@ def merge_layers(
     progress: bool = False,
     stats: dict | None = None,
     batch: str = "auto",
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    batch_bytes: int | None = None,
     **options,
 ) -> dict[str, Tensor]:
     """Merge ``tasks`` into ``base`` and return the merged state dict.
@@ -217,9 +239,11 @@ def merge_layers(
         progress: show a progress bar over keys.
         batch: ``"key"`` factorises one key's tasks per solver call; ``"shape"`` batches
             consecutive same-shape matrix keys (all layers of a ViT) into one call, up to
-            ``batch_bytes`` of stacked deltas; ``"auto"`` (default) is ``"shape"`` on a
-            GPU and ``"key"`` on a CPU. The result is the same either way.
-        stats: if a dict is given, it is filled with ``solver``, ``zero_rank_keys``,
+            ``batch_bytes`` of stacked deltas (``None``: a quarter of a GPU's free memory, 2 GiB
+            on a CPU); ``"auto"`` (default) is ``"shape"`` on a GPU and ``"key"`` on a CPU.
+            The result is the same either way.
+        stats: if a dict is given, it is filled with ``solver``, ``shape_batches`` (how many),
+            ``largest_batch_bytes`` (the largest one's stacked deltas), ``zero_rank_keys``,
             ``residuals`` (key → per-task relative error ‖τ − τ_k‖_F/‖τ‖_F of an
             approximate solver's top-k, measured at run time) and ``polar`` (how many
             polar factors Newton–Schulz gave and how many fell back to eigh).

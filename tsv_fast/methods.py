@@ -160,8 +160,9 @@ def _merge_tsv_batch(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequ
     # The exact solver's float64 factors are orthonormal per task, so the whitening can skip
     # the identity blocks of its Gram matrices; stored (compressed) factors are rounded.
     exact = ctx.solver in EXACT_SOLVERS and all(s.factors(key) is None for s in sources for key in keys)
-    batch = shape_batch_factors(sources, keys, bases, k, ctx.solver, ctx.device, ctx.residuals,
-                                float64_factors=exact)
+    with solvers.work_base(ctx.largest_batch_bytes or None):  # chunks sized by the largest batch
+        batch = shape_batch_factors(sources, keys, bases, k, ctx.solver, ctx.device, ctx.residuals,
+                                    float64_factors=exact)
     ranks = {tuple(f[1].shape[0] for f in factors) for factors in batch}
     if len(ranks) == 1:  # one batched whitening for all keys (stored factors may differ in rank)
         U, S, V = tsv_merge_batch(batch, orthonormal=exact, polar=ctx.options["polar"],

@@ -17,8 +17,10 @@ of each matrix, computed at run time so the error is reported, never guessed.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -276,6 +278,21 @@ CHEBYSHEV_STARTS = ("rayleigh-ritz", "estimate")
 # launches on a GPU (ViT-L/14, T = 20: 2.53 s with a quarter of the batch's bytes in Gram
 # matrices, 2.24 s with half).
 WORK_SHARE = 0.75
+# The bytes WORK_SHARE is a share of (None: the batch's own). A merge sets its largest shape
+# batch here, so a small shape (ViT-L/14's 1024² out_proj: 4 MB of deltas per matrix against
+# 16 MB of float64 work) is not cut into more, emptier chunks than the peak allows.
+_WORK_BASE: ContextVar[int | None] = ContextVar("work_base", default=None)
+
+
+@contextlib.contextmanager
+def work_base(nbytes: int | None) -> Iterator[None]:
+    """Within this block, subspace iteration sizes its chunks by ``WORK_SHARE`` of ``nbytes``
+    (the merge's largest shape batch) instead of each batch's own bytes."""
+    token = _WORK_BASE.set(nbytes)
+    try:
+        yield
+    finally:
+        _WORK_BASE.reset(token)
 # cap on the block ℓ (None: ℓ = 2k). "auto": on a GPU, the largest float64 ℓ×ℓ problem the
 # Jacobi kernel keeps in shared memory (118 on an H100/H200), or k + 10 where that is more
 # (beyond 118 the kernel runs from global memory). ViT-L/14 on an H200: T = 14, ℓ = 146: 3.71 s,
@@ -352,10 +369,7 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     vecs = torch.zeros(B, q, k, dtype=torch.float64, device=A.device)
     eigh = small_eigh or (_jacobi_eigh if A.is_cuda else torch.linalg.eigh)
     iterate = _chebyshev_iteration if filter == "chebyshev" else _power_iteration
-    # a WORK_SHARE of the batch's bytes in float64 work at a time (peak memory ≤ 2× the batch):
-    # per matrix G and ~9 ℓ-wide blocks while iterating, G and gram64's work while forming it
-    work = 8 * q * (q + max(9 * ell, _gram_extra_columns(p, q)))
-    chunk = max(1, int(B * p * q * X.element_size() * WORK_SHARE) // work)
+    chunk = subspace_chunk(B, p, q, ell, X.element_size())
     for start in range(0, B, chunk):
         part = _Batch(gram64(X[start:start + chunk]), theta[start:start + chunk], vecs[start:start + chunk],
                       k, tol, eigh)
@@ -374,6 +388,16 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     Qv, S = vecs.to(out_dtype), s.to(out_dtype)
     U, V = (Y, Qv) if tall else (Qv, Y)
     return TopK(U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), V.reshape(*lead, *V.shape[-2:]))
+
+
+def subspace_chunk(B: int, p: int, q: int, ell: int, element_size: int) -> int:
+    """How many of a batch's B matrices (p×q, short side q) subspace iteration takes at a time:
+    as many as keep their float64 work within ``WORK_SHARE`` of the batch's bytes, or of the
+    merge's largest batch (:func:`work_base`), so the peak stays under 2× a batch. Per matrix:
+    G and ~9 ℓ-wide blocks while iterating, G and gram64's work while forming it."""
+    work = 8 * q * (q + max(9 * ell, _gram_extra_columns(p, q)))
+    base_bytes = max(B * p * q * element_size, _WORK_BASE.get() or 0)
+    return max(1, int(base_bytes * WORK_SHARE) // work)
 
 
 class _Batch:
