@@ -39,7 +39,7 @@ import tsv_fast
 from timing import cpu_model
 from tsv_fast import methods, solvers, tsv
 from tsv_fast.keys import resolve_rank
-from tsv_fast.merge import DEFAULT_BATCH_BYTES, _shape_groups, _stacked_bytes
+from tsv_fast.merge import DEFAULT_BATCH_BYTES, plan_shape_batches, stacked_bytes
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 from tsv_fast.writer import parse_size
 
@@ -160,9 +160,8 @@ def solver_chunks(width: int, layers: int, patch: int, image: int, T: int, cap: 
     one = {k: v for k, v in clip_vit_base(width, 1, patch, image).items() if ".resblocks.0." in k}
     base = {k.replace(".resblocks.0.", f".resblocks.{i}."): torch.empty(v.shape, dtype=v.dtype, device="meta")
             for i in range(layers) for k, v in one.items()}
-    groups = list({id(g): g for g in _shape_groups(base, methods.get_method("tsv"), set(base), T, None, "shape",
-                                                   batch_bytes).values()}.values())
-    largest = max(len(g) * _stacked_bytes(base, g[0], T) for g in groups)
+    groups = plan_shape_batches(base, set(base), T, batch="shape", batch_bytes=batch_bytes)
+    largest = max(len(g) * stacked_bytes(base, g[0], T) for g in groups)
     calls = []
     for group in groups:
         shape = tuple(base[group[0]].shape)

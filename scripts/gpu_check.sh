@@ -20,11 +20,12 @@ REF_BLOCKS="${REF_BLOCKS:-2}"
 STAGES="${STAGES:-tests diag b32 l14 stages eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
-# Variants measured against d (BENCHMARKS.md, session 8), each the state before session 8 or a candidate:
+# Variants measured against d (BENCHMARKS.md, sessions 8–9), each the state before or a candidate:
+#   batch2g: 2 GiB shape batches (before session 9; now a quarter of free memory: whole shapes);
 #   jacobi512/1024: threads per Rayleigh–Ritz matrix (default 256); start-rr: a Rayleigh–Ritz step
 #   before the first filter; rr-tol0: Jacobi to machine precision; ns-gemm: Newton–Schulz XᵀX as one
-#   GEMM; batch8g: 8 GiB shape batches (fewer, fuller launches); minp4: ≥ 4 products per step
-L14_VARIANTS="${L14_VARIANTS:-d,jacobi512,jacobi1024,start-rr,rr-tol0,ns-gemm,batch8g}"
+#   GEMM; batch8g: 8 GiB shape batches; minp4: ≥ 4 products per step
+L14_VARIANTS="${L14_VARIANTS:-d,batch2g,jacobi512,jacobi1024,start-rr,rr-tol0,ns-gemm}"
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
 B32_VARIANTS="${B32_VARIANTS:-d,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
@@ -72,7 +73,8 @@ stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
     --ref-blocks "$REF_BLOCKS" --repeat 2 --device cuda --no-baselines --variants "$L14X_VARIANTS"  # more T, no float64 truth
 stage 40 eigh.md bash -c "$PY bench_eigh.py --device cuda --batch 90 --sizes 64 102 118 --threads 0 512 1024 &&
-    $PY bench_eigh.py --device cuda --batch 90 --sizes 102 --threads 0 512 1024 --kind nearly-diagonal"
+    $PY bench_eigh.py --device cuda --batch 90 --sizes 102 --threads 0 512 1024 --kind nearly-diagonal &&
+    $PY bench_eigh.py --device cuda --batch 379 --sizes 102 --threads 0 512 1024 --kind nearly-diagonal"  # whole-shape chunks
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
 for f in diag l14 stages gram polar b32 l14x eigh segmented; do

@@ -10,7 +10,7 @@ import torch
 import reference as ref
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
-from tsv_fast.merge import _shape_groups, _vector_groups
+from tsv_fast.merge import _shape_groups, _elementwise_groups, plan_shape_batches, stacked_bytes
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import (clip_vit_base, correlated_tasks, power_law_matrix, synthetic_finetuned,
@@ -409,9 +409,15 @@ def test_shape_batches_respect_the_byte_budget(deep_base):
     assert _shape_groups(deep_base, spec, keys, T, None, "auto", 1 << 40) == {}  # CPU tensors: per key
     assert _shape_groups(deep_base, get_method("ties"), keys, T, None, "shape", 1 << 40) == {}
     tasks = synthetic_finetuned(deep_base, T, seed=4)
-    small = tsv_fast.merge_layers(deep_base, tasks, batch="shape", batch_bytes=2 * one_key)
+    stats = {}
+    small = tsv_fast.merge_layers(deep_base, tasks, batch="shape", batch_bytes=2 * one_key, stats=stats)
     whole = tsv_fast.merge_layers(deep_base, tasks, batch="key")
     assert all(torch.allclose(small[k], whole[k], atol=1e-6, rtol=1e-5) for k in whole)
+    plan = plan_shape_batches(deep_base, keys, T, batch="shape", batch_bytes=2 * one_key)  # what --dry-run shows
+    assert plan == _runs(groups) and stats["shape_batches"] == len(plan)
+    assert stats["largest_batch_bytes"] == max(sum(stacked_bytes(deep_base, k, T) for k in g) for g in plan)
+    with pytest.raises(tsv_fast.TSVInputError, match="batch='key' forms none"):
+        tsv_fast.merge_layers(deep_base, tasks, batch="key", batch_bytes=2 * one_key)
 
 
 def _runs(groups: dict) -> list[list[str]]:
@@ -419,13 +425,15 @@ def _runs(groups: dict) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("method,alpha", [("tsv", 1.0), ("task_arithmetic", 0.3), ("mean", 0.7)])
-def test_non_matrix_keys_merge_at_once_as_key_by_key(deep_base, method, alpha):
-    """With shape batches, the biases, LayerNorm and embeddings of every block merge as one run of
-    multi-tensor ops: the same values as one key at a time, and the float64 definition's."""
+def test_elementwise_keys_merge_at_once_as_key_by_key(deep_base, method, alpha):
+    """With shape batches, the keys a method merges elementwise (TSV-M: biases, LayerNorm and
+    embeddings; Task Arithmetic and averaging: every key) merge as one run of multi-tensor ops:
+    the same values as one key at a time, and the float64 definition's."""
     T = 5
     tasks = synthetic_finetuned(deep_base, T, seed=11)
-    (run,) = _runs(_vector_groups(deep_base, get_method(method), set(deep_base), T, None, "shape", 1 << 40))
-    assert set(run) == {k for k, v in deep_base.items() if v.is_floating_point() and not is_matrix_key(k, v)}
+    (run,) = _runs(_elementwise_groups(deep_base, get_method(method), set(deep_base), T, None, "shape", 1 << 40))
+    assert set(run) == {k for k, v in deep_base.items()
+                        if v.is_floating_point() and not (method == "tsv" and is_matrix_key(k, v))}
     assert len(run) >= 8 * 4 and list(run) == [k for k in deep_base if k in run]  # 8 per block, in order
     options = {"solver": "randomized"} if method == "tsv" else {}  # the matrix keys are not under test here
     by_shape = tsv_fast.merge_layers(deep_base, tasks, method, alpha, batch="shape", **options)
@@ -438,21 +446,21 @@ def test_non_matrix_keys_merge_at_once_as_key_by_key(deep_base, method, alpha):
         assert ref.rel_err(ref.np64(by_shape[key]) - b, expected[key] - b) < 1e-5, key
 
 
-def test_non_matrix_runs_split_by_dtype_and_budget(deep_base):
+def test_elementwise_runs_split_by_dtype_and_budget(deep_base):
     """A run holds one dtype (its keys' outputs keep their own) and at most ``batch_bytes`` of
     stacked deltas; TIES trims each key alone and a CPU merge on "auto" goes key by key."""
     T = 3
     base = {k: (v.half() if k.endswith("ln_1.weight") else v) for k, v in deep_base.items()}
     tasks = [{k: v.to(base[k].dtype) for k, v in t.items()} for t in synthetic_finetuned(deep_base, T, seed=12)]
-    runs = _runs(_vector_groups(base, get_method("mean"), set(base), T, None, "shape", 1 << 40))
+    runs = _runs(_elementwise_groups(base, get_method("mean"), set(base), T, None, "shape", 1 << 40))
     assert sorted({base[k].dtype for k in run} == {torch.float16} for run in runs) == [False, True]
     assert all(len({base[k].dtype for k in run}) == 1 for run in runs)
     budget = sum(T * base[k].numel() * 4 for run in runs for k in run if "conv1" not in k) // 3  # float32 deltas
-    small = _runs(_vector_groups(base, get_method("mean"), set(base), T, None, "shape", budget))
+    small = _runs(_elementwise_groups(base, get_method("mean"), set(base), T, None, "shape", budget))
     assert len(small) > len(runs)
     assert all(sum(T * base[k].numel() * 4 for k in run) <= budget for run in small)
-    assert _vector_groups(base, get_method("mean"), set(base), T, None, "auto", 1 << 40) == {}  # CPU tensors
-    assert _vector_groups(base, get_method("ties"), set(base), T, None, "shape", 1 << 40) == {}
+    assert _elementwise_groups(base, get_method("mean"), set(base), T, None, "auto", 1 << 40) == {}  # CPU tensors
+    assert _elementwise_groups(base, get_method("ties"), set(base), T, None, "shape", 1 << 40) == {}
     by_shape = tsv_fast.merge_layers(base, tasks, "mean", batch="shape", batch_bytes=budget)
     by_key = tsv_fast.merge_layers(base, tasks, "mean", batch="key")
     expected = ref.merge(base, tasks, "mean", 1.0)

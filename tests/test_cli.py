@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import os
 import signal
 import subprocess
@@ -86,6 +87,13 @@ def test_dry_run_reads_headers_only(work, capsys):
     run("merge", *TASKS, "-o", "m", "--dry-run")
     text = capsys.readouterr().out
     assert "dry run" in text and "10 matrix keys" in text and "256x64: k=21" in text and "memory" in text
+    assert "working set (largest key" in text  # a CPU merge goes key by key
+    run("merge", *TASKS, "-o", "m", "--dry-run", "--batch", "shape")
+    whole = re.search(r"(\d+) shape batches, the largest ([\d.]+) KiB of stacked deltas", capsys.readouterr().out)
+    run("merge", *TASKS, "-o", "m", "--dry-run", "--batch", "shape", "--batch-bytes", "200KiB")
+    split = re.search(r"(\d+) shape batches, the largest ([\d.]+) KiB of stacked deltas", capsys.readouterr().out)
+    assert whole and split and int(whole.group(1)) == 4  # the 4 matrix shapes of a ViT block
+    assert float(split.group(2)) <= 200 < float(whole.group(2))  # the 256×64 keys (196 KiB each) go alone
     run("compress", *TASKS, "-o", "store", "--dry-run")
     assert "per task" in capsys.readouterr().out
     assert listing(work) == before
@@ -162,6 +170,8 @@ def test_merge_batch_bytes_flag_and_field_reach_the_merge(work, monkeypatch, cap
     assert seen == [1024, None, 64 << 20, None]  # None: resolve_batch_bytes (2 GiB on a CPU)
     a, b = load_file("small.safetensors"), load_file("default.safetensors")  # one key per batch, or all
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    run("merge", *TASKS, "-o", "key.safetensors", "--batch", "key", "--batch-bytes", "1GiB", expect=2)
+    assert "batch='key' forms none" in capsys.readouterr().err and not (work / "key.safetensors").exists()
     for bad in ("0", "1e400", "1.2.3GB", "automatic"):
         run("merge", *TASKS, "-o", "bad.safetensors", "--batch-bytes", bad, expect=2)
         assert "batch_bytes" in capsys.readouterr().err and not (work / "bad.safetensors").exists()

@@ -42,7 +42,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import BATCH_MODES, iter_merge
+from .merge import BATCH_MODES, iter_merge, plan_shape_batches, stacked_bytes
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
@@ -404,6 +404,8 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
             "matrix" if is_matrix_key(key, t) else "other"
         kinds[kind] += 1
     work, work_key = _working_set(base, [k for k in base if k in selected], job.method, T)
+    batches = plan_shape_batches(base, selected, T, job.method, _device(job.device), job.batch, job.batch_bytes)
+    largest = max((sum(stacked_bytes(base, k, T) for k in g) for g in batches), default=0)
     size = sum(e.nbytes for e in entries)
     shards = plan_shards(entries, job.max_shard_size)
     ckpt = base.nbytes()
@@ -420,9 +422,14 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
     where = job.output if job.output is not None else "(no -o given)"
     print(f"  output   {where}: {human_size(size)} in {len(shards)} file(s), dtype "
           f"{job.dtype or 'as the base'}")
-    print(f"  memory   ≈ {human_size(work)} working set (largest key {work_key}, all {T} tasks) + "
-          f"{human_size(_rss_mib() * 2**20)} Python/torch runtime; tensors are read and written one key at a "
-          f"time (loading every checkpoint first would need ≈ {human_size((T + 1) * ckpt + size)})")
+    if batches:  # a batch's stacked deltas, plus at most as much again while solving (the merge's bound)
+        held = (f"≈ {human_size(2 * largest)} working set at most ({len(batches)} shape batches, the largest "
+                f"{human_size(largest)} of stacked deltas)")
+    else:
+        held = f"≈ {human_size(work)} working set (largest key {work_key}, all {T} tasks)"
+    print(f"  memory   {held} + {human_size(_rss_mib() * 2**20)} Python/torch runtime; tensors are read and "
+          f"written one key{' batch' if batches else ''} at a time (loading every checkpoint first would "
+          f"need ≈ {human_size((T + 1) * ckpt + size)})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,15 +63,18 @@ def iter_merge(
     ``batch="shape"``), and the caller can write each result out as it comes. Arguments
     as in :func:`merge_layers`; all input checks run before the first key is yielded.
     """
+    if batch == "key" and batch_bytes is not None:
+        raise TSVInputError(f"batch_bytes={batch_bytes} sizes shape batches, and batch='key' forms none "
+                            "(use batch='shape' or 'auto')")
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     T = len(sources)
     batch_bytes = resolve_batch_bytes(batch_bytes, _merge_device(base, selected, ctx.device))
     groups = _shape_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
     # a run's keys share shape and dtype; groups maps every key of a run to it
-    ctx.largest_batch_bytes = max((len(g) * _stacked_bytes(base, g[0], T) for g in groups.values()), default=0)
-    vectors = _vector_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, vectors)
+    ctx.largest_batch_bytes = max((len(g) * stacked_bytes(base, g[0], T) for g in groups.values()), default=0)
+    elementwise = _elementwise_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise)
 
 
 def _batched(base, selected, device, batch: str) -> bool:
@@ -96,7 +99,7 @@ def _runs(base, keys, T: int, batch_bytes: int, run_of) -> dict[str, list[str]]:
     open_runs: dict[tuple, tuple[list[str], list[int]]] = {}  # run_of -> (keys, bytes) of the run being filled
     for key in keys:
         label = run_of(*tensor_meta(base, key, "base"))
-        item_bytes = _stacked_bytes(base, key, T)
+        item_bytes = stacked_bytes(base, key, T)
         run, size = open_runs.setdefault(label, ([], [0]))
         if run and size[0] + item_bytes > batch_bytes:
             run, size = open_runs[label] = ([], [0])
@@ -120,18 +123,33 @@ def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes:
     return _runs(base, keys, T, batch_bytes, lambda shape, dtype: (tuple(shape), dtype))
 
 
-def _vector_groups(base, spec, selected, T: int, device, batch: str, batch_bytes: int) -> dict[str, list[str]]:
-    """key → the run of non-matrix floating keys (biases, LayerNorm, embeddings) of one dtype
-    merged at once by multi-tensor ops (a ViT-L/14 has 192 such keys, each a few launches and
-    host syncs alone), when shape batches are on; runs as in :func:`_shape_groups`."""
-    if not _batched(base, selected, device, batch) or spec.merge_vectors is None:
+def _elementwise_groups(base, spec, selected, T: int, device, batch: str,
+                        batch_bytes: int) -> dict[str, list[str]]:
+    """key → the run of floating keys of one dtype that the method merges elementwise (TSV-M's
+    biases, LayerNorm and embeddings: 192 keys at ViT-L/14, each a few launches and host syncs
+    alone; every key for Task Arithmetic and averaging), merged at once by multi-tensor ops when
+    shape batches are on; runs as in :func:`_shape_groups`."""
+    if not _batched(base, selected, device, batch) or spec.merge_elementwise is None:
         return {}
     metas = {k: tensor_meta(base, k, "base") for k in base if k in selected}
-    keys = [k for k, (shape, dtype) in metas.items() if dtype.is_floating_point and not is_matrix_meta(k, shape, dtype)]
+    keys = [k for k, (shape, dtype) in metas.items() if dtype.is_floating_point
+            and not (spec.merge_group is not None and is_matrix_meta(k, shape, dtype))]
     return _runs(base, keys, T, batch_bytes, lambda shape, dtype: dtype)
 
 
-def _stacked_bytes(base, key: str, T: int) -> int:
+def plan_shape_batches(base: StateDict, selected: set[str], T: int, method: str = "tsv",
+                       device: torch.device | None = None, batch: str = "auto",
+                       batch_bytes: int | None = None) -> list[list[str]]:
+    """The shape batches (runs of keys, in order) a merge with these settings forms, from the
+    keys' shapes alone: for ``tsv-fast merge --dry-run`` and the benchmarks. Their stacked
+    deltas (:func:`stacked_bytes`) bound the merge's peak: ≤ 2× the largest batch's."""
+    device = _merge_device(base, selected, device)
+    groups = _shape_groups(base, get_method(method), selected, T, device, batch,
+                           resolve_batch_bytes(batch_bytes, device))
+    return list({id(g): g for g in groups.values()}.values())
+
+
+def stacked_bytes(base, key: str, T: int) -> int:
     """Bytes of ``key``'s deltas stacked for ``T`` tasks (float32; float64 for float64 keys)."""
     shape, dtype = tensor_meta(base, key, "base")
     return T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
@@ -158,11 +176,12 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
 
 
 @torch.no_grad()  # merging is not differentiable work: parameters that require grad are read as values
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, vectors):
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise):
     ready: dict[str, Tensor] = {}  # merged keys of the current batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
-        if (key in groups or key in vectors) and key not in ready:
-            group, merge = (groups[key], spec.merge_group) if key in groups else (vectors[key], spec.merge_vectors)
+        if (key in groups or key in elementwise) and key not in ready:
+            group, merge = (groups[key], spec.merge_group) if key in groups else \
+                (elementwise[key], spec.merge_elementwise)
             bases = [base[k] for k in group]
             if bad := nonfinite(bases):  # one host sync for the group's base tensors
                 checked_base_tensor(base, group[bad[0]])  # raises, naming the key

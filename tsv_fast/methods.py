@@ -49,7 +49,7 @@ class MergeMethod:
     options: dict  # option name -> default
     summary: str
     merge_group: GroupMergeFn | None = None  # several same-shape matrix keys at once (batch="shape")
-    merge_vectors: GroupMergeFn | None = None  # several non-matrix keys at once (batch="shape")
+    merge_elementwise: GroupMergeFn | None = None  # keys merged elementwise (not merge_group's), at once
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
@@ -218,11 +218,11 @@ def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCo
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in [
         MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "auto"}, "TSV-M (Gargiulo et al., CVPR 2025)",
-                    merge_group=merge_tsv_group, merge_vectors=merge_mean_group),
+                    merge_group=merge_tsv_group, merge_elementwise=merge_mean_group),
         MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt",
-                    merge_vectors=merge_task_arithmetic_group),
+                    merge_elementwise=merge_task_arithmetic_group),
         MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),
-        MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging", merge_vectors=merge_mean_group),
+        MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging", merge_elementwise=merge_mean_group),
     ]
 }
 
