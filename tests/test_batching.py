@@ -10,7 +10,7 @@ import torch
 import reference as ref
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
-from tsv_fast.merge import _shape_groups, _elementwise_groups, plan_shape_batches, stacked_bytes
+from tsv_fast.merge import ELEMENTWISE_RUN_BYTES, ELEMENTWISE_SETS, _plan, plan_shape_batches, stacked_bytes
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import (clip_vit_base, correlated_tasks, power_law_matrix, synthetic_finetuned,
@@ -402,12 +402,12 @@ def test_shape_batches_respect_the_byte_budget(deep_base):
     keys = set(deep_base)
     c_fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     one_key = T * deep_base[c_fc].numel() * 4
-    groups = _shape_groups(deep_base, spec, keys, T, None, "shape", 2 * one_key)
+    groups = _plan(deep_base, spec, keys, T, None, "shape", 2 * one_key)[0]
     assert len(groups[c_fc]) == 2  # 4 blocks in two batches
     assert all(sum(T * deep_base[k].numel() * 4 for k in g) <= 2 * one_key for g in groups.values())
     assert max(len(g) for g in groups.values()) == 4  # the smaller out_proj keys fit one batch
-    assert _shape_groups(deep_base, spec, keys, T, None, "auto", 1 << 40) == {}  # CPU tensors: per key
-    assert _shape_groups(deep_base, get_method("ties"), keys, T, None, "shape", 1 << 40) == {}
+    assert _plan(deep_base, spec, keys, T, None, "auto", 1 << 40) == ({}, {})  # CPU tensors: per key
+    assert _plan(deep_base, get_method("ties"), keys, T, None, "shape", 1 << 40) == ({}, {})
     tasks = synthetic_finetuned(deep_base, T, seed=4)
     stats = {}
     small = tsv_fast.merge_layers(deep_base, tasks, batch="shape", batch_bytes=2 * one_key, stats=stats)
@@ -425,18 +425,27 @@ def _runs(groups: dict) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("method,alpha", [("tsv", 1.0), ("task_arithmetic", 0.3), ("mean", 0.7)])
-def test_elementwise_keys_merge_at_once_as_key_by_key(deep_base, method, alpha):
+def test_elementwise_keys_merge_at_once_as_key_by_key(deep_base, method, alpha, monkeypatch):
     """With shape batches, the keys a method merges elementwise (TSV-M: biases, LayerNorm and
     embeddings; Task Arithmetic and averaging: every key) merge as one run of multi-tensor ops:
     the same values as one key at a time, and the float64 definition's."""
+    import dataclasses
+
+    from tsv_fast import methods
     T = 5
     tasks = synthetic_finetuned(deep_base, T, seed=11)
-    (run,) = _runs(_elementwise_groups(deep_base, get_method(method), set(deep_base), T, None, "shape", 1 << 40))
+    (run,) = _runs(_plan(deep_base, get_method(method), set(deep_base), T, None, "shape", 1 << 40)[1])
     assert set(run) == {k for k, v in deep_base.items()
                         if v.is_floating_point() and not (method == "tsv" and is_matrix_key(k, v))}
     assert len(run) >= 8 * 4 and list(run) == [k for k in deep_base if k in run]  # 8 per block, in order
+    calls = []
+    spec = methods.METHODS[method]
+    spied = dataclasses.replace(spec, merge_elementwise=lambda keys, *a: calls.append(list(keys))
+                                or spec.merge_elementwise(keys, *a))
+    monkeypatch.setitem(methods.METHODS, method, spied)
     options = {"solver": "randomized"} if method == "tsv" else {}  # the matrix keys are not under test here
     by_shape = tsv_fast.merge_layers(deep_base, tasks, method, alpha, batch="shape", **options)
+    assert calls == [run]  # the whole run in one call
     by_key = tsv_fast.merge_layers(deep_base, tasks, method, alpha, batch="key", **options)
     assert list(by_shape) == list(deep_base)
     expected = ref.merge(deep_base, tasks, method, alpha)
@@ -446,21 +455,26 @@ def test_elementwise_keys_merge_at_once_as_key_by_key(deep_base, method, alpha):
         assert ref.rel_err(ref.np64(by_shape[key]) - b, expected[key] - b) < 1e-5, key
 
 
-def test_elementwise_runs_split_by_dtype_and_budget(deep_base):
-    """A run holds one dtype (its keys' outputs keep their own) and at most ``batch_bytes`` of
-    stacked deltas; TIES trims each key alone and a CPU merge on "auto" goes key by key."""
+def test_elementwise_runs_split_by_dtype_and_budget(deep_base, monkeypatch):
+    """A run holds one dtype (its keys' outputs keep their own) and keys whose running sum (about
+    ELEMENTWISE_SETS float32 copies, whatever the number of tasks) fits ``batch_bytes`` and
+    ELEMENTWISE_RUN_BYTES; TIES trims each key alone and a CPU merge on "auto" goes key by key."""
+    from tsv_fast import merge
     T = 3
     base = {k: (v.half() if k.endswith("ln_1.weight") else v) for k, v in deep_base.items()}
     tasks = [{k: v.to(base[k].dtype) for k, v in t.items()} for t in synthetic_finetuned(deep_base, T, seed=12)]
-    runs = _runs(_elementwise_groups(base, get_method("mean"), set(base), T, None, "shape", 1 << 40))
+    runs = _runs(_plan(base, get_method("mean"), set(base), T, None, "shape", 1 << 40)[1])
     assert sorted({base[k].dtype for k in run} == {torch.float16} for run in runs) == [False, True]
     assert all(len({base[k].dtype for k in run}) == 1 for run in runs)
-    budget = sum(T * base[k].numel() * 4 for run in runs for k in run if "conv1" not in k) // 3  # float32 deltas
-    small = _runs(_elementwise_groups(base, get_method("mean"), set(base), T, None, "shape", budget))
-    assert len(small) > len(runs)
-    assert all(sum(T * base[k].numel() * 4 for k in run) <= budget for run in small)
-    assert _elementwise_groups(base, get_method("mean"), set(base), T, None, "auto", 1 << 40) == {}  # CPU tensors
-    assert _elementwise_groups(base, get_method("ties"), set(base), T, None, "shape", 1 << 40) == {}
+    assert runs == _runs(_plan(base, get_method("mean"), set(base), 50, None, "shape", 1 << 40)[1])  # any T
+    held = {k: ELEMENTWISE_SETS * base[k].numel() * 4 for k in base}  # float32 sums, deltas, copies, outputs
+    budget = sum(held[k] for run in runs for k in run if "conv1" not in k) // 3
+    small = _runs(_plan(base, get_method("mean"), set(base), T, None, "shape", budget)[1])
+    assert len(small) > len(runs) and all(sum(held[k] for k in run) <= budget for run in small)
+    monkeypatch.setattr(merge, "ELEMENTWISE_RUN_BYTES", budget)  # the cap whatever batch_bytes says
+    assert _runs(_plan(base, get_method("mean"), set(base), T, None, "shape", 1 << 40)[1]) == small
+    assert _plan(base, get_method("mean"), set(base), T, None, "auto", 1 << 40) == ({}, {})  # CPU tensors
+    assert _plan(base, get_method("ties"), set(base), T, None, "shape", 1 << 40)[1] == {}
     by_shape = tsv_fast.merge_layers(base, tasks, "mean", batch="shape", batch_bytes=budget)
     by_key = tsv_fast.merge_layers(base, tasks, "mean", batch="key")
     expected = ref.merge(base, tasks, "mean", 1.0)
@@ -558,8 +572,8 @@ def test_newton_schulz_refuses_a_matrix_whose_cholesky_fails_and_keeps_its_neigh
 
 
 def test_batch_bytes_auto_is_a_quarter_of_the_gpus_free_memory(monkeypatch):
-    """``batch_bytes=None``: 2 GiB on a CPU; on a GPU a quarter of its free memory (2 GiB at least),
-    so an H100/H200 holds every matrix of a shape in one batch at ViT-L/14, T = 20."""
+    """``batch_bytes=None``: 2 GiB on a CPU; on a GPU a quarter of its free memory, so an H100/H200
+    holds every matrix of a shape in one batch at ViT-L/14, T = 20, and a small card small ones."""
     from tsv_fast.merge import DEFAULT_BATCH_BYTES, resolve_batch_bytes
     GiB = 1 << 30
     asked = []
@@ -569,4 +583,4 @@ def test_batch_bytes_auto_is_a_quarter_of_the_gpus_free_memory(monkeypatch):
     assert resolve_batch_bytes(5 * GiB, cuda) == 5 * GiB  # given: kept
     assert resolve_batch_bytes(None, torch.device("cpu")) == DEFAULT_BATCH_BYTES == 2 * GiB and len(asked) == 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
-    assert resolve_batch_bytes(None, cuda) == 2 * GiB
+    assert resolve_batch_bytes(None, cuda) == GiB

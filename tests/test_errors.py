@@ -52,8 +52,8 @@ def test_nan_or_inf_in_a_task(base, bad):
 
 @pytest.mark.parametrize("batch", ["key", "shape"])
 def test_a_delta_that_overflows_is_named(base, batch):
-    """Finite weights whose difference from the base is not (float32 overflow): the batched
-    check (one for the shape batch of a.weight and b.weight) finds it and names the task and key."""
+    """Finite weights whose difference from the base is not (float32 overflow): the check of the
+    stacked deltas finds it and names the task and key (several keys at once: the test below)."""
     base["b.weight"] = torch.randn(6, 4)
     base["b.weight"][0, 0] = -3e38
     w = base["b.weight"].clone()
@@ -205,3 +205,22 @@ def test_a_task_sum_that_overflows_is_not_mistaken_for_nan():
     task = {"w": torch.full((3, 4), 1e308, dtype=torch.float64)}
     stacked = stack_deltas(as_sources(base, [task, task]), "w", base["w"])
     assert torch.equal(stacked, torch.full((2, 3, 4), 1e308, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("problem", ["nan", "overflow"])
+def test_a_bad_delta_in_a_shape_batch_names_its_task_and_key(problem, monkeypatch):
+    """A shape batch's stacked deltas are checked at once (key-major, one host sync): the error
+    still names the key and task at fault, not the batch's first ones."""
+    from tsv_fast import tsv
+    seen = []
+    check = tsv.check_stacked
+    monkeypatch.setattr(tsv, "check_stacked", lambda sources, keys, *a: seen.append(len(keys)) or check(sources, keys, *a))
+    base = {f"l{i}.weight": torch.randn(64, 8) for i in range(3)}
+    if problem == "overflow":
+        base["l2.weight"][3, 1] = -3e38
+    tasks = [finetuned(base) for _ in range(8)]
+    tasks[5]["l2.weight"][3, 1] = float("nan") if problem == "nan" else 3e38
+    match = " contains NaN or Inf" if problem == "nan" else ": its delta from the base overflows"
+    with pytest.raises(tsv_fast.TSVInputError, match=rf"task 'task5': key 'l2.weight'{match}"):
+        tsv_fast.merge_layers(base, tasks, batch="shape")
+    assert seen == [3]  # one check, for the three keys

@@ -423,8 +423,11 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
     print(f"  output   {where}: {human_size(size)} in {len(shards)} file(s), dtype "
           f"{job.dtype or 'as the base'}")
     if batches:  # a batch's stacked deltas, plus at most as much again while solving (the merge's bound)
+        batched = {k for g in batches for k in g}
+        waiting = sum(e.nbytes for e in entries if e.key in batched)  # merged keys held until their turn
         held = (f"≈ {human_size(2 * largest)} working set at most ({len(batches)} shape batches, the largest "
-                f"{human_size(largest)} of stacked deltas)")
+                f"{human_size(largest)} of stacked deltas) + up to {human_size(waiting)} of merged keys "
+                f"waiting for their turn")
     else:
         held = f"≈ {human_size(work)} working set (largest key {work_key}, all {T} tasks)"
     print(f"  memory   {held} + {human_size(_rss_mib() * 2**20)} Python/torch runtime; tensors are read and "

@@ -23,7 +23,7 @@ GPU_BATCH_SHARE = 0.25  # on a GPU: this share of the device's free memory (a me
 
 def resolve_batch_bytes(batch_bytes: int | None, device: torch.device) -> int:
     """The size of a shape batch: ``batch_bytes``, or for ``None`` (auto) a quarter of the free
-    memory of a CUDA device when the merge starts (2 GiB on a CPU, or when that is more).
+    memory of a CUDA device when the merge starts (2 GiB on a CPU).
 
     Larger batches mean fewer, fuller launches: every Rayleigh–Ritz step is one Jacobi launch
     per chunk of a batch, each about one CUDA block's latency (ViT-L/14, T = 20: 56 launches
@@ -35,7 +35,7 @@ def resolve_batch_bytes(batch_bytes: int | None, device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_BATCH_BYTES
     free, _ = torch.cuda.mem_get_info(device)
-    return max(DEFAULT_BATCH_BYTES, int(GPU_BATCH_SHARE * free))
+    return max(1, int(GPU_BATCH_SHARE * free))
 
 
 def iter_merge(
@@ -68,40 +68,55 @@ def iter_merge(
                             "(use batch='shape' or 'auto')")
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    T = len(sources)
-    batch_bytes = resolve_batch_bytes(batch_bytes, _merge_device(base, selected, ctx.device))
-    groups = _shape_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
-    # a run's keys share shape and dtype; groups maps every key of a run to it
-    ctx.largest_batch_bytes = max((len(g) * stacked_bytes(base, g[0], T) for g in groups.values()), default=0)
-    elementwise = _elementwise_groups(base, spec, selected, T, ctx.device, batch, batch_bytes)
+    stacked = sum(s.compressed is None for s in sources) or len(sources)  # tasks whose deltas are stacked
+    groups, elementwise = _plan(base, spec, selected, stacked, ctx.device, batch, batch_bytes)
+    ctx.largest_batch_bytes = max((_run_bytes(base, g, stacked) for g in _distinct(groups)), default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise)
 
 
-def _batched(base, selected, device, batch: str) -> bool:
-    """Whether ``batch`` asks for batches: ``"shape"``, or ``"auto"`` on a GPU, where batching
-    is the lever (on a CPU the solvers loop per matrix anyway: BENCHMARKS.md)."""
+def _plan(base, spec, selected, T: int, device, batch: str, batch_bytes: int | None) -> tuple[dict, dict]:
+    """(shape batches, elementwise runs), each a map key → its run of keys; none unless
+    ``batch`` is ``"shape"``, or ``"auto"`` on a GPU, where batching is the lever (on a CPU
+    the solvers loop per matrix anyway: BENCHMARKS.md)."""
     if batch not in BATCH_MODES:
         raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
-    return batch == "shape" or batch == "auto" and _merge_device(base, selected, device).type == "cuda"
+    where = device if device is not None else next(  # in base order: the first key's device decides
+        (base[k].device for k in base if k in selected and isinstance(base, dict)), torch.device("cpu"))
+    if batch == "key" or batch == "auto" and where.type != "cuda":
+        return {}, {}
+    batch_bytes = resolve_batch_bytes(batch_bytes, where)
+    metas = {k: tensor_meta(base, k, "base") for k in base if k in selected}
+
+    def home(key: str):  # keys on different devices never share a run
+        return device if device is not None or not isinstance(base, dict) else base[key].device
+
+    matrices = {k for k, (shape, dtype) in metas.items() if spec.merge_group is not None
+                and is_matrix_meta(k, shape, dtype)}
+    shape_keys = [k for k in metas if k in matrices]
+    elementwise_keys = [k for k, (_, dtype) in metas.items() if spec.merge_elementwise is not None
+                        and dtype.is_floating_point and k not in matrices]
+    shapes = _runs(shape_keys, batch_bytes, lambda k: (metas[k], home(k)), lambda k: stacked_bytes(base, k, T))
+    runs = _runs(elementwise_keys, min(batch_bytes, ELEMENTWISE_RUN_BYTES), lambda k: (metas[k][1], home(k)),
+                 lambda k: ELEMENTWISE_SETS * stacked_bytes(base, k, 1))
+    return shapes, runs
 
 
-def _merge_device(base, selected, device) -> torch.device:
-    """Where the merge computes: ``device``, or where the base's tensors are (lazily loaded
-    checkpoints are read to the CPU; in-memory ones tell their device)."""
-    return device if device is not None else next(
-        (base[k].device for k in selected if isinstance(base, dict)), torch.device("cpu"))
+# Elementwise runs (a running sum over tasks) hold about this many copies of their keys at once
+# (the sums, one task's deltas, its weights in the compute dtype, the outputs), whatever T, and at
+# most ELEMENTWISE_RUN_BYTES in all: multi-tensor ops pay where keys are many and small.
+ELEMENTWISE_SETS = 4
+ELEMENTWISE_RUN_BYTES = 256 << 20
 
 
-def _runs(base, keys, T: int, batch_bytes: int, run_of) -> dict[str, list[str]]:
-    """key → its run: consecutive ``keys`` with the same ``run_of(shape, dtype)``, as many as
-    fit ``batch_bytes`` of stacked deltas (runs of one key are left out)."""
+def _runs(keys: Sequence[str], budget: int, label_of, bytes_of) -> dict[str, list[str]]:
+    """key → its run: ``keys`` (in order) with the same ``label_of(key)``, grouped so that each
+    run's ``bytes_of`` sum stays within ``budget`` (runs of one key are left out)."""
     groups: dict[str, list[str]] = {}
-    open_runs: dict[tuple, tuple[list[str], list[int]]] = {}  # run_of -> (keys, bytes) of the run being filled
+    open_runs: dict = {}  # label -> (keys, [bytes]) of the run being filled
     for key in keys:
-        label = run_of(*tensor_meta(base, key, "base"))
-        item_bytes = stacked_bytes(base, key, T)
+        label, item_bytes = label_of(key), bytes_of(key)
         run, size = open_runs.setdefault(label, ([], [0]))
-        if run and size[0] + item_bytes > batch_bytes:
+        if run and size[0] + item_bytes > budget:
             run, size = open_runs[label] = ([], [0])
         run.append(key)
         size[0] += item_bytes
@@ -109,44 +124,23 @@ def _runs(base, keys, T: int, batch_bytes: int, run_of) -> dict[str, list[str]]:
     return {k: g for k, g in groups.items() if len(g) > 1}
 
 
-def _shape_groups(base, spec, selected, T: int, device, batch: str, batch_bytes: int) -> dict[str, list[str]]:
-    """key → the run of same-shape matrix keys whose top-k factors are found in one solver call.
-
-    ``"key"``: none (one key at a time, the least memory). ``"shape"``: keys of one shape
-    and dtype, in order (a ViT's blocks repeat 4 shapes), as many as fit ``batch_bytes``
-    of stacked float32 deltas; merged keys wait in memory until their turn to be yielded.
-    ``"auto"``: ``"shape"`` on a GPU, ``"key"`` on a CPU.
-    """
-    if not _batched(base, selected, device, batch) or spec.merge_group is None:
-        return {}
-    keys = [k for k in base if k in selected and is_matrix_meta(k, *tensor_meta(base, k, "base"))]
-    return _runs(base, keys, T, batch_bytes, lambda shape, dtype: (tuple(shape), dtype))
+def _distinct(groups: dict[str, list[str]]) -> list[list[str]]:
+    """The runs of a key → run map, each once, in order."""
+    return list({id(g): g for g in groups.values()}.values())
 
 
-def _elementwise_groups(base, spec, selected, T: int, device, batch: str,
-                        batch_bytes: int) -> dict[str, list[str]]:
-    """key → the run of floating keys of one dtype that the method merges elementwise (TSV-M's
-    biases, LayerNorm and embeddings: 192 keys at ViT-L/14, each a few launches and host syncs
-    alone; every key for Task Arithmetic and averaging), merged at once by multi-tensor ops when
-    shape batches are on; runs as in :func:`_shape_groups`."""
-    if not _batched(base, selected, device, batch) or spec.merge_elementwise is None:
-        return {}
-    metas = {k: tensor_meta(base, k, "base") for k in base if k in selected}
-    keys = [k for k, (shape, dtype) in metas.items() if dtype.is_floating_point
-            and not (spec.merge_group is not None and is_matrix_meta(k, shape, dtype))]
-    return _runs(base, keys, T, batch_bytes, lambda shape, dtype: dtype)
+def _run_bytes(base, run: Sequence[str], T: int) -> int:
+    return sum(stacked_bytes(base, k, T) for k in run)
 
 
 def plan_shape_batches(base: StateDict, selected: set[str], T: int, method: str = "tsv",
                        device: torch.device | None = None, batch: str = "auto",
                        batch_bytes: int | None = None) -> list[list[str]]:
-    """The shape batches (runs of keys, in order) a merge with these settings forms, from the
-    keys' shapes alone: for ``tsv-fast merge --dry-run`` and the benchmarks. Their stacked
-    deltas (:func:`stacked_bytes`) bound the merge's peak: ≤ 2× the largest batch's."""
-    device = _merge_device(base, selected, device)
-    groups = _shape_groups(base, get_method(method), selected, T, device, batch,
-                           resolve_batch_bytes(batch_bytes, device))
-    return list({id(g): g for g in groups.values()}.values())
+    """The shape batches (runs of same-shape matrix keys, in order) a merge with these settings
+    forms, from the keys' shapes alone: for ``tsv-fast merge --dry-run`` and the benchmarks.
+    The merge's peak beyond inputs and output is ≤ 2× the largest one's stacked deltas
+    (:func:`stacked_bytes`); merged keys wait for their turn to be yielded besides."""
+    return _distinct(_plan(base, get_method(method), selected, T, device, batch, batch_bytes)[0])
 
 
 def stacked_bytes(base, key: str, T: int) -> int:
@@ -197,7 +191,7 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
         else:
             yield key, b.to(out_dtype) if out_dtype is not None and is_mergeable(b) else b
     if stats is not None:
-        stats.update(solver=ctx.solver, shape_batches=len({id(g) for g in groups.values()}),
+        stats.update(solver=ctx.solver, shape_batches=len(_distinct(groups)),
                      largest_batch_bytes=ctx.largest_batch_bytes, zero_rank_keys=ctx.zero_rank_keys,
                      residuals=ctx.residuals, polar=dict(ctx.polar_counts))
     if ctx.zero_rank_keys:

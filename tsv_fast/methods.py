@@ -58,22 +58,24 @@ def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Te
 
 def _mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
                  device) -> list[Tensor]:
-    """Each key's mean task delta, as a running sum: two sets of the keys' tensors are alive
-    whatever the number of tasks, and each step is one multi-tensor op for all the keys (a few
-    GPU launches instead of a few per key: a ViT has hundreds of bias and LayerNorm keys).
+    """Each key's mean task delta, as a running sum: the sums and one task's deltas (with its
+    weights in the compute dtype) are alive whatever the number of tasks, and each step is one
+    multi-tensor op for all the keys (a few GPU launches instead of a few per key: a ViT has
+    hundreds of bias and LayerNorm keys).
 
     The first two deltas are added out of place: a task vector's delta may be the caller's own
     tensor, which must not be modified. NaN/Inf in any delta make the sums non-finite, so one
-    check of the sums (one host sync) finds them; only then is each task checked, for the error
-    naming it (a sum that overflowed from finite deltas is left to the output check)."""
+    check of the sums (one host sync) finds them; only then is each key checked, task by task,
+    for the error naming them (a sum that overflowed from finite deltas is left to the output
+    check)."""
     per_task = (s.deltas(keys, bases, device) for s in sources)
     totals = next(per_task)
     totals = torch._foreach_add(totals, next(per_task)) if len(sources) > 1 else [t.clone() for t in totals]
     for deltas in per_task:
         torch._foreach_add_(totals, deltas)
     if nonfinite(totals):
-        for s in sources:
-            for key, b in zip(keys, bases):
+        for key, b in zip(keys, bases):  # in key order, as one key at a time would find them
+            for s in sources:
                 s.delta(key, b, device)  # raises, naming the task, if its weights are not finite
     torch._foreach_div_(totals, len(sources))
     return totals

@@ -164,12 +164,10 @@ class TaskSource:
                device: torch.device | None = None) -> list[Tensor]:
         """:meth:`delta` of several keys, unchecked (``check=False``); fine-tuned weights are
         subtracted by one multi-tensor op, a few GPU launches for all the keys."""
-        if self.base is None or self.compressed is not None or not keys:
+        if self.base is None or self.compressed is not None:
             return [self.delta(key, b, device, check=False) for key, b in zip(keys, base_tensors)]
-        device = device or base_tensors[0].device
-        dtypes = [compute_dtype(b) for b in base_tensors]
-        return torch._foreach_sub([self.state[key].to(device, d) for key, d in zip(keys, dtypes)],
-                                  [b.to(device, d) for b, d in zip(base_tensors, dtypes)])
+        bases = [b.to(device or b.device, compute_dtype(b)) for b in base_tensors]
+        return torch._foreach_sub([self.state[key].to(b.device, b.dtype) for key, b in zip(keys, bases)], bases)
 
     def factors(self, key: str) -> Factors | None:
         """Stored TSV-C factors for ``key``, if this task is compressed and has them."""
