@@ -115,6 +115,7 @@ def _labelled(counter: StageCounter, owner, name: str, label: str):
 
 
 STAGES = [
+    (methods, "_add_mean_deltas", "0 elementwise keys"),
     (tsv, "stack_deltas", "1 stack deltas"),
     (tsv, "check_stacked", "1 stack deltas"),
     (solvers, "gram64", "2a float64 Gram"),
@@ -132,7 +133,7 @@ STAGES = [
 ]
 
 
-PER_KEY = {"0 other", "1 stack deltas", "4 reconstruct"}  # operators per key; the others per chunk
+PER_KEY = {"0 other", "0 elementwise keys", "1 stack deltas", "4 reconstruct"}  # operators per key; the others per chunk
 
 
 def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> StageCounter:

@@ -81,7 +81,9 @@ def _counting_steps(fn):
 def stage_breakdown(blocks, tvs, device, options) -> float:
     tsv.newton_schulz_whitening = _counting_steps(tsv.newton_schulz_whitening)
     hooks = [
+        (methods, "_add_mean_deltas", lambda a: "0 elementwise keys (means of deltas)"),
         (tsv, "stack_deltas", lambda a: "1 stack deltas"),
+        (tsv, "check_stacked", lambda a: "1 stack deltas: NaN/Inf check"),
         (methods, "shape_batch_factors", lambda a: "2 top-k factors (solver, all of it)"),
         (solvers, "gram64", lambda a: "2a float64 Gram " + _shape(a)),
         (torch.linalg, "eigh", lambda a: "2b/3b torch.linalg.eigh " + _shape(a)),
