@@ -162,7 +162,7 @@ def solver_chunks(width: int, layers: int, patch: int, image: int, T: int, cap: 
     base = {k.replace(".resblocks.0.", f".resblocks.{i}."): torch.empty(v.shape, dtype=v.dtype, device="meta")
             for i in range(layers) for k, v in one.items()}
     groups = plan_shape_batches(base, set(base), T, batch="shape", batch_bytes=batch_bytes)
-    largest = max(len(g) * stacked_bytes(base, g[0], T) for g in groups)
+    largest = max(stacked_bytes(base, g, T) for g in groups)
     calls = []
     for group in groups:
         shape = tuple(base[group[0]].shape)

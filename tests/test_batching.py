@@ -415,7 +415,8 @@ def test_shape_batches_respect_the_byte_budget(deep_base):
     assert all(torch.allclose(small[k], whole[k], atol=1e-6, rtol=1e-5) for k in whole)
     plan = plan_shape_batches(deep_base, keys, T, batch="shape", batch_bytes=2 * one_key)  # what --dry-run shows
     assert plan == _runs(groups) and stats["shape_batches"] == len(plan)
-    assert stats["largest_batch_bytes"] == max(sum(stacked_bytes(deep_base, k, T) for k in g) for g in plan)
+    assert stats["largest_batch_bytes"] == max(stacked_bytes(deep_base, g, T) for g in plan)
+    assert stats["largest_batch_bytes"] == 2 * one_key  # two c_fc keys of T float32 deltas
     with pytest.raises(tsv_fast.TSVInputError, match="batch='key' forms none"):
         tsv_fast.merge_layers(deep_base, tasks, batch="key", batch_bytes=2 * one_key)
 

@@ -405,7 +405,7 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
         kinds[kind] += 1
     work, work_key = _working_set(base, [k for k in base if k in selected], job.method, T)
     batches = plan_shape_batches(base, selected, T, job.method, _device(job.device), job.batch, job.batch_bytes)
-    largest = max((sum(stacked_bytes(base, k, T) for k in g) for g in batches), default=0)
+    largest = max((stacked_bytes(base, g, T) for g in batches), default=0)
     size = sum(e.nbytes for e in entries)
     shards = plan_shards(entries, job.max_shard_size)
     ckpt = base.nbytes()

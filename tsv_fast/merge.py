@@ -70,7 +70,7 @@ def iter_merge(
                                             device, options)
     stacked = sum(s.compressed is None for s in sources) or len(sources)  # tasks whose deltas are stacked
     groups, elementwise = _plan(base, spec, selected, stacked, ctx.device, batch, batch_bytes)
-    ctx.largest_batch_bytes = max((_run_bytes(base, g, stacked) for g in _distinct(groups)), default=0)
+    ctx.largest_batch_bytes = max((stacked_bytes(base, g, stacked) for g in _distinct(groups)), default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise)
 
 
@@ -95,9 +95,9 @@ def _plan(base, spec, selected, T: int, device, batch: str, batch_bytes: int | N
     shape_keys = [k for k in metas if k in matrices]
     elementwise_keys = [k for k, (_, dtype) in metas.items() if spec.merge_elementwise is not None
                         and dtype.is_floating_point and k not in matrices]
-    shapes = _runs(shape_keys, batch_bytes, lambda k: (metas[k], home(k)), lambda k: stacked_bytes(base, k, T))
+    shapes = _runs(shape_keys, batch_bytes, lambda k: (metas[k], home(k)), lambda k: stacked_bytes(base, [k], T))
     runs = _runs(elementwise_keys, min(batch_bytes, ELEMENTWISE_RUN_BYTES), lambda k: (metas[k][1], home(k)),
-                 lambda k: ELEMENTWISE_SETS * stacked_bytes(base, k, 1))
+                 lambda k: ELEMENTWISE_SETS * stacked_bytes(base, [k], 1))
     return shapes, runs
 
 
@@ -129,10 +129,6 @@ def _distinct(groups: dict[str, list[str]]) -> list[list[str]]:
     return list({id(g): g for g in groups.values()}.values())
 
 
-def _run_bytes(base, run: Sequence[str], T: int) -> int:
-    return sum(stacked_bytes(base, k, T) for k in run)
-
-
 def plan_shape_batches(base: StateDict, selected: set[str], T: int, method: str = "tsv",
                        device: torch.device | None = None, batch: str = "auto",
                        batch_bytes: int | None = None) -> list[list[str]]:
@@ -143,10 +139,13 @@ def plan_shape_batches(base: StateDict, selected: set[str], T: int, method: str 
     return _distinct(_plan(base, get_method(method), selected, T, device, batch, batch_bytes)[0])
 
 
-def stacked_bytes(base, key: str, T: int) -> int:
-    """Bytes of ``key``'s deltas stacked for ``T`` tasks (float32; float64 for float64 keys)."""
-    shape, dtype = tensor_meta(base, key, "base")
-    return T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
+def stacked_bytes(base, keys: Sequence[str], T: int) -> int:
+    """Bytes of the ``keys``' deltas stacked for ``T`` tasks (float32; float64 for float64 keys)."""
+    total = 0
+    for key in keys:
+        shape, dtype = tensor_meta(base, key, "base")
+        total += T * math.prod(shape) * (8 if dtype == torch.float64 else 4)
+    return total
 
 
 def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device, options):

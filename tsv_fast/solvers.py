@@ -273,26 +273,12 @@ CHEBYSHEV_STARTS = ("rayleigh-ritz", "estimate")
 # subspace_topk works on as many matrices at a time as keep its float64 working set (the Gram
 # matrix and ~9 ℓ-wide blocks per matrix, 8q(q + 9ℓ) bytes, fitted to device peaks measured on
 # an H200; or G and gram64's row chunk while forming it, where that is more: small ℓ) under
-# this share of the batch's bytes. A merge's peak is then about 1 + WORK_SHARE
+# this share of the batch's bytes (or of the merge's largest shape batch: work_base). A merge's
+# peak is then about 1 + WORK_SHARE
 # shape batches (the stacked deltas are the 1; target ≤ 2). More: fewer, fuller Rayleigh–Ritz
 # launches on a GPU (ViT-L/14, T = 20: 2.53 s with a quarter of the batch's bytes in Gram
 # matrices, 2.24 s with half).
 WORK_SHARE = 0.75
-# The bytes WORK_SHARE is a share of (None: the batch's own). A merge sets its largest shape
-# batch here, so a small shape (ViT-L/14's 1024² out_proj: 4 MB of deltas per matrix against
-# 16 MB of float64 work) is not cut into more, emptier chunks than the peak allows.
-_WORK_BASE: ContextVar[int | None] = ContextVar("work_base", default=None)
-
-
-@contextlib.contextmanager
-def work_base(nbytes: int | None) -> Iterator[None]:
-    """Within this block, subspace iteration sizes its chunks by ``WORK_SHARE`` of ``nbytes``
-    (the merge's largest shape batch) instead of each batch's own bytes."""
-    token = _WORK_BASE.set(nbytes)
-    try:
-        yield
-    finally:
-        _WORK_BASE.reset(token)
 # cap on the block ℓ (None: ℓ = 2k). "auto": on a GPU, the largest float64 ℓ×ℓ problem the
 # Jacobi kernel keeps in shared memory (118 on an H100/H200), or k + 10 where that is more
 # (beyond 118 the kernel runs from global memory). ViT-L/14 on an H200: T = 14, ℓ = 146: 3.71 s,
@@ -388,6 +374,23 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
     Qv, S = vecs.to(out_dtype), s.to(out_dtype)
     U, V = (Y, Qv) if tall else (Qv, Y)
     return TopK(U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), V.reshape(*lead, *V.shape[-2:]))
+
+
+# The bytes WORK_SHARE is a share of (None: the batch's own). A merge sets its largest shape
+# batch here, so a small shape (ViT-L/14's 1024² out_proj: 4 MB of deltas per matrix against
+# 16 MB of float64 work) is not cut into more, emptier chunks than the peak allows.
+_WORK_BASE: ContextVar[int | None] = ContextVar("work_base", default=None)
+
+
+@contextlib.contextmanager
+def work_base(nbytes: int | None) -> Iterator[None]:
+    """Within this block, subspace iteration sizes its chunks by ``WORK_SHARE`` of ``nbytes``
+    (the merge's largest shape batch) instead of each batch's own bytes."""
+    token = _WORK_BASE.set(nbytes)
+    try:
+        yield
+    finally:
+        _WORK_BASE.reset(token)
 
 
 def subspace_chunk(B: int, p: int, q: int, ell: int, element_size: int) -> int:
