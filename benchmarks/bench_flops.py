@@ -39,7 +39,7 @@ import tsv_fast
 from timing import cpu_model
 from tsv_fast import methods, solvers, tsv
 from tsv_fast.keys import resolve_rank
-from tsv_fast.merge import DEFAULT_BATCH_BYTES, plan_shape_batches, stacked_bytes
+from tsv_fast.merge import DEFAULT_BATCH_BYTES, plan_shape_batches
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 from tsv_fast.writer import parse_size
 
@@ -161,10 +161,10 @@ def solver_chunks(width: int, layers: int, patch: int, image: int, T: int, cap: 
     one = {k: v for k, v in clip_vit_base(width, 1, patch, image).items() if ".resblocks.0." in k}
     base = {k.replace(".resblocks.0.", f".resblocks.{i}."): torch.empty(v.shape, dtype=v.dtype, device="meta")
             for i in range(layers) for k, v in one.items()}
-    groups = plan_shape_batches(base, set(base), T, batch="shape", batch_bytes=batch_bytes)
-    largest = max(stacked_bytes(base, g, T) for g in groups)
+    batches = plan_shape_batches(base, T, batch="shape", batch_bytes=batch_bytes)
+    largest = max(nbytes for _, nbytes in batches)
     calls = []
-    for group in groups:
+    for group, _ in batches:
         shape = tuple(base[group[0]].shape)
         k = resolve_rank(shape, None, T)
         p, q = max(shape), min(shape)

@@ -16,8 +16,8 @@ from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import (clip_vit_base, correlated_tasks, power_law_matrix, synthetic_finetuned,
                                  synthetic_task_vectors)
 from tsv_fast.tsv import (block_gram, newton_schulz_polar, newton_schulz_whitening, polar_factor, polar_from_blocks,
-                          resolve_polar, scaled_newton_schulz_schedule, sigma_max_sq_bound, smallest_eigenvalue_estimate,
-                          whitening)
+                          resolve_polar, scaled_newton_schulz_schedule, shape_batch_factors, sigma_max_sq_bound,
+                          smallest_eigenvalue_estimate, whitening)
 
 
 def orthonormal_blocks(n, sizes, gen, overlap=0.0, dtype=torch.float64):
@@ -413,10 +413,10 @@ def test_shape_batches_respect_the_byte_budget(deep_base):
     small = tsv_fast.merge_layers(deep_base, tasks, batch="shape", batch_bytes=2 * one_key, stats=stats)
     whole = tsv_fast.merge_layers(deep_base, tasks, batch="key")
     assert all(torch.allclose(small[k], whole[k], atol=1e-6, rtol=1e-5) for k in whole)
-    plan = plan_shape_batches(deep_base, keys, T, batch="shape", batch_bytes=2 * one_key)  # what --dry-run shows
-    assert plan == _runs(groups) and stats["shape_batches"] == len(plan)
-    assert stats["largest_batch_bytes"] == max(stacked_bytes(deep_base, g, T) for g in plan)
-    assert stats["largest_batch_bytes"] == 2 * one_key  # two c_fc keys of T float32 deltas
+    plan = plan_shape_batches(deep_base, tasks, keys, batch="shape", batch_bytes=2 * one_key)  # what --dry-run shows
+    assert [run for run, _ in plan] == _runs(groups) and stats["shape_batches"] == len(plan)
+    assert all(nbytes == stacked_bytes(deep_base, run, T) for run, nbytes in plan)
+    assert stats["largest_batch_bytes"] == max(nbytes for _, nbytes in plan) == 2 * one_key  # two c_fc keys
     with pytest.raises(tsv_fast.TSVInputError, match="batch='key' forms none"):
         tsv_fast.merge_layers(deep_base, tasks, batch="key", batch_bytes=2 * one_key)
 
@@ -570,6 +570,38 @@ def test_newton_schulz_refuses_a_matrix_whose_cholesky_fails_and_keeps_its_neigh
     W, ok = newton_schulz_whitening(G, 1e-7, 2.0)
     assert ok.tolist() == [True, False] and torch.isfinite(W).all()
     torch.testing.assert_close(W[0], torch.eye(6, dtype=torch.float64) / 2 ** 0.5, rtol=1e-10, atol=1e-12)
+
+
+def test_compressed_tasks_are_not_counted_in_the_stacked_batches(monkeypatch):
+    """Compressed tasks give stored factors, so a shape batch stacks only the dense tasks' deltas:
+    the batches, the solver's sub-batches and the plan ``--dry-run`` shows are sized by those."""
+    from tsv_fast import methods
+    base = {f"l{i}.weight": torch.randn(4096, 32) for i in range(8)}
+    tasks = synthetic_finetuned(base, 8, seed=13)
+    mixed = [tasks[0], *tsv_fast.compress(base, tasks[1:])]  # 1 dense task, 7 compressed
+    one = 4096 * 32 * 4  # one key's stacked deltas: one dense task, float32
+    calls = []
+    monkeypatch.setattr(methods, "shape_batch_factors",
+                        lambda sources, keys, *a, **kw: calls.append(len(keys)) or shape_batch_factors(sources, keys, *a, **kw))
+    stats = {}
+    merged = tsv_fast.merge_layers(base, mixed, batch="shape", batch_bytes=8 * one, stats=stats)
+    assert stats["largest_batch_bytes"] == 8 * one  # one batch of the dense task's deltas
+    # solver calls of several keys (the whitening's float64 work sets how many): pricing each key's
+    # stack at all 8 tasks, as if none were compressed, left room for one key per call
+    assert sum(calls) == 8 and max(calls) > 1
+    plan = plan_shape_batches(base, mixed, batch="shape", batch_bytes=8 * one)
+    assert plan == [(list(base), 8 * one)]
+    by_key = tsv_fast.merge_layers(base, mixed, batch="key")
+    for key in base:
+        torch.testing.assert_close(merged[key], by_key[key], atol=1e-6, rtol=1e-5)
+
+
+def test_runs_never_mix_devices():
+    """Base tensors on two devices (here the CPU and ``meta``): each device's keys form their own runs."""
+    base = {"a.bias": torch.randn(8), "b.bias": torch.empty(8, device="meta"), "c.bias": torch.randn(8),
+            "d.bias": torch.empty(8, device="meta")}
+    _, runs = _plan(base, get_method("mean"), set(base), 2, None, "shape", 1 << 20)
+    assert _runs(runs) == [["a.bias", "c.bias"], ["b.bias", "d.bias"]]
 
 
 def test_batch_bytes_auto_is_a_quarter_of_the_gpus_free_memory(monkeypatch):

@@ -224,3 +224,15 @@ def test_a_bad_delta_in_a_shape_batch_names_its_task_and_key(problem, monkeypatc
     with pytest.raises(tsv_fast.TSVInputError, match=rf"task 'task5': key 'l2.weight'{match}"):
         tsv_fast.merge_layers(base, tasks, batch="shape")
     assert seen == [3]  # one check, for the three keys
+
+
+def test_nan_in_several_elementwise_keys_names_the_first_key_as_key_by_key():
+    """Two bad biases in one run of elementwise keys: the error names the first key in the base's
+    order (and its first bad task), as merging one key at a time does, not the first bad task."""
+    base = {"a.bias": torch.randn(8), "b.bias": torch.randn(8), "c.bias": torch.randn(8)}
+    tasks = [finetuned(base) for _ in range(3)]
+    tasks[2]["a.bias"][1] = float("nan")
+    tasks[0]["b.bias"][4] = float("inf")
+    for batch in ("key", "shape"):
+        with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task2': key 'a.bias' contains NaN or Inf"):
+            tsv_fast.merge_layers(base, tasks, method="mean", batch=batch)

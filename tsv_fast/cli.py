@@ -42,7 +42,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
-from .merge import BATCH_MODES, iter_merge, plan_shape_batches, stacked_bytes
+from .merge import BATCH_MODES, iter_merge, plan_shape_batches
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
@@ -368,7 +368,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                      exclude=job.exclude, prefix=job.prefix,
                      inputs={"base": _input_record([job.base])[0], "tasks": _input_record(job.tasks)})
     if job.dry_run:
-        _merge_plan(args, job, base, entries, selected, ranks, alpha, T)
+        _merge_plan(args, job, base, tasks, entries, selected, ranks, alpha)
         return 0
     start = time.perf_counter()
     written = write_safetensors(job.output, entries, merged, metadata={"format": "pt", "tsv_fast": json.dumps(record)},
@@ -396,7 +396,8 @@ def _merge_ranks(base, selected, job: MergeJob, T: int) -> dict[str, int]:
     return ranks
 
 
-def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -> None:
+def _merge_plan(args, job: MergeJob, base, tasks, entries, selected, ranks, alpha) -> None:
+    T = len(tasks)
     kinds = {"matrix": 0, "other": 0, "copied": 0}
     for key in base:
         t = _meta_tensor(base, key)
@@ -404,8 +405,8 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
             "matrix" if is_matrix_key(key, t) else "other"
         kinds[kind] += 1
     work, work_key = _working_set(base, [k for k in base if k in selected], job.method, T)
-    batches = plan_shape_batches(base, selected, T, job.method, _device(job.device), job.batch, job.batch_bytes)
-    largest = max((stacked_bytes(base, g, T) for g in batches), default=0)
+    batches = plan_shape_batches(base, tasks, selected, job.method, _device(job.device), job.batch, job.batch_bytes)
+    largest = max((nbytes for _, nbytes in batches), default=0)
     size = sum(e.nbytes for e in entries)
     shards = plan_shards(entries, job.max_shard_size)
     ckpt = base.nbytes()
@@ -423,7 +424,7 @@ def _merge_plan(args, job: MergeJob, base, entries, selected, ranks, alpha, T) -
     print(f"  output   {where}: {human_size(size)} in {len(shards)} file(s), dtype "
           f"{job.dtype or 'as the base'}")
     if batches:  # a batch's stacked deltas, plus at most as much again while solving (the merge's bound)
-        batched = {k for g in batches for k in g}
+        batched = {k for keys, _ in batches for k in keys}
         waiting = sum(e.nbytes for e in entries if e.key in batched)  # merged keys held until their turn
         held = (f"≈ {human_size(2 * largest)} working set at most ({len(batches)} shape batches, the largest "
                 f"{human_size(largest)} of stacked deltas) + up to {human_size(waiting)} of merged keys "

@@ -14,7 +14,7 @@ from .errors import TSVInputError, TSVRankWarning
 from .keys import is_matrix_meta, is_mergeable, select_keys
 from .methods import KeyContext, get_method
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources, checked_base_tensor, nonfinite, tensor_meta
+from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, nonfinite, tensor_meta
 
 BATCH_MODES = ("auto", "key", "shape")
 DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch on a CPU (batch="shape")
@@ -68,18 +68,25 @@ def iter_merge(
                             "(use batch='shape' or 'auto')")
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
-    stacked = sum(s.compressed is None for s in sources) or len(sources)  # tasks whose deltas are stacked
+    stacked = _stacked_tasks(tasks)
     groups, elementwise = _plan(base, spec, selected, stacked, ctx.device, batch, batch_bytes)
     ctx.largest_batch_bytes = max((stacked_bytes(base, g, stacked) for g in _distinct(groups)), default=0)
     return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise)
 
 
+def _stacked_tasks(tasks: Sequence[Task]) -> int:
+    """How many tasks' deltas a shape batch stacks: the dense ones (compressed tasks give their
+    stored factors), or all of them when every task is compressed."""
+    return sum(not isinstance(t, CompressedTask) for t in tasks) or len(tasks)
+
+
 def _plan(base, spec, selected, T: int, device, batch: str, batch_bytes: int | None) -> tuple[dict, dict]:
     """(shape batches, elementwise runs), each a map key → its run of keys; none unless
     ``batch`` is ``"shape"``, or ``"auto"`` on a GPU, where batching is the lever (on a CPU
-    the solvers loop per matrix anyway: BENCHMARKS.md)."""
+    the solvers loop per matrix anyway: BENCHMARKS.md). ``T``: the tasks whose deltas are stacked."""
     if batch not in BATCH_MODES:
         raise TSVInputError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+    device = torch.device(device) if device is not None else None
     where = device if device is not None else next(  # in base order: the first key's device decides
         (base[k].device for k in base if k in selected and isinstance(base, dict)), torch.device("cpu"))
     if batch == "key" or batch == "auto" and where.type != "cuda":
@@ -129,14 +136,17 @@ def _distinct(groups: dict[str, list[str]]) -> list[list[str]]:
     return list({id(g): g for g in groups.values()}.values())
 
 
-def plan_shape_batches(base: StateDict, selected: set[str], T: int, method: str = "tsv",
-                       device: torch.device | None = None, batch: str = "auto",
-                       batch_bytes: int | None = None) -> list[list[str]]:
-    """The shape batches (runs of same-shape matrix keys, in order) a merge with these settings
-    forms, from the keys' shapes alone: for ``tsv-fast merge --dry-run`` and the benchmarks.
-    The merge's peak beyond inputs and output is ≤ 2× the largest one's stacked deltas
-    (:func:`stacked_bytes`); merged keys wait for their turn to be yielded besides."""
-    return _distinct(_plan(base, get_method(method), selected, T, device, batch, batch_bytes)[0])
+def plan_shape_batches(base: StateDict, tasks: Sequence[Task] | int, selected: set[str] | None = None,
+                       method: str = "tsv", device: str | torch.device | None = None, batch: str = "auto",
+                       batch_bytes: int | None = None) -> list[tuple[list[str], int]]:
+    """The shape batches a merge of ``tasks`` (or of that many dense tasks) with these settings
+    forms, from the keys' shapes alone: each batch's keys, in order, and its stacked deltas in
+    bytes. For ``tsv-fast merge --dry-run`` and the benchmarks: the merge's peak beyond inputs
+    and output is ≤ 2× the largest batch's bytes (merged keys wait for their turn besides)."""
+    T = tasks if isinstance(tasks, int) else _stacked_tasks(tasks)
+    selected = set(base) if selected is None else selected
+    runs = _distinct(_plan(base, get_method(method), selected, T, device, batch, batch_bytes)[0])
+    return [(run, stacked_bytes(base, run, T)) for run in runs]
 
 
 def stacked_bytes(base, keys: Sequence[str], T: int) -> int:

@@ -113,16 +113,17 @@ def merge_tsv(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCon
 PEAK_SHARE = 1.9
 
 
-def tsv_key_bytes(shape: Sequence[int], k: int, T: int, element_size: int = 4) -> int:
+def tsv_key_bytes(shape: Sequence[int], k: int, T: int, element_size: int = 4, stacked: int | None = None) -> int:
     """Peak bytes one key adds to a TSV-M shape batch, the larger of its two phases (fitted with
-    :func:`tsv_fast.memory.peak_tensor_bytes` on the GPU route): finding the factors (its T
-    stacked deltas, ``solvers.WORK_SHARE`` of them in float64 work, the short-side vectors) and
-    whitening (float64 factors, results in the keys' dtype, the polar factors' float64 temporaries: the
-    concatenations and about ten c×c matrices, c = T·k). The second dominates for few tasks
-    (c stays about the width while the stack shrinks with T) and for square keys."""
+    :func:`tsv_fast.memory.peak_tensor_bytes` on the GPU route): finding the factors (the stacked
+    deltas of its ``stacked`` dense tasks, default all T; ``solvers.WORK_SHARE`` of them in
+    float64 work, the short-side vectors) and whitening (float64 factors, results in the keys'
+    dtype, the polar factors' float64 temporaries: the concatenations and about ten c×c
+    matrices, c = T·k). The second dominates for few tasks (c stays about the width while the
+    stack shrinks with T) and for square keys."""
     m, n = max(shape), min(shape)
     c = k * T
-    stack = element_size * m * n * T
+    stack = element_size * m * n * (T if stacked is None else stacked)
     find = stack * (1 + solvers.WORK_SHARE) + 8 * n * c
     whiten = (12 + element_size) * (m + n) * c + 80 * c * c
     return int(max(find, whiten))
@@ -149,7 +150,8 @@ def merge_tsv_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Seque
     if k == 0:
         ctx.zero_rank_keys.extend(keys)
         return [b.clone() for b in bases]
-    per_key = tsv_key_bytes(bases[0].shape, k, len(sources), compute_dtype(bases[0]).itemsize)
+    stacked = sum(all(s.factors(key) is None for key in keys) for s in sources)  # compressed: stored factors
+    per_key = tsv_key_bytes(bases[0].shape, k, len(sources), compute_dtype(bases[0]).itemsize, stacked)
     merged: list[Tensor] = []
     budget = PEAK_SHARE * ctx.largest_batch_bytes if ctx.largest_batch_bytes else None
     for part in _sub_batches(keys, per_key, budget):

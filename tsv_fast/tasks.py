@@ -164,7 +164,7 @@ class TaskSource:
                device: torch.device | None = None) -> list[Tensor]:
         """:meth:`delta` of several keys, unchecked (``check=False``); fine-tuned weights are
         subtracted by one multi-tensor op, a few GPU launches for all the keys."""
-        if self.base is None or self.compressed is not None:
+        if self.base is None or self.compressed is not None or not keys:
             return [self.delta(key, b, device, check=False) for key, b in zip(keys, base_tensors)]
         bases = [b.to(device or b.device, compute_dtype(b)) for b in base_tensors]
         return torch._foreach_sub([self.state[key].to(b.device, b.dtype) for key, b in zip(keys, bases)], bases)
