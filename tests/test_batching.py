@@ -611,9 +611,13 @@ def test_batch_bytes_auto_is_a_quarter_of_the_gpus_free_memory(monkeypatch):
     GiB = 1 << 30
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (40 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 9 * GiB)  # the allocator's cache:
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * GiB)  # 4 GiB of it unused
     cuda = torch.device("cuda")
-    assert resolve_batch_bytes(None, cuda) == 10 * GiB and asked == [cuda]
+    assert resolve_batch_bytes(None, cuda) == 11 * GiB and asked == [cuda]  # (40 + 4) / 4
     assert resolve_batch_bytes(5 * GiB, cuda) == 5 * GiB  # given: kept
     assert resolve_batch_bytes(None, torch.device("cpu")) == DEFAULT_BATCH_BYTES == 2 * GiB and len(asked) == 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     assert resolve_batch_bytes(None, cuda) == GiB

@@ -23,7 +23,8 @@ GPU_BATCH_SHARE = 0.25  # on a GPU: this share of the device's free memory (a me
 
 def resolve_batch_bytes(batch_bytes: int | None, device: torch.device) -> int:
     """The size of a shape batch: ``batch_bytes``, or for ``None`` (auto) a quarter of the free
-    memory of a CUDA device when the merge starts (2 GiB on a CPU).
+    memory of a CUDA device when the merge starts, counting what PyTorch's allocator holds
+    unused (2 GiB on a CPU).
 
     Larger batches mean fewer, fuller launches: every Rayleigh–Ritz step is one Jacobi launch
     per chunk of a batch, each about one CUDA block's latency (ViT-L/14, T = 20: 56 launches
@@ -35,7 +36,8 @@ def resolve_batch_bytes(batch_bytes: int | None, device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_BATCH_BYTES
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, int(GPU_BATCH_SHARE * free))
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free to this process too
+    return max(1, int(GPU_BATCH_SHARE * (free + cached)))
 
 
 def iter_merge(
