@@ -188,11 +188,12 @@ def main() -> None:
     p.add_argument("--peak-f32", type=float, default=67.0, help="float32 (non-TF32) TFLOP/s of the card")
     args = p.parse_args()
     width, layers, patch, image = CLIP_VITS[args.model]
-    base = clip_vit_base(width, args.blocks + 1, patch, image)
+    base = clip_vit_base(width, min(args.blocks + 1, layers), patch, image)
     blocks = {k: v for k, v in base.items() if ".resblocks." in k}
     first = {k: v for k, v in blocks.items() if f".resblocks.{args.blocks}." not in k}
     counter = count_merge(first, args.tasks, args.cap or None, args.batch_bytes)
-    more = count_merge(blocks, args.tasks, args.cap or None, args.batch_bytes)  # one block more: the per-block increment
+    # one block more: the per-block increment (none needed when every block is counted)
+    more = count_merge(blocks, args.tasks, args.cap or None, args.batch_bytes) if args.blocks < layers else counter
     scale = layers / args.blocks
 
     def count(stage: str, what: str) -> int:
@@ -202,7 +203,8 @@ def main() -> None:
 
     print(f"# counted on {cpu_model()}, torch {torch.__version__}; {args.model}, T = {args.tasks}, GPU route of "
           f"exact TSV-M (ℓ cap {args.cap or 'none'}, WORK_SHARE {solvers.WORK_SHARE}); {args.blocks} blocks "
-          f"counted (and {args.blocks + 1} for the per-key stages' increment), arithmetic ×{scale:g} for {layers}; "
+          f"counted{f' (and {args.blocks + 1} for the per-key stages increment)' if args.blocks < layers else ''}, "
+          f"arithmetic ×{scale:g} for {layers}; "
           f"shape batches of {args.batch_bytes / 2**30:g} GiB\n")
     print("| stage | float64 TFLOP | float32 TFLOP | floor (ms) | operators | host syncs | eigh calls |")
     print("|---|---|---|---|---|---|---|")
