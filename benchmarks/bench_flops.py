@@ -226,12 +226,12 @@ def main() -> None:
     counted = solver_chunks(width, args.blocks, patch, image, args.tasks, args.cap or None, args.batch_bytes)
     whole = solver_chunks(width, layers, patch, image, args.tasks, args.cap or None, args.batch_bytes)
     n_counted = sum(-(-B // c) for _, B, c in counted)
-    steps = total["eigh"] / n_counted
+    steps = count("2b Rayleigh–Ritz", "eigh") / n_counted  # (the polar factors' eigh fallbacks aside)
     print(f"\nChunks of subspace iteration (each takes its Rayleigh–Ritz steps as one Jacobi launch per step; "
           f"{steps:.2f} steps per chunk as counted on {args.blocks} blocks):\n")
     print("| blocks | shape | matrices per call | matrices per chunk | chunks |")
     print("|---|---|---|---|---|")
-    for label, calls in ((args.blocks, counted), (layers, whole)):
+    for label, calls in ((args.blocks, counted), (layers, whole))[args.blocks >= layers:]:
         for shape, B, chunk in calls:
             print(f"| {label} | {shape[0]}×{shape[1]} | {B} | {chunk} | {-(-B // chunk)} |")
     n_whole = sum(-(-B // c) for _, B, c in whole)
