@@ -58,7 +58,7 @@ def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Te
 
 def _mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
                  device) -> list[Tensor]:
-    """Each key's mean task delta, as a running sum: the sums and one task's deltas (with its
+    """Each key's mean task delta (``bases`` in the compute dtype, on ``device``), as a running sum: the sums and one task's deltas (with its
     weights in the compute dtype) are alive whatever the number of tasks, and each step is one
     multi-tensor op for all the keys (a few GPU launches instead of a few per key: a ViT has
     hundreds of bias and LayerNorm keys).
@@ -83,9 +83,10 @@ def _mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence
 
 def _add_mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
                      device, alpha: float) -> list[Tensor]:
-    """``base + α · mean τt`` for each key, in the deltas' compute dtype."""
-    deltas = _mean_deltas(keys, bases, sources, device)
-    return torch._foreach_add([b.to(d.dtype) for b, d in zip(bases, deltas)], deltas, alpha=alpha)
+    """``base + α · mean τt`` for each key, in the compute dtype. The bases are converted once
+    here, not once per task (float16/bfloat16 models)."""
+    bases = [b.to(device or b.device, compute_dtype(b)) for b in bases]
+    return torch._foreach_add(bases, _mean_deltas(keys, bases, sources, device), alpha=alpha)
 
 
 def merge_mean_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
