@@ -117,3 +117,18 @@ def test_scalar_keys_and_independent_storage(small_base, small_tasks):
     for c in compressed:
         for t in [x for f in c.factors.values() for x in f] + list(c.deltas.values()):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 48)])  # 64×64: the exact solver's subspace route
+@pytest.mark.parametrize("kw", [dict(rank=0), dict(rank=0.01), dict(num_tasks=100)])
+def test_rank_zero_keys_warn_and_store_nothing(shape, kw):
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(*shape, generator=gen), "b": torch.randn(shape[0], generator=gen)}
+    tasks = [{k: v + 1e-2 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
+    with pytest.warns(tsv_fast.TSVRankWarning, match="'w'"):
+        stored = tsv_fast.compress(base, tasks, **kw)
+    for task, ft in zip(stored, tasks):
+        assert "w" not in task.factors and "b" in task.deltas  # the bias is still stored
+        rebuilt = task.apply(base)
+        torch.testing.assert_close(rebuilt["w"], base["w"], rtol=0, atol=0)  # rank 0: the base
+        torch.testing.assert_close(rebuilt["b"], ft["b"])

@@ -161,6 +161,66 @@ def test_zero_rank_warns_and_keeps_base():
     assert not torch.equal(merged["big"], base["big"])
 
 
+def _tsv_m_of_nonzero_directions(taus, k, dtype=torch.float32):
+    """TSV-M over each task's top-k triplets whose s is not zero to the inputs' precision (README:
+    s > max(1e-7, 4·eps·√max(m, n))·s1): such a triplet carries nothing, and its singular
+    vectors are any basis of a null space."""
+    cut = max(1e-7, 4 * torch.finfo(dtype).eps * max(taus[0].shape) ** 0.5)
+    parts = [ref.top_k(t, k) for t in taus]
+    keep = [p[1] > cut * p[1][0] if p[1][0] > 0 else np.zeros_like(p[1], bool) for p in parts]
+    U = np.concatenate([p[0][:, c] for p, c in zip(parts, keep)], axis=1)
+    S = np.concatenate([p[1][c] for p, c in zip(parts, keep)])
+    V = np.concatenate([p[2][:, c] for p, c in zip(parts, keep)], axis=1)
+    return ref.whiten(U) @ np.diag(S) @ ref.whiten(V).T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", ["exact", "subspace", "eigh", "svd"])
+@pytest.mark.parametrize("batch", ["key", "shape"])
+def test_rank_deficient_and_zero_tasks_merge_only_their_directions(solver, batch, dtype):
+    """LoRA-style tasks of rank 6 < k = 16 and a task that left the key unchanged: the merge
+    must not depend on the null-space vectors a solver happens to return (it did: 0.42 off)."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, T, r = 96, 64, 4, 6
+    base = {"w": torch.randn(m, n, generator=gen, dtype=dtype), "v": torch.randn(n, m, generator=gen, dtype=dtype)}
+    taus = [1e-2 * torch.randn(m, r, generator=gen, dtype=dtype) @ torch.randn(r, n, generator=gen, dtype=dtype)
+            for _ in range(T - 1)]
+    taus.append(torch.zeros(m, n, dtype=dtype))
+    tasks = [{"w": base["w"] + t, "v": base["v"] + t.T} for t in taus]
+    merged = tsv_fast.merge_layers(base, tasks, solver=solver, batch=batch)
+    k = n // T
+    want = _tsv_m_of_nonzero_directions([ref.np64(tk["w"] - base["w"]) for tk in tasks], k, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    assert ref.rel_err(ref.np64(merged["w"] - base["w"]), want) < tol
+    assert ref.rel_err(ref.np64(merged["v"] - base["v"]), want.T) < tol  # the transposed key agrees
+    pair = [tasks[0], tasks[-1]]  # one task and a zero one: the first task's own top-k part
+    alone = tsv_fast.merge_layers(base, pair, solver=solver, batch=batch, rank=k)
+    assert ref.rel_err(ref.np64(alone["w"] - base["w"]), ref.np64(tasks[0]["w"] - base["w"])) < tol
+
+
+def test_rank_deficient_compressed_tasks_merge_like_dense_ones():
+    gen = torch.Generator().manual_seed(12)
+    base = {"w": torch.randn(80, 64, generator=gen)}
+    tasks = [{"w": base["w"] + 1e-2 * torch.randn(80, 5, generator=gen) @ torch.randn(5, 64, generator=gen)}
+             for _ in range(4)]
+    stored = tsv_fast.compress(base, tasks)  # k = 16 stored: 11 of them zero directions
+    want = _tsv_m_of_nonzero_directions([ref.np64(t["w"] - base["w"]) for t in tasks], 16)
+    for source in (tasks, stored):
+        merged = tsv_fast.merge_layers(base, source)
+        assert ref.rel_err(ref.np64(merged["w"] - base["w"]), want) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
+def test_wider_out_dtype_is_not_rounded_to_the_base_dtype(small_base, small_tasks, dtype, method):
+    base = {k: v.to(dtype) for k, v in small_base.items()}
+    tasks = [{k: v.to(dtype) for k, v in t.items()} for t in small_tasks]
+    merged = tsv_fast.merge_layers(base, tasks, method=method, out_dtype=torch.float32)
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    # the reference sees the same rounded inputs; bf16 rounding of Δ would be ~4e-3 off
+    assert deltas_vs_reference(base, merged, ref.merge(base, tasks, method, tsv_fast.METHODS[method].default_alpha)) < 1e-4
+
+
 def test_integer_buffers_are_copied_from_base():
     base = {"w": torch.randn(8, 8), "position_ids": torch.arange(8)}
     tasks = [{"w": base["w"] + 0.1, "position_ids": torch.arange(8)} for _ in range(2)]

@@ -69,6 +69,13 @@ def test_randomized_on_a_steep_spectrum_and_low_rank_input():
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("shape", [(3, 80, 70), (2, 40, 96)])
+def test_rank_zero_gives_empty_factors(solver, shape):
+    U, S, V, _ = SOLVERS[solver](torch.randn(*shape), 0)
+    assert U.shape == (*shape[:-1], 0) and S.shape == (shape[0], 0) and V.shape == (shape[0], shape[-1], 0)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_zero_matrix_gives_zero_factors(solver):
     U, S, V, _ = SOLVERS[solver](torch.zeros(2, 40, 30), 5)
     assert torch.isfinite(U).all() and torch.isfinite(V).all() and (S == 0).all()

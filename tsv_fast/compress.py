@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import TSVInputError
+from .errors import TSVInputError, TSVRankWarning
 from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank, select_keys
 from .solvers import get_solver
 from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, stack_deltas
@@ -67,6 +68,7 @@ def compress(
     selected = select_keys(base, include, exclude)
     dev = torch.device(device) if device is not None else None
     out = [CompressedTask(s.name) for s in sources]
+    zero_rank: list[str] = []
     for key in tqdm(list(base), desc="compress", disable=not progress, unit="key"):
         b = checked_base_tensor(base, key) if dev is None else checked_base_tensor(base, key).to(dev)
         if key not in selected or not is_mergeable(b):
@@ -79,8 +81,13 @@ def compress(
                 if keep:
                     task.deltas[key] = d.to(dtype).clone()  # own storage: tasks must not pin each other
             continue
+        if not any(nonzero):  # a frozen (or empty) matrix: nothing to factor
+            continue
         if energy is None:
             k = resolve_rank(b.shape, rank, T)
+            if k == 0:  # the rank-0 approximation is the zero delta: nothing to store
+                zero_rank.append(key)
+                continue
             U, S, V, _ = solve(deltas, k)
             ks = [k] * len(sources)
             if stats is not None:
@@ -95,4 +102,7 @@ def compress(
                 k = ks[i]
                 task.factors[key] = tuple(t.to(dtype).clone(memory_format=torch.contiguous_format)
                                           for t in (U[i, :, :k], S[i, :k], V[i, :, :k]))
+    if zero_rank:
+        warnings.warn(f"{len(zero_rank)} matrix key(s) get rank 0 (rank={rank!r}, T = {T}), so no factors are "
+                      f"stored for them (delta 0): {zero_rank[:5]}", TSVRankWarning, stacklevel=3)
     return out

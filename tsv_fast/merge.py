@@ -70,6 +70,7 @@ def iter_merge(
                             "(use batch='shape' or 'auto')")
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
+    ctx.out_dtype = out_dtype
     stacked = _stacked_tasks(tasks)
     groups, elementwise = _plan(base, spec, selected, stacked, ctx.device, batch, batch_bytes)
     ctx.largest_batch_bytes = max((stacked_bytes(base, g, stacked) for g in _distinct(groups)), default=0)

@@ -33,6 +33,7 @@ class KeyContext:
     residuals: dict[str, list[float]] = field(default_factory=dict)  # approximate solvers' errors
     largest_batch_bytes: int = 0  # stacked deltas of the merge's largest shape batch (0: none)
     polar_counts: dict[str, int] = field(default_factory=dict)  # Newton–Schulz kept / fell back
+    out_dtype: torch.dtype | None = None  # the merge's output dtype (None: each base's)
 
 
 MergeFn = Callable[[str, Tensor, Sequence[TaskSource], KeyContext], Tensor]
@@ -172,13 +173,22 @@ def _merge_tsv_batch(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequ
     if len(ranks) == 1:  # one batched whitening for all keys (stored factors may differ in rank)
         U, S, V = tsv_merge_batch(batch, orthonormal=exact, polar=ctx.options["polar"],
                                   counts=ctx.polar_counts, dtype=compute_dtype(bases[0]))
-        return [ops.reconstruct(b, U[j], S[j], V[j], ctx.alpha) for j, b in enumerate(bases)]
+        return [ops.reconstruct(_widened(b, ctx.out_dtype), U[j], S[j], V[j], ctx.alpha) for j, b in enumerate(bases)]
     merged = []
     for b, factors in zip(bases, batch):
         U, S, V = tsv_merge_factors(factors, orthonormal=exact, polar=ctx.options["polar"],
                                     counts=ctx.polar_counts, dtype=compute_dtype(b))
-        merged.append(ops.reconstruct(b, U, S, V, ctx.alpha))
+        merged.append(ops.reconstruct(_widened(b, ctx.out_dtype), U, S, V, ctx.alpha))
     return merged
+
+
+def _widened(base: Tensor, out_dtype: torch.dtype | None) -> Tensor:
+    """The base to reconstruct on (the fused op writes in its dtype): widened when the output
+    asks for more precision than the base has (a bfloat16 base merged to float32), so Δ is
+    not rounded to the base's dtype on the way."""
+    if out_dtype is None or out_dtype == base.dtype:
+        return base
+    return base.to(torch.promote_types(compute_dtype(base), out_dtype))
 
 
 def merge_task_arithmetic(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -116,10 +116,16 @@ def _gram_extra_columns(p: int, q: int) -> int:
     return -(-p // _CHUNKS) + q // _gram_blocks(q)
 
 
+def noise_level(dtype: torch.dtype, shape: Sequence[int]) -> float:
+    """Singular values below this share of the largest are rounding noise of an m×n matrix
+    stored in ``dtype`` (``4·eps·√max(m, n)``): their singular vectors carry nothing."""
+    return torch.finfo(dtype).eps * 4 * max(shape) ** 0.5
+
+
 def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
     """``out = X vecs / s`` (the long-side singular vectors) in float64, by row chunks.
     Directions whose ``s`` is below X's rounding level get zero vectors: they carry noise."""
-    noise = s[..., :1] * (torch.finfo(X.dtype).eps * 4 * max(X.shape[-2:]) ** 0.5)
+    noise = s[..., :1] * noise_level(X.dtype, X.shape[-2:])
     inv = (1 / torch.where(s > noise, s, torch.inf)).unsqueeze(-2)
     step = max(1, -(-X.shape[1] // _CHUNKS))
     for r in range(0, X.shape[1], step):
@@ -343,6 +349,10 @@ def subspace_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None, tol: 
         raise ValueError(f"filter must be one of {SUBSPACE_FILTERS}, got {filter!r}")
     dtype = A.dtype
     out_dtype = out_dtype or dtype
+    if k == 0:  # nothing to iterate on
+        m, n = A.shape[-2:]
+        return TopK(A.new_zeros(*A.shape[:-2], m, 0, dtype=out_dtype), A.new_zeros(*A.shape[:-2], 0, dtype=out_dtype),
+                    A.new_zeros(*A.shape[:-2], n, 0, dtype=out_dtype))
     X, tall = _short_side(A)
     lead = A.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .solvers import EXACT_SOLVERS, cholesky_inverse_factor, get_solver, smallest_eigenvalue_estimate, symmetric_gram
+from .solvers import (EXACT_SOLVERS, cholesky_inverse_factor, get_solver, noise_level, smallest_eigenvalue_estimate,
+                      symmetric_gram)
 from .tasks import Factors, TaskSource, check_stacked, compute_dtype, stack_deltas
 
 
@@ -345,10 +346,36 @@ def tsv_merge_batch(batch: Sequence[Sequence[Factors]], *, orthonormal: bool = F
         torch.cat(Us, dim=1, out=U[j]), torch.cat(Vs, dim=1, out=V[j])
         S[j] = torch.cat(Ss)
     sizes = [f[1].shape[0] for f in first]
+    drop_null_directions(U, S, V, sizes, dtype)
     U_perp = polar_from_blocks(U, sizes, polar, counts, orthonormal).to(dtype)
     del U
     V_perp = polar_from_blocks(V, sizes, polar, counts, orthonormal).to(dtype)
     return U_perp, S, V_perp
+
+
+def drop_null_directions(U: Tensor, S: Tensor, V: Tensor, sizes: Sequence[int], dtype: torch.dtype) -> None:
+    """Zero, in place, the triplets of concatenated factors ``U (K, m, c)``, ``S (K, c)``,
+    ``V (K, n, c)`` whose singular value is zero to the precision of the inputs (``dtype``:
+    :func:`solvers.noise_level`) and of a float64 Gram matrix (``WHITENING_RCOND``), relative
+    to the largest of their task (blocks of ``sizes`` columns).
+
+    Why: a task of rank below k (a LoRA fine-tune, a key the fine-tune left unchanged) has
+    singular vectors for s = 0 that are any basis of a null space. Kept, they would rotate
+    the other tasks' vectors in the whitening, so Δ would depend on the solver. Zeroed, they
+    are zero columns, which the whitening maps to zero columns whatever the Gram route (a
+    decoupled unit diagonal in :func:`block_gram`, a zero eigenvalue below the cut
+    otherwise), like the zero padding of the authors' code."""
+    K, c = S.shape
+    rel = max(WHITENING_RCOND, noise_level(dtype, (U.shape[-2], V.shape[-2])))
+    if len(set(sizes)) == 1:  # equal ranks: one reduction for all tasks
+        top = S.view(K, len(sizes), sizes[0]).amax(-1, keepdim=True).expand(K, len(sizes), sizes[0]).reshape(K, c)
+    else:
+        top = torch.cat([b.amax(-1, keepdim=True).expand_as(b) if b.shape[-1] else b
+                         for b in S.split(list(sizes), dim=1)], dim=1)
+    keep = (S > rel * top).to(S.dtype)
+    S.mul_(keep)
+    U.mul_(keep.to(U.dtype).unsqueeze(-2))
+    V.mul_(keep.to(V.dtype).unsqueeze(-2))
 
 
 def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:
