@@ -15,6 +15,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <string>
@@ -70,6 +71,19 @@ inline SegmentedArgs check_segmented_args(const char* op, const char* out_name,
   check_same_dtype(op, {{"x", &x}, {out_name, &out}});
   check_same_dtype(op, {{"U", &U}, {"S", &S}, {"V", &V}});
   check_same_device(op, {{"x", &x}, {out_name, &out}, {"U", &U}, {"S", &S}, {"V", &V}});
+
+  // The CPU op reads x segment by segment and the CUDA kernel all of it first: they agree only
+  // when out is x itself or shares no memory with it, and with nothing else it reads.
+  // (Like ATen's own checks, layouts too irregular to tell, MemOverlapStatus::TooHard, pass.)
+  using at::MemOverlapStatus;
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, x) != MemOverlapStatus::Partial, op, ": ", out_name,
+                    " must be x itself or share no memory with it, but they partly overlap");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"U", &U}, {"S", &S}, {"V", &V},
+                                {"offsets", &offsets}, {"slots", &slots}, {"ranks", &ranks}}) {
+    const auto status = t->defined() ? at::get_overlap_status(out, *t) : MemOverlapStatus::No;
+    TORCH_CHECK_VALUE(status != MemOverlapStatus::Partial && status != MemOverlapStatus::Full, op, ": ",
+                      out_name, " shares memory with ", name, ", which it reads");
+  }
 
   const int64_t N = x.size(0), n = x.size(1), m = out.size(1);
   const int64_t P = U.size(0), kmax = U.size(2);

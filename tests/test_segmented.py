@@ -146,6 +146,31 @@ def test_inplace_noncontiguous_out():
         assert_close_to_ref(out, x, base, offsets, Us, Ss, Vs, ALPHA)
 
 
+@needs_ext
+@pytest.mark.parametrize("name", ["segmented_lowrank_apply_", "segmented_lowrank_apply_emulated_"])
+def test_out_partly_overlapping_its_inputs_is_refused(name):
+    """The CPU op reads x segment by segment, the CUDA kernel all of it first: with out partly
+    over x they disagreed (by 10.6 in a review's case). out == x itself stays allowed."""
+    g = torch.Generator().manual_seed(5)
+    N, n, k = 8, 4, 2
+    U, V = torch.randn(2, n, k, generator=g, dtype=torch.float64), torch.randn(2, n, k, generator=g, dtype=torch.float64)
+    S, ranks = torch.ones(2, k, dtype=torch.float64), torch.tensor([2, 2])
+    offs, slots = torch.tensor([0, 4, 8]), torch.tensor([0, 1])
+    op = getattr(torch.ops.tsv_fast, name)
+    store = torch.randn(N + 4, n, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out must be x itself or share no memory with it"):
+        op(store[4:], store[:N], offs, slots, U, S, V, ranks, 1.0)
+    buf = torch.randn(N * n, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out shares memory with U"):
+        op(buf.view(N, n), store[:N], offs, slots, buf[:2 * n * k].view(2, n, k), S, V, ranks, 1.0)
+    x = store[:N].clone()
+    want = x.clone()
+    for s, (lo, hi) in enumerate([(0, 4), (4, 8)]):
+        want[lo:hi] += x[lo:hi] @ V[s] @ U[s].T  # out = x itself: every row reads its own x first
+    op(x, x, offs, slots, U, S, V, ranks, 1.0)
+    torch.testing.assert_close(x, want)
+
+
 def test_pack_factors():
     Us = [torch.ones(4, 2), None, torch.ones(4, 3, dtype=torch.bfloat16)]
     Ss = [torch.ones(2), None, torch.ones(3, dtype=torch.bfloat16)]

@@ -45,6 +45,15 @@ __global__ void __launch_bounds__(kBound)
 
   load_input(ws, in + mat * nn, tid, nth);
   __syncthreads();
+  max_partial(ws, tid, nth);
+  __syncthreads();
+  for (int stride = reduce_threads(nth) / 2; stride > 0; stride /= 2) {
+    max_step(red, tid, nth, stride);
+    __syncthreads();
+  }
+  const int e = scale_exponent(red);  // uniform across the block
+  scale_input(ws, e, tid, nth);
+  __syncthreads();  // also orders the reads of red[0] before norms_partial's writes
   int rot = 0;
   for (int sweep = 0;; ++sweep) {
     norms_partial(ws, tid, nth, rot);
@@ -56,6 +65,11 @@ __global__ void __launch_bounds__(kBound)
     // Uniform across the block: every thread reads the same reduced values.
     // The next write to `red` is separated from these reads by the sweep's
     // barriers.
+    if (nonfinite(red, nth)) {
+      poison_output(ws, tid, nth);
+      __syncthreads();
+      break;
+    }
     if (converged(red, nth, tol2, sweep) || sweep >= max_sweeps) break;
     rot = 0;
     for (int round = 0; round < ws.np - 1; ++round) {
@@ -67,7 +81,7 @@ __global__ void __launch_bounds__(kBound)
   }
   rank_eigenvalues(ws, tid, nth);
   __syncthreads();
-  write_out(ws, vals + mat * n, vecs + mat * nn, tid, nth);
+  write_out(ws, vals + mat * n, vecs + mat * nn, e, tid, nth);
 }
 
 constexpr size_t kMaxGlobalWorkspace = size_t(512) << 20;

@@ -27,10 +27,19 @@
 //                      (W = V^T): a rotation updates two contiguous rows.
 //   -- barrier --
 //
+// After loading, max_partial + max_step (a tree reduction) find max |a_ij|,
+// and scale_input multiplies A by an exact power of four 4^-e so that it lies
+// in [1/4, 1): the squared norms below can then neither overflow (entries near
+// 1e154) nor underflow (entries below 1e-154, which would look converged before
+// any sweep); write_out scales the eigenvalues back.  A power of four keeps
+// every rounding, square roots included, what it was unscaled.
+//
 // Before every sweep, norms_partial + reduce_step (a shared-memory tree
 // reduction in double) give off(A)^2, diag(A)^2 and the number of rotations of
 // the previous sweep; converged() stops when off(A) <= tol ||A||_F (tol = 0:
-// machine epsilon of the working type) or when a whole sweep rotated nothing.
+// machine epsilon of the working type) or when a whole sweep rotated nothing;
+// a NaN or infinite norm (NaN or Inf in the input) stops at once, and
+// poison_output makes every output NaN rather than leave part of it finite.
 // A block may have up to 1024 threads: the rotations and the reduction use the
 // first reduce_threads() (at most 256) of them, so the reduction buffer, and
 // with it the largest order kept in shared memory, does not grow with the
@@ -70,6 +79,8 @@ TSV_HD float hd_sqrt(float x) { return sqrtf(x); }
 TSV_HD double hd_sqrt(double x) { return sqrt(x); }
 TSV_HD float hd_abs(float x) { return fabsf(x); }
 TSV_HD double hd_abs(double x) { return fabs(x); }
+TSV_HD float hd_ldexp(float x, int e) { return ldexpf(x, e); }
+TSV_HD double hd_ldexp(double x, int e) { return ldexp(x, e); }
 
 // Threads per block used by the CUDA kernel (and the emulator) for order n,
 // unless the caller asks for another count: a power of two from kMinThreads to
@@ -216,6 +227,50 @@ TSV_HD void load_input(const Ws<T>& w, const in_t* in, int tid, int nthreads) {
   }
 }
 
+// Scaling, part 1: this thread's largest |a_ij| (NaN wins) in red[tid]
+// (threads from reduce_threads on have none).
+template <typename T>
+TSV_HD void max_partial(const Ws<T>& w, int tid, int nthreads) {
+  const int n = w.n, R = reduce_threads(nthreads);
+  if (tid >= R) return;
+  double m = 0;
+  if (tid < n * n) {
+    for (Walk2 ij(tid, R, n); ij.i < n; ij.next()) {
+      const double v = hd_abs(static_cast<double>(w.A[ij.i * n + ij.j]));
+      if (v > m || v != v) m = v;  // once NaN, stays NaN
+    }
+  }
+  w.red[tid] = m;
+}
+
+// Scaling, part 2: one step of the max tree reduction over red[0, R) (stride =
+// R/2, ..., 1, a barrier after each).
+TSV_HD void max_step(double* red, int tid, int nthreads, int stride) {
+  if (tid < stride) {
+    const double b = red[tid + stride];
+    if (b > red[tid] || b != b) red[tid] = b;
+  }
+}
+
+// Scaling, part 3 (every thread, same answer): the even exponent e with
+// max |a_ij| = f 2^e, f in [1/4, 1); 0 for a zero, NaN or infinite maximum.
+TSV_HD int scale_exponent(const double* red) {
+  const double m = red[0];
+  if (!(m > 0) || m - m != 0) return 0;
+  int e = 0;
+  frexp(m, &e);
+  return e + (e & 1);
+}
+
+// Scaling, part 4: A <- A 2^-e (exact unless an entry falls 2^1000 below the
+// largest, where it no longer matters).
+template <typename T>
+TSV_HD void scale_input(const Ws<T>& w, int e, int tid, int nthreads) {
+  if (e == 0) return;
+  const int nn = w.n * w.n;
+  for (int i = tid; i < nn; i += nthreads) w.A[i] = hd_ldexp(w.A[i], -e);
+}
+
 // Convergence check, part 1: this thread's share of off(A)^2 and diag(A)^2
 // (in double, also for float matrices) and its rotation count of the last sweep
 // (threads from reduce_threads on have none: they compute no rotations).
@@ -249,14 +304,28 @@ TSV_HD void reduce_step(double* red, int tid, int nthreads, int stride) {
 }
 
 // Convergence check, part 3 (every thread, same answer): off(A) <= tol ||A||_F,
-// or no rotation at all in the previous sweep.  tol2 = tol^2.  An overflowed or
-// NaN norm never counts as converged.
+// or no rotation at all in the previous sweep.  tol2 = tol^2.
 TSV_HD bool converged(const double* red, int nthreads, double tol2, int sweeps_done) {
   const int R = reduce_threads(nthreads);
   const double off = red[0], diag = red[R], rot = red[2 * R];
-  const bool finite = (off - off == 0) && (diag - diag == 0);
-  if (finite && off <= tol2 * (off + diag)) return true;
+  if (off <= tol2 * (off + diag)) return true;
   return sweeps_done > 0 && rot == 0;
+}
+
+// Whether the reduced norms are NaN or infinite: the input held NaN or Inf (the
+// scaled matrix's own norms cannot overflow), so sweeping is pointless.
+TSV_HD bool nonfinite(const double* red, int nthreads) {
+  const int R = reduce_threads(nthreads);
+  return !(red[0] - red[0] == 0) || !(red[R] - red[R] == 0);
+}
+
+// For a non-finite input: A's diagonal and W all NaN, so every output is NaN.
+template <typename T>
+TSV_HD void poison_output(const Ws<T>& w, int tid, int nthreads) {
+  const int n = w.n, nn = n * n;
+  const T nan = T(0) / T(0);
+  for (int i = tid; i < nn; i += nthreads) w.W[i] = nan;
+  for (int i = tid; i < n; i += nthreads) w.A[i * n + i] = nan;
 }
 
 // Round phase 1: thread k computes the rotation of pair k of round `round`
@@ -398,12 +467,13 @@ TSV_HD void rank_eigenvalues(const Ws<T>& w, int tid, int nthreads) {
 
 // Sort, phase 2: eigenvalues[k] = A[perm[k]][perm[k]], V[:, k] = W[perm[k], :].
 // `vals` (n) and `vecs` (n x n, row-major) point at this matrix's outputs.
+// `e`: the scaling exponent (scale_exponent), undone on the eigenvalues.
 template <typename T, typename out_t>
-TSV_HD void write_out(const Ws<T>& w, out_t* vals, out_t* vecs, int tid, int nthreads) {
+TSV_HD void write_out(const Ws<T>& w, out_t* vals, out_t* vecs, int e, int tid, int nthreads) {
   const int n = w.n;
   for (int k = tid; k < n; k += nthreads) {
     const int i = w.perm[k];
-    vals[k] = static_cast<out_t>(w.A[i * n + i]);
+    vals[k] = static_cast<out_t>(hd_ldexp(w.A[i * n + i], e));
   }
   if (tid < n * n) {
     for (Walk2 rk(tid, nthreads, n); rk.i < n; rk.next())
@@ -420,11 +490,19 @@ inline void emulate_block(const Ws<T>& w, const io_t* in, io_t* vals, io_t* vecs
                           int max_sweeps, double tol2, std::vector<int>& rot) {
   rot.assign(nthreads, 0);
   for (int t = 0; t < nthreads; ++t) load_input(w, in, t, nthreads);
+  for (int t = 0; t < nthreads; ++t) max_partial(w, t, nthreads);
+  for (int stride = reduce_threads(nthreads) / 2; stride > 0; stride /= 2)
+    for (int t = 0; t < nthreads; ++t) max_step(w.red, t, nthreads, stride);
+  const int e = scale_exponent(w.red);  // every thread's answer: thread 0 speaks for all
+  for (int t = 0; t < nthreads; ++t) scale_input(w, e, t, nthreads);
   for (int sweep = 0;; ++sweep) {
     for (int t = 0; t < nthreads; ++t) norms_partial(w, t, nthreads, rot[t]);
     for (int stride = reduce_threads(nthreads) / 2; stride > 0; stride /= 2)
       for (int t = 0; t < nthreads; ++t) reduce_step(w.red, t, nthreads, stride);
-    // Every thread reads the same reduced values; thread 0 speaks for all.
+    if (nonfinite(w.red, nthreads)) {
+      for (int t = 0; t < nthreads; ++t) poison_output(w, t, nthreads);
+      break;
+    }
     if (converged(w.red, nthreads, tol2, sweep) || sweep >= max_sweeps) break;
     for (int t = 0; t < nthreads; ++t) rot[t] = 0;
     for (int round = 0; round < w.np - 1; ++round) {
@@ -433,7 +511,7 @@ inline void emulate_block(const Ws<T>& w, const io_t* in, io_t* vals, io_t* vecs
     }
   }
   for (int t = 0; t < nthreads; ++t) rank_eigenvalues(w, t, nthreads);
-  for (int t = 0; t < nthreads; ++t) write_out(w, vals, vecs, t, nthreads);
+  for (int t = 0; t < nthreads; ++t) write_out(w, vals, vecs, e, t, nthreads);
 }
 
 }  // namespace jacobi
