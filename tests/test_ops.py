@@ -160,6 +160,14 @@ def test_bad_inputs_raise_clear_errors(impl, desc, build, msg):
         run_impl(impl, *build(), 1.0)
 
 
+@pytest.mark.parametrize("desc,build,msg", BAD_INPUTS + [
+    ("U 0-D", lambda: (torch.zeros(5, 6), torch.tensor(1.0), torch.zeros(3), torch.zeros(6, 3)), r"U must be 2-D")],
+    ids=[b[0] for b in BAD_INPUTS] + ["U 0-D"])
+def test_public_wrapper_raises_the_same_errors(desc, build, msg):
+    with pytest.raises(ValueError, match=msg):
+        ops.reconstruct(*build(), 1.0)
+
+
 @needs_ext
 @pytest.mark.parametrize("op_name", ["reconstruct", "reconstruct_emulated"])
 @pytest.mark.parametrize("size,batch,base_dtype,factor_dtype", [

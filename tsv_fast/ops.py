@@ -133,7 +133,7 @@ def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.
     """
     ok, _ = load_extension()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (base, U, S, V))
-    cublas_wins = base.is_cuda and U.shape[-1] >= _CUDA_GEMM_RANK
+    cublas_wins = base.is_cuda and U.dim() > 0 and U.shape[-1] >= _CUDA_GEMM_RANK  # (0-D: the op's checks say why)
     if ok and not needs_grad and not cublas_wins and _has_kernel("reconstruct", _DISPATCH_KEYS.get(base.device.type)):
         return torch.ops.tsv_fast.reconstruct(base, U, S, V, float(alpha))
     return _reconstruct_torch(base, U, S, V, alpha)
