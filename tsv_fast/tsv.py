@@ -372,7 +372,10 @@ def drop_null_directions(U: Tensor, S: Tensor, V: Tensor, sizes: Sequence[int], 
     else:
         top = torch.cat([b.amax(-1, keepdim=True).expand_as(b) if b.shape[-1] else b
                          for b in S.split(list(sizes), dim=1)], dim=1)
-    keep = (S > rel * top).to(S.dtype)
+    keep = S > rel * top
+    if not S.is_cuda and bool(keep.all()):  # the usual case; a host check is free off a GPU
+        return
+    keep = keep.to(S.dtype)
     S.mul_(keep)
     U.mul_(keep.to(U.dtype).unsqueeze(-2))
     V.mul_(keep.to(V.dtype).unsqueeze(-2))
