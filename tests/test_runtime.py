@@ -305,3 +305,81 @@ def test_peft_loads_the_exported_adapter(setup, tmp_path):
             torch.testing.assert_close(merged[key].double(), want, rtol=0, atol=1e-5)
         else:
             assert torch.equal(merged[key], base[key]), key
+
+
+# -- float64 references, independent of the code under test -----------------------------------
+
+def tsv_m64(deltas, alpha=1.0):
+    """TSV-M of dense float64 deltas of one matrix key: top floor(r/T) SVD of each without its
+    zero singular values (a zero delta adds nothing), concatenated, polar factor of each side
+    by an SVD, ``α U⊥ diag(S) V⊥ᵀ``."""
+    k = min(deltas[0].shape) // len(deltas)
+    parts = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    keep = [(s[:k] > 1e-9 * s[0]).nonzero().flatten() for _, s, _ in parts]
+    U = torch.cat([P[:, i] for (P, _, _), i in zip(parts, keep)], 1)
+    S = torch.cat([s[i] for (_, s, _), i in zip(parts, keep)])
+    V = torch.cat([Qh[i].T for (_, _, Qh), i in zip(parts, keep)], 1)
+
+    def polar(X):
+        P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+        return P @ Qh
+    return alpha * (polar(U) * S) @ polar(V).T
+
+
+def deltas64(task, base):
+    """A CompressedTask's deltas as dense float64 tensors (``U diag(S) Vᵀ`` for matrix keys)."""
+    out = {k: (U.double() * S.double()) @ V.double().T for k, (U, S, V) in task.factors.items()}
+    out.update({k: d.double() for k, d in task.deltas.items()})
+    return out
+
+
+def merge64(base, task_deltas, alpha=1.0):
+    """TSV-M of float64 delta dicts: tsv_m64 on matrix keys, the mean on the others."""
+    out = {}
+    for key, b in base.items():
+        present = [d[key] for d in task_deltas if key in d]
+        if not present:
+            continue
+        if b.dim() == 2 and "text_projection" not in key:
+            out[key] = tsv_m64([d.get(key, torch.zeros_like(b, dtype=torch.float64)) for d in task_deltas], alpha)
+        else:
+            out[key] = sum(present) * (alpha / len(task_deltas))
+    return out
+
+
+def test_merge_of_a_merge_is_the_tsv_m_of_the_merged_model():
+    """A merge is stored in SVD form, so merging it again truncates it to its top singular
+    triplets: the same as TSV-M of the merged model's full weights."""
+    model = tiny_clip(seed=12)
+    base, fts = finetune(model, 4, seed=13)
+    tasks = compress(base, fts, rank=1.0, names=["a", "b", "c", "d"])  # full rank: τ exactly
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    abc = mt.merge(["a", "b", "c"])
+    stored = mt.task(abc)
+    for key, (U, S, V) in stored.factors.items():
+        assert torch.all(S[:-1] >= S[1:]), key  # sorted: truncation keeps the top triplets
+        eye = torch.eye(S.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(U.double().T @ U.double(), eye, rtol=0, atol=1e-5)
+        torch.testing.assert_close(V.double().T @ V.double(), eye, rtol=0, atol=1e-5)
+    tau = {t.name: deltas64(t, base) for t in tasks}
+    delta_abc = merge64(base, [tau["a"], tau["b"], tau["c"]])
+    want = merge64(base, [delta_abc, tau["d"]], alpha=0.8)
+    got = mt.state_dict_for(mt.merge([abc, "d"], 0.8))
+    _check_merge(base, got, want)
+    # a task without a delta on most keys: its zero columns are dropped from the merge
+    part = compress(base, fts[1:2], rank=1.0, names=["c_fc only"], include="*mlp.c_fc.weight")[0]
+    mt = MultiTaskModel(model, [tasks[0], part], strategy="lowrank")
+    stored = mt.task(mt.merge(["a", "c_fc only"]))
+    U, S, V = stored.factors["visual.transformer.resblocks.0.attn.out_proj.weight"]  # 64×64: k = 32
+    assert S.shape == (32,) and torch.all(S[:-1] >= S[1:]) and torch.all(S > 0)
+    assert stored.rank("visual.transformer.resblocks.0.mlp.c_fc.weight") == 64
+    _check_merge(base, mt.state_dict_for(stored.name), merge64(base, [tau["a"], deltas64(part, base)]))
+
+
+def _check_merge(base, got, want):
+    for key, b in base.items():
+        d = got[key].double() - b.double()
+        if key in want:
+            assert (d - want[key]).norm() <= 1e-4 * want[key].norm(), key
+        else:
+            assert d.abs().max() == 0, key

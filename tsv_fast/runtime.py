@@ -53,13 +53,17 @@ Segment = tuple[CompressedTask | None, int, int]  # task (None = base), first ro
 
 def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: float = 1.0,
                      name: str = "merged") -> CompressedTask:
-    """TSV-M of compressed tasks, returned as a :class:`CompressedTask` (``U⊥, α·S, V⊥``).
+    """TSV-M of compressed tasks, returned as a :class:`CompressedTask` in SVD form.
 
     The same per-key computation as ``merge_layers(base, tasks, "tsv", alpha)`` (stored
     factors truncated to floor(r/T) for T = ``len(tasks)``, or what is stored when less;
     whitened concatenation; mean of the non-matrix deltas), but the result is left
-    factored so the runtime serves it like any other task. Its rank is the sum of the
-    tasks' ranks (≤ r), so it costs ``(m+n)·rank`` per key rather than ``m·n``.
+    factored so the runtime serves it like any other task. Its rank is at most the sum of
+    the tasks' ranks (≤ r), so it costs ``(m+n)·rank`` per key rather than ``m·n``.
+
+    Each key's ``U⊥ diag(S) V⊥ᵀ`` is rewritten as a true SVD (:func:`svd_form`): stored
+    factors are truncated by keeping their first columns, so a merge that is merged again
+    (or stored) must have its singular triplets in decreasing order, like any TSV-C task.
     """
     sources = as_sources(base, list(tasks))
     T = len(sources)
@@ -73,14 +77,31 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
             k = resolve_rank(b.shape, None, T)
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
-            U, S, V = tsv_merge_factors(task_factors(sources, key, b, k))
-            out.factors[key] = (U.contiguous(), (S * alpha).contiguous(), V.contiguous())
+            U, S, V = svd_form(*tsv_merge_factors(task_factors(sources, key, b, k)))
+            out.factors[key] = (U, S * alpha, V)
         else:
             present = [t.deltas[key] for t in tasks if key in t.deltas]
             if present:
                 total = sum(d.to(torch.float64 if b.dtype == torch.float64 else torch.float32) for d in present)
                 out.deltas[key] = total * (alpha / T)
     return out
+
+
+def svd_form(U: Tensor, S: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``U diag(S) Vᵀ`` as an SVD: orthonormal U and V, S descending (float64 inside, returned
+    in the factors' dtypes). TSV-M's ``(U⊥, S, V⊥)`` is not one: S is the unsorted concatenation
+    of the tasks' values, and U⊥ is not orthonormal where the whitening's cut zeroed directions.
+
+    QR of both sides, then the SVD of the small ``R_u diag(S) R_vᵀ`` (c×c). Singular values
+    that are zero to float64 rounding (the zero columns TSV-M gives a task without a delta
+    on the key) are dropped with their vectors, which would be an arbitrary completion:
+    the rank can be below c (0 when Δ is zero)."""
+    Qu, Ru = torch.linalg.qr(U.double())
+    Qv, Rv = torch.linalg.qr(V.double())
+    P, s, Qh = torch.linalg.svd((Ru * S.double()) @ Rv.T)
+    k = int((s > s[:1] * max(len(s), 1) * torch.finfo(torch.float64).eps).sum())
+    return ((Qu @ P[:, :k]).to(U.dtype).contiguous(), s[:k].to(S.dtype).contiguous(),
+            (Qv @ Qh[:k].T).to(V.dtype).contiguous())
 
 
 # --------------------------------------------------------------------------------------------
