@@ -1,6 +1,7 @@
 """MultiTaskModel against the materialised reference model (open_clip with the task's
 weights loaded, run with ``encode_image``), the segmented op against float64, exports."""
 
+import copy
 import json
 
 import pytest
@@ -383,3 +384,50 @@ def _check_merge(base, got, want):
             assert (d - want[key]).norm() <= 1e-4 * want[key].norm(), key
         else:
             assert d.abs().max() == 0, key
+
+
+def encode64(model, base, task, images):
+    """Independent float64 reference: ``θ0 + U diag(S) Vᵀ`` (+ deltas) loaded into a float64
+    copy of the model, then ``encode_image``."""
+    ref = copy.deepcopy(model).cpu().double()
+    state = {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
+    if task is not None:
+        for k, d in deltas64(task, base).items():
+            state[k] = state[k] + d.cpu()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        return ref.encode_image(images.cpu().double())
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64)], ids=["double", "to"])
+def test_module_conversion_converts_base_and_tasks(convert):
+    model = tiny_clip(seed=14)
+    base, fts = finetune(model, 2, seed=15)
+    tasks = compress(base, fts, names=["a", "b"])
+    x = torch.randn(3, 3, 64, 64)
+    mt = MultiTaskModel(model, tasks, calibration_batches=(1, 2))
+    mt.select("a")(x)  # calibrated and, below, packed in float32 before the conversion
+    ids = ["b", None, "a"]
+    mt(x, task_ids=ids)
+    ref_model = tiny_clip(seed=14)
+    assert convert(mt) is mt
+    out = mt(x.double(), task_ids=ids)
+    assert not mt.calibration  # timed in float32: redone on the next auto forward
+    assert out.dtype == torch.float64 and mt.nbytes() == 2 * sum(t.nbytes() for t in tasks)
+    by_name = {"a": tasks[0], "b": tasks[1], None: None}
+    for i, t in enumerate(ids):
+        assert rel(out[i], encode64(ref_model, base, by_name[t], x)[i]) <= 1e-10, t
+    assert rel(mt.select("b")(x.double()), encode64(ref_model, base, tasks[1], x)) <= 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_moves_base_and_tasks():
+    model = tiny_clip(seed=14)
+    base, fts = finetune(model, 2, seed=15)
+    tasks = compress(base, fts, names=["a", "b"])
+    mt = MultiTaskModel(model, tasks, strategy="lowrank").cuda()
+    x = torch.randn(2, 3, 64, 64)
+    out = mt(x.cuda(), task_ids=["b", "a"])
+    ref_model = tiny_clip(seed=14)
+    for i, task in enumerate([tasks[1], tasks[0]]):
+        assert rel(out[i].cpu().double(), encode64(ref_model, base, task, x)[i]) <= TOL

@@ -420,6 +420,19 @@ class MultiTaskModel(nn.Module):
         self._merges: dict[tuple, str] = {}
         self._checked_keys = False
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.double()``, ``.cuda()``... convert the model, and here also the base
+        tensors (``_base`` holds the old ones), every task's factors and deltas, dropping the
+        packed tables and the timings (both depend on dtype and device)."""
+        super()._apply(fn, recurse)
+        self._base = dict(self.model.state_dict())
+        for task in self._tasks.values():
+            task.factors = {k: tuple(_compact(fn(t)) for t in f) for k, f in task.factors.items()}
+            task.deltas = {k: _compact(fn(t)) for k, t in task.deltas.items()}
+        self._packed.clear()
+        self.calibration.clear()
+        return self
+
     # -- tasks ------------------------------------------------------------------------------
     def _check_store_base(self, store: TaskStore) -> None:
         keys = store.manifest.get("base", {}).get("keys")
