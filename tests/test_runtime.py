@@ -431,3 +431,27 @@ def test_cuda_moves_base_and_tasks():
     ref_model = tiny_clip(seed=14)
     for i, task in enumerate([tasks[1], tasks[0]]):
         assert rel(out[i].cpu().double(), encode64(ref_model, base, task, x)[i]) <= TOL
+
+
+def test_tasks_of_another_factor_dtype_are_not_copied_into_the_table():
+    """bfloat16 and float32 tasks of one rank: the table holds one dtype, so only the most
+    common (rank, dtype) shares it and nothing is stored twice."""
+    model = tiny_clip(seed=16)
+    base, fts = finetune(model, 3, seed=17)
+    tasks = compress(base, fts[:2], names=["a", "b"], num_tasks=3, factor_dtype=torch.bfloat16)
+    tasks += compress(base, fts[2:], names=["c"], num_tasks=3)  # float32, same ranks
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    assert mt.nbytes() == sum(t.nbytes() for t in tasks)
+    x = torch.randn(4, 3, 64, 64)
+    ids = ["c", "a", "b", "c"]
+    out = mt(x, task_ids=ids)
+    assert mt._packed  # resident: the tasks' tensors and the packed tables
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [t for n in mt.names() for f in mt.task(n).factors.values() for t in f]
+                + [t for n in mt.names() for t in mt.task(n).deltas.values()]
+                + [t for entry in mt._packed.values() for t in entry[1:4]]}
+    assert sum(storages.values()) == mt.nbytes() == sum(t.nbytes() for t in tasks)
+    ref_model = tiny_clip(seed=16)
+    by_name = {t.name: t for t in tasks}
+    for i, t in enumerate(ids):
+        assert rel(out[i].double(), encode64(ref_model, base, by_name[t], x)[i]) <= TOL, t

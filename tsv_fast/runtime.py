@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -457,18 +458,22 @@ class MultiTaskModel(nn.Module):
 
     def _packed_factors(self, key: str, transposed: bool) -> tuple:
         """``(slot of each task name, U, S, V, ranks)``: the factors of ``key`` of every task
-        of the most common rank, packed once (on first use by a mixed batch) for the
+        of the most common rank and dtype, packed once (on first use by a mixed batch) for the
         segmented op; the tasks' own factors then become views into the table, so it costs
         no extra memory. Dropped (and rebuilt on next use) when a task is added.
         ``transposed=False`` (a weight used as ``x W``) swaps the roles of U and V."""
         entry = self._packed.get((key, transposed))
         if entry is None:
             with_key = {n: t.factors[key] for n, t in self._tasks.items() if t.factors.get(key) is not None}
-            ranks = [f[1].shape[0] for f in with_key.values()]
-            common = max(sorted(set(ranks)), key=ranks.count) if ranks else 0
-            # Only the tasks of the most common rank share the table: padding every task to a
-            # merge's rank Σk would multiply the memory. The others take the per-segment loop.
-            names = [n for n, f in with_key.items() if f[1].shape[0] == common]
+            # Only the tasks of the most common (rank, dtype) share the table: padding every task
+            # to a merge's rank Σk would multiply the memory, and a table of another dtype cannot
+            # hold a task's factors as views (it would be a second copy). Tasks whose U, S, V
+            # differ in dtype never share it. The others take the per-segment loop.
+            profile = {n: (f[1].shape[0], f[1].dtype) for n, f in with_key.items()
+                       if f[0].dtype == f[1].dtype == f[2].dtype}
+            counts = Counter(profile.values())
+            common = min(counts, key=lambda p: (-counts[p], p[0], str(p[1]))) if counts else None
+            names = [n for n, p in profile.items() if p == common]
             for n, f in with_key.items():  # views into a dropped table must not keep it alive
                 if n not in names:
                     self._tasks[n].factors[key] = tuple(_compact(t) for t in f)
@@ -477,15 +482,14 @@ class MultiTaskModel(nn.Module):
             out_dim, in_dim = (W0.shape[0], W0.shape[1]) if transposed else (W0.shape[1], W0.shape[0])
             U = [f[0] if transposed else f[2] for f in fs]
             V = [f[2] if transposed else f[0] for f in fs]
-            table = ops.pack_factors(U, [f[1] for f in fs], V, shape=(out_dim, in_dim))
+            table = ops.pack_factors(U, [f[1] for f in fs], V, shape=(out_dim, in_dim), device=W0.device)
             entry = ({n: i for i, n in enumerate(names)}, *table)
             self._packed[(key, transposed)] = entry
             Ut, St, Vt, _ = table
-            if all(t.dtype == Ut.dtype for f in fs for t in f):
-                # The table becomes the only copy: each task's factors are views into it.
-                for i, n in enumerate(names):
-                    view = (Ut[i], St[i], Vt[i]) if transposed else (Vt[i], St[i], Ut[i])
-                    self._tasks[n].factors[key] = view
+            # The table becomes the only copy: each task's factors are views into it.
+            for i, n in enumerate(names):
+                view = (Ut[i], St[i], Vt[i]) if transposed else (Vt[i], St[i], Ut[i])
+                self._tasks[n].factors[key] = view
         return entry
 
     def names(self) -> list[str]:
