@@ -455,3 +455,20 @@ def test_tasks_of_another_factor_dtype_are_not_copied_into_the_table():
     by_name = {t.name: t for t in tasks}
     for i, t in enumerate(ids):
         assert rel(out[i].double(), encode64(ref_model, base, by_name[t], x)[i]) <= TOL, t
+
+
+def test_merge_ids_follow_name_and_alpha(setup):
+    mt, store, base, _ = setup
+    tau = [deltas64(store.load(n), base) for n in ("t0", "t1")]
+    default = mt.merge(["t0", "t1"], 0.3)
+    named = mt.merge(["t0", "t1"], 0.3, name="my-merge")  # same tasks and alpha, its own id
+    assert named == "my-merge" and mt.merge(["t0", "t1"], 0.3, name="my-merge") == named
+    close = mt.merge(["t0", "t1"], 0.3 + 1e-9)  # prints as 0.3 with 6 digits
+    assert len({default, named, close}) == 3
+    for mid, alpha in [(default, 0.3), (named, 0.3), (close, 0.3 + 1e-9)]:
+        mt.select(mid)
+        _check_merge(base, mt.state_dict_for(mid), merge64(base, tau, alpha))
+    mt.select(None)
+    for bad in ([None, "t0"], "t0", []):
+        with pytest.raises(TSVInputError, match="list of task names"):
+            mt.merge(bad)

@@ -530,15 +530,17 @@ class MultiTaskModel(nn.Module):
         self._strategy = value
 
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
-        """TSV-M of stored tasks from their factors; returns the id to ``select`` or put in
-        ``task_ids``. Cached by ``(names, alpha)``."""
-        if isinstance(names, str) or len(names) == 0:
-            raise TSVInputError("merge needs a non-empty list of task names")
-        cache_key = (tuple(names), float(alpha))
+        """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
+        or put in ``task_ids``: ``name``, or by default ``tsv-m(a+b)@alpha`` (alpha's full
+        repr, so that distinct alphas never share an id). Cached by ``(names, alpha, name)``."""
+        if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
+            raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
+        alpha = float(alpha)
+        cache_key = (tuple(names), alpha, name)
         if cache_key in self._merges:
             return self._merges[cache_key]
         tasks = [self.task(n) for n in names]
-        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha:g}"))
+        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
         merged = merge_compressed(self._base, tasks, alpha, merged_id)
         self._add_task(merged_id, merged, self.adapter.device)
         self._merges[cache_key] = merged_id
