@@ -472,3 +472,17 @@ def test_merge_ids_follow_name_and_alpha(setup):
     for bad in ([None, "t0"], "t0", []):
         with pytest.raises(TSVInputError, match="list of task names"):
             mt.merge(bad)
+
+
+def test_bad_input_raises_tsv_input_error(setup, tmp_path):
+    mt, _, _, x = setup
+    for batches in [(0, 8), (1, -4), (), (2.5,)]:
+        with pytest.raises(TSVInputError, match="calibration_batches"):
+            MultiTaskModel(mt.model, [], calibration_batches=batches)
+    with pytest.raises(TSVInputError, match="crossover needs a task"):
+        mt.crossover(None)
+    with pytest.raises(TSVInputError, match="export_peft needs a task"):
+        mt.export_peft(None, tmp_path / "lora")
+    for task_ids in (None, []):
+        with pytest.raises(TSVInputError, match="empty batch"):
+            mt(x[:0], task_ids=task_ids)

@@ -23,6 +23,7 @@ architecture needs a new adapter, nothing else.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections import Counter
@@ -414,7 +415,7 @@ class MultiTaskModel(nn.Module):
         for task in loaded:
             self._add_task(task.name, task, device)
         self.strategy = strategy
-        self.calibration_batches = tuple(calibration_batches)
+        self.calibration_batches = calibration_batches
         self.calibration: dict[tuple, dict[int, dict[str, float]]] = {}
         self.last_strategy: str | None = None
         self._selected: str | None = None
@@ -492,6 +493,12 @@ class MultiTaskModel(nn.Module):
                 self._tasks[n].factors[key] = view
         return entry
 
+    def _named(self, name: str, what: str) -> CompressedTask:
+        """``self.task(name)`` for calls that need a task, not the base (None)."""
+        if name is None:
+            raise TSVInputError(f"{what} needs a task id, got None (the base has no delta)")
+        return self.task(name)
+
     def names(self) -> list[str]:
         """Task ids this model serves: the stored tasks, then the merges made so far."""
         return list(self._tasks)
@@ -529,6 +536,18 @@ class MultiTaskModel(nn.Module):
             raise TSVInputError(f"strategy must be 'auto' or one of {STRATEGIES}, got {value!r}")
         self._strategy = value
 
+    @property
+    def calibration_batches(self) -> tuple[int, ...]:
+        return self._calibration_batches
+
+    @calibration_batches.setter
+    def calibration_batches(self, value: Sequence[int]) -> None:
+        # checked here: a bad size would otherwise fail only in the first "auto" forward
+        value = tuple(value)
+        if not value or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in value):
+            raise TSVInputError(f"calibration_batches must be positive integers, got {value!r}")
+        self._calibration_batches = value
+
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
         """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
         or put in ``task_ids``: ``name``, or by default ``tsv-m(a+b)@alpha`` (alpha's full
@@ -550,6 +569,8 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor, task_ids: Sequence[str | None] | None = None, normalize: bool = False):
         B = images.shape[0]
+        if B == 0:
+            raise TSVInputError("MultiTaskModel: empty batch (no images)")
         order = None
         if task_ids is None:
             segments = [(self.task(self._selected), 0, B)]
@@ -617,7 +638,7 @@ class MultiTaskModel(nn.Module):
     def crossover(self, name: str) -> int | None:
         """Smallest calibrated batch size at which rebuilding the matrices beats the
         low-rank apply for ``name`` (None if it never does)."""
-        task = self.task(name)
+        task = self._named(name, "crossover")
         if not task.factors:
             return None
         table = self._calibrate(task)
@@ -647,7 +668,7 @@ class MultiTaskModel(nn.Module):
         """Write task ``name`` as a PEFT LoRA adapter folder (see :func:`tsv_fast.peft_export.export_peft`)."""
         from .peft_export import export_peft
 
-        return export_peft(self.task(name), folder, self.model, **kwargs)
+        return export_peft(self._named(name, "export_peft"), folder, self.model, **kwargs)
 
 
 def _compact(t: Tensor) -> Tensor:
