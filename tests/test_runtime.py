@@ -1,6 +1,7 @@
 """MultiTaskModel against the materialised reference model (open_clip with the task's
 weights loaded, run with ``encode_image``), the segmented op against float64, exports."""
 
+import copy
 import json
 
 import pytest
@@ -305,3 +306,183 @@ def test_peft_loads_the_exported_adapter(setup, tmp_path):
             torch.testing.assert_close(merged[key].double(), want, rtol=0, atol=1e-5)
         else:
             assert torch.equal(merged[key], base[key]), key
+
+
+# -- float64 references, independent of the code under test -----------------------------------
+
+def tsv_m64(deltas, alpha=1.0):
+    """TSV-M of dense float64 deltas of one matrix key: top floor(r/T) SVD of each without its
+    zero singular values (a zero delta adds nothing), concatenated, polar factor of each side
+    by an SVD, ``α U⊥ diag(S) V⊥ᵀ``."""
+    k = min(deltas[0].shape) // len(deltas)
+    parts = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    keep = [(s[:k] > 1e-9 * s[0]).nonzero().flatten() for _, s, _ in parts]
+    U = torch.cat([P[:, i] for (P, _, _), i in zip(parts, keep)], 1)
+    S = torch.cat([s[i] for (_, s, _), i in zip(parts, keep)])
+    V = torch.cat([Qh[i].T for (_, _, Qh), i in zip(parts, keep)], 1)
+
+    def polar(X):
+        P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+        return P @ Qh
+    return alpha * (polar(U) * S) @ polar(V).T
+
+
+def deltas64(task, base):
+    """A CompressedTask's deltas as dense float64 tensors (``U diag(S) Vᵀ`` for matrix keys)."""
+    out = {k: (U.double() * S.double()) @ V.double().T for k, (U, S, V) in task.factors.items()}
+    out.update({k: d.double() for k, d in task.deltas.items()})
+    return out
+
+
+def merge64(base, task_deltas, alpha=1.0):
+    """TSV-M of float64 delta dicts: tsv_m64 on matrix keys, the mean on the others."""
+    out = {}
+    for key, b in base.items():
+        present = [d[key] for d in task_deltas if key in d]
+        if not present:
+            continue
+        if b.dim() == 2 and "text_projection" not in key:
+            out[key] = tsv_m64([d.get(key, torch.zeros_like(b, dtype=torch.float64)) for d in task_deltas], alpha)
+        else:
+            out[key] = sum(present) * (alpha / len(task_deltas))
+    return out
+
+
+def test_merge_of_a_merge_is_the_tsv_m_of_the_merged_model():
+    """A merge is stored in SVD form, so merging it again truncates it to its top singular
+    triplets: the same as TSV-M of the merged model's full weights."""
+    model = tiny_clip(seed=12)
+    base, fts = finetune(model, 4, seed=13)
+    tasks = compress(base, fts, rank=1.0, names=["a", "b", "c", "d"])  # full rank: τ exactly
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    abc = mt.merge(["a", "b", "c"])
+    stored = mt.task(abc)
+    for key, (U, S, V) in stored.factors.items():
+        assert torch.all(S[:-1] >= S[1:]), key  # sorted: truncation keeps the top triplets
+        eye = torch.eye(S.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(U.double().T @ U.double(), eye, rtol=0, atol=1e-5)
+        torch.testing.assert_close(V.double().T @ V.double(), eye, rtol=0, atol=1e-5)
+    tau = {t.name: deltas64(t, base) for t in tasks}
+    delta_abc = merge64(base, [tau["a"], tau["b"], tau["c"]])
+    want = merge64(base, [delta_abc, tau["d"]], alpha=0.8)
+    got = mt.state_dict_for(mt.merge([abc, "d"], 0.8))
+    _check_merge(base, got, want)
+    # a task without a delta on most keys: its zero columns are dropped from the merge
+    part = compress(base, fts[1:2], rank=1.0, names=["c_fc only"], include="*mlp.c_fc.weight")[0]
+    mt = MultiTaskModel(model, [tasks[0], part], strategy="lowrank")
+    stored = mt.task(mt.merge(["a", "c_fc only"]))
+    U, S, V = stored.factors["visual.transformer.resblocks.0.attn.out_proj.weight"]  # 64×64: k = 32
+    assert S.shape == (32,) and torch.all(S[:-1] >= S[1:]) and torch.all(S > 0)
+    assert stored.rank("visual.transformer.resblocks.0.mlp.c_fc.weight") == 64
+    _check_merge(base, mt.state_dict_for(stored.name), merge64(base, [tau["a"], deltas64(part, base)]))
+
+
+def _check_merge(base, got, want):
+    for key, b in base.items():
+        d = got[key].double() - b.double()
+        if key in want:
+            assert (d - want[key]).norm() <= 1e-4 * want[key].norm(), key
+        else:
+            assert d.abs().max() == 0, key
+
+
+def encode64(model, base, task, images):
+    """Independent float64 reference: ``θ0 + U diag(S) Vᵀ`` (+ deltas) loaded into a float64
+    copy of the model, then ``encode_image``."""
+    ref = copy.deepcopy(model).cpu().double()
+    state = {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
+    if task is not None:
+        for k, d in deltas64(task, base).items():
+            state[k] = state[k] + d.cpu()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        return ref.encode_image(images.cpu().double())
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64)], ids=["double", "to"])
+def test_module_conversion_converts_base_and_tasks(convert):
+    model = tiny_clip(seed=14)
+    base, fts = finetune(model, 2, seed=15)
+    tasks = compress(base, fts, names=["a", "b"])
+    x = torch.randn(3, 3, 64, 64)
+    mt = MultiTaskModel(model, tasks, calibration_batches=(1, 2))
+    mt.select("a")(x)  # calibrated and, below, packed in float32 before the conversion
+    ids = ["b", None, "a"]
+    mt(x, task_ids=ids)
+    ref_model = tiny_clip(seed=14)
+    assert convert(mt) is mt
+    out = mt(x.double(), task_ids=ids)
+    assert not mt.calibration  # timed in float32: redone on the next auto forward
+    assert out.dtype == torch.float64 and mt.nbytes() == 2 * sum(t.nbytes() for t in tasks)
+    by_name = {"a": tasks[0], "b": tasks[1], None: None}
+    for i, t in enumerate(ids):
+        assert rel(out[i], encode64(ref_model, base, by_name[t], x)[i]) <= 1e-10, t
+    assert rel(mt.select("b")(x.double()), encode64(ref_model, base, tasks[1], x)) <= 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_moves_base_and_tasks():
+    model = tiny_clip(seed=14)
+    base, fts = finetune(model, 2, seed=15)
+    tasks = compress(base, fts, names=["a", "b"])
+    mt = MultiTaskModel(model, tasks, strategy="lowrank").cuda()
+    x = torch.randn(2, 3, 64, 64)
+    out = mt(x.cuda(), task_ids=["b", "a"])
+    ref_model = tiny_clip(seed=14)
+    for i, task in enumerate([tasks[1], tasks[0]]):
+        assert rel(out[i].cpu().double(), encode64(ref_model, base, task, x)[i]) <= TOL
+
+
+def test_tasks_of_another_factor_dtype_are_not_copied_into_the_table():
+    """bfloat16 and float32 tasks of one rank: the table holds one dtype, so only the most
+    common (rank, dtype) shares it and nothing is stored twice."""
+    model = tiny_clip(seed=16)
+    base, fts = finetune(model, 3, seed=17)
+    tasks = compress(base, fts[:2], names=["a", "b"], num_tasks=3, factor_dtype=torch.bfloat16)
+    tasks += compress(base, fts[2:], names=["c"], num_tasks=3)  # float32, same ranks
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    assert mt.nbytes() == sum(t.nbytes() for t in tasks)
+    x = torch.randn(4, 3, 64, 64)
+    ids = ["c", "a", "b", "c"]
+    out = mt(x, task_ids=ids)
+    assert mt._packed  # resident: the tasks' tensors and the packed tables
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [t for n in mt.names() for f in mt.task(n).factors.values() for t in f]
+                + [t for n in mt.names() for t in mt.task(n).deltas.values()]
+                + [t for entry in mt._packed.values() for t in entry[1:4]]}
+    assert sum(storages.values()) == mt.nbytes() == sum(t.nbytes() for t in tasks)
+    ref_model = tiny_clip(seed=16)
+    by_name = {t.name: t for t in tasks}
+    for i, t in enumerate(ids):
+        assert rel(out[i].double(), encode64(ref_model, base, by_name[t], x)[i]) <= TOL, t
+
+
+def test_merge_ids_follow_name_and_alpha(setup):
+    mt, store, base, _ = setup
+    tau = [deltas64(store.load(n), base) for n in ("t0", "t1")]
+    default = mt.merge(["t0", "t1"], 0.3)
+    named = mt.merge(["t0", "t1"], 0.3, name="my-merge")  # same tasks and alpha, its own id
+    assert named == "my-merge" and mt.merge(["t0", "t1"], 0.3, name="my-merge") == named
+    close = mt.merge(["t0", "t1"], 0.3 + 1e-9)  # prints as 0.3 with 6 digits
+    assert len({default, named, close}) == 3
+    for mid, alpha in [(default, 0.3), (named, 0.3), (close, 0.3 + 1e-9)]:
+        mt.select(mid)
+        _check_merge(base, mt.state_dict_for(mid), merge64(base, tau, alpha))
+    mt.select(None)
+    for bad in ([None, "t0"], "t0", []):
+        with pytest.raises(TSVInputError, match="list of task names"):
+            mt.merge(bad)
+
+
+def test_bad_input_raises_tsv_input_error(setup, tmp_path):
+    mt, _, _, x = setup
+    for batches in [(0, 8), (1, -4), (), (2.5,)]:
+        with pytest.raises(TSVInputError, match="calibration_batches"):
+            MultiTaskModel(mt.model, [], calibration_batches=batches)
+    with pytest.raises(TSVInputError, match="crossover needs a task"):
+        mt.crossover(None)
+    with pytest.raises(TSVInputError, match="export_peft needs a task"):
+        mt.export_peft(None, tmp_path / "lora")
+    for task_ids in (None, []):
+        with pytest.raises(TSVInputError, match="empty batch"):
+            mt(x[:0], task_ids=task_ids)

@@ -23,8 +23,10 @@ architecture needs a new adapter, nothing else.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -53,13 +55,17 @@ Segment = tuple[CompressedTask | None, int, int]  # task (None = base), first ro
 
 def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: float = 1.0,
                      name: str = "merged") -> CompressedTask:
-    """TSV-M of compressed tasks, returned as a :class:`CompressedTask` (``U⊥, α·S, V⊥``).
+    """TSV-M of compressed tasks, returned as a :class:`CompressedTask` in SVD form.
 
     The same per-key computation as ``merge_layers(base, tasks, "tsv", alpha)`` (stored
     factors truncated to floor(r/T) for T = ``len(tasks)``, or what is stored when less;
     whitened concatenation; mean of the non-matrix deltas), but the result is left
-    factored so the runtime serves it like any other task. Its rank is the sum of the
-    tasks' ranks (≤ r), so it costs ``(m+n)·rank`` per key rather than ``m·n``.
+    factored so the runtime serves it like any other task. Its rank is at most the sum of
+    the tasks' ranks (≤ r), so it costs ``(m+n)·rank`` per key rather than ``m·n``.
+
+    Each key's ``U⊥ diag(S) V⊥ᵀ`` is rewritten as a true SVD (:func:`svd_form`): stored
+    factors are truncated by keeping their first columns, so a merge that is merged again
+    (or stored) must have its singular triplets in decreasing order, like any TSV-C task.
     """
     sources = as_sources(base, list(tasks))
     T = len(sources)
@@ -73,14 +79,31 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
             k = resolve_rank(b.shape, None, T)
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
-            U, S, V = tsv_merge_factors(task_factors(sources, key, b, k))
-            out.factors[key] = (U.contiguous(), (S * alpha).contiguous(), V.contiguous())
+            U, S, V = svd_form(*tsv_merge_factors(task_factors(sources, key, b, k)))
+            out.factors[key] = (U, S * alpha, V)
         else:
             present = [t.deltas[key] for t in tasks if key in t.deltas]
             if present:
                 total = sum(d.to(torch.float64 if b.dtype == torch.float64 else torch.float32) for d in present)
                 out.deltas[key] = total * (alpha / T)
     return out
+
+
+def svd_form(U: Tensor, S: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``U diag(S) Vᵀ`` as an SVD: orthonormal U and V, S descending (float64 inside, returned
+    in the factors' dtypes). TSV-M's ``(U⊥, S, V⊥)`` is not one: S is the unsorted concatenation
+    of the tasks' values, and U⊥ is not orthonormal where the whitening's cut zeroed directions.
+
+    QR of both sides, then the SVD of the small ``R_u diag(S) R_vᵀ`` (c×c). Singular values
+    that are zero to float64 rounding (the zero columns TSV-M gives a task without a delta
+    on the key) are dropped with their vectors, which would be an arbitrary completion:
+    the rank can be below c (0 when Δ is zero)."""
+    Qu, Ru = torch.linalg.qr(U.double())
+    Qv, Rv = torch.linalg.qr(V.double())
+    P, s, Qh = torch.linalg.svd((Ru * S.double()) @ Rv.T)
+    k = int((s > s[:1] * max(len(s), 1) * torch.finfo(torch.float64).eps).sum())
+    return ((Qu @ P[:, :k]).to(U.dtype).contiguous(), s[:k].to(S.dtype).contiguous(),
+            (Qv @ Qh[:k].T).to(V.dtype).contiguous())
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,12 +415,25 @@ class MultiTaskModel(nn.Module):
         for task in loaded:
             self._add_task(task.name, task, device)
         self.strategy = strategy
-        self.calibration_batches = tuple(calibration_batches)
+        self.calibration_batches = calibration_batches
         self.calibration: dict[tuple, dict[int, dict[str, float]]] = {}
         self.last_strategy: str | None = None
         self._selected: str | None = None
         self._merges: dict[tuple, str] = {}
         self._checked_keys = False
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.double()``, ``.cuda()``... convert the model, and here also the base
+        tensors (``_base`` holds the old ones), every task's factors and deltas, dropping the
+        packed tables and the timings (both depend on dtype and device)."""
+        super()._apply(fn, recurse)
+        self._base = dict(self.model.state_dict())
+        for task in self._tasks.values():
+            task.factors = {k: tuple(_compact(fn(t)) for t in f) for k, f in task.factors.items()}
+            task.deltas = {k: _compact(fn(t)) for k, t in task.deltas.items()}
+        self._packed.clear()
+        self.calibration.clear()
+        return self
 
     # -- tasks ------------------------------------------------------------------------------
     def _check_store_base(self, store: TaskStore) -> None:
@@ -423,18 +459,22 @@ class MultiTaskModel(nn.Module):
 
     def _packed_factors(self, key: str, transposed: bool) -> tuple:
         """``(slot of each task name, U, S, V, ranks)``: the factors of ``key`` of every task
-        of the most common rank, packed once (on first use by a mixed batch) for the
+        of the most common rank and dtype, packed once (on first use by a mixed batch) for the
         segmented op; the tasks' own factors then become views into the table, so it costs
         no extra memory. Dropped (and rebuilt on next use) when a task is added.
         ``transposed=False`` (a weight used as ``x W``) swaps the roles of U and V."""
         entry = self._packed.get((key, transposed))
         if entry is None:
             with_key = {n: t.factors[key] for n, t in self._tasks.items() if t.factors.get(key) is not None}
-            ranks = [f[1].shape[0] for f in with_key.values()]
-            common = max(sorted(set(ranks)), key=ranks.count) if ranks else 0
-            # Only the tasks of the most common rank share the table: padding every task to a
-            # merge's rank Σk would multiply the memory. The others take the per-segment loop.
-            names = [n for n, f in with_key.items() if f[1].shape[0] == common]
+            # Only the tasks of the most common (rank, dtype) share the table: padding every task
+            # to a merge's rank Σk would multiply the memory, and a table of another dtype cannot
+            # hold a task's factors as views (it would be a second copy). Tasks whose U, S, V
+            # differ in dtype never share it. The others take the per-segment loop.
+            profile = {n: (f[1].shape[0], f[1].dtype) for n, f in with_key.items()
+                       if f[0].dtype == f[1].dtype == f[2].dtype}
+            counts = Counter(profile.values())
+            common = min(counts, key=lambda p: (-counts[p], p[0], str(p[1]))) if counts else None
+            names = [n for n, p in profile.items() if p == common]
             for n, f in with_key.items():  # views into a dropped table must not keep it alive
                 if n not in names:
                     self._tasks[n].factors[key] = tuple(_compact(t) for t in f)
@@ -443,16 +483,21 @@ class MultiTaskModel(nn.Module):
             out_dim, in_dim = (W0.shape[0], W0.shape[1]) if transposed else (W0.shape[1], W0.shape[0])
             U = [f[0] if transposed else f[2] for f in fs]
             V = [f[2] if transposed else f[0] for f in fs]
-            table = ops.pack_factors(U, [f[1] for f in fs], V, shape=(out_dim, in_dim))
+            table = ops.pack_factors(U, [f[1] for f in fs], V, shape=(out_dim, in_dim), device=W0.device)
             entry = ({n: i for i, n in enumerate(names)}, *table)
             self._packed[(key, transposed)] = entry
             Ut, St, Vt, _ = table
-            if all(t.dtype == Ut.dtype for f in fs for t in f):
-                # The table becomes the only copy: each task's factors are views into it.
-                for i, n in enumerate(names):
-                    view = (Ut[i], St[i], Vt[i]) if transposed else (Vt[i], St[i], Ut[i])
-                    self._tasks[n].factors[key] = view
+            # The table becomes the only copy: each task's factors are views into it.
+            for i, n in enumerate(names):
+                view = (Ut[i], St[i], Vt[i]) if transposed else (Vt[i], St[i], Ut[i])
+                self._tasks[n].factors[key] = view
         return entry
+
+    def _named(self, name: str, what: str) -> CompressedTask:
+        """``self.task(name)`` for calls that need a task, not the base (None)."""
+        if name is None:
+            raise TSVInputError(f"{what} needs a task id, got None (the base has no delta)")
+        return self.task(name)
 
     def names(self) -> list[str]:
         """Task ids this model serves: the stored tasks, then the merges made so far."""
@@ -491,16 +536,30 @@ class MultiTaskModel(nn.Module):
             raise TSVInputError(f"strategy must be 'auto' or one of {STRATEGIES}, got {value!r}")
         self._strategy = value
 
+    @property
+    def calibration_batches(self) -> tuple[int, ...]:
+        return self._calibration_batches
+
+    @calibration_batches.setter
+    def calibration_batches(self, value: Sequence[int]) -> None:
+        # checked here: a bad size would otherwise fail only in the first "auto" forward
+        value = tuple(value)
+        if not value or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in value):
+            raise TSVInputError(f"calibration_batches must be positive integers, got {value!r}")
+        self._calibration_batches = value
+
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
-        """TSV-M of stored tasks from their factors; returns the id to ``select`` or put in
-        ``task_ids``. Cached by ``(names, alpha)``."""
-        if isinstance(names, str) or len(names) == 0:
-            raise TSVInputError("merge needs a non-empty list of task names")
-        cache_key = (tuple(names), float(alpha))
+        """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
+        or put in ``task_ids``: ``name``, or by default ``tsv-m(a+b)@alpha`` (alpha's full
+        repr, so that distinct alphas never share an id). Cached by ``(names, alpha, name)``."""
+        if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
+            raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
+        alpha = float(alpha)
+        cache_key = (tuple(names), alpha, name)
         if cache_key in self._merges:
             return self._merges[cache_key]
         tasks = [self.task(n) for n in names]
-        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha:g}"))
+        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
         merged = merge_compressed(self._base, tasks, alpha, merged_id)
         self._add_task(merged_id, merged, self.adapter.device)
         self._merges[cache_key] = merged_id
@@ -510,6 +569,8 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor, task_ids: Sequence[str | None] | None = None, normalize: bool = False):
         B = images.shape[0]
+        if B == 0:
+            raise TSVInputError("MultiTaskModel: empty batch (no images)")
         order = None
         if task_ids is None:
             segments = [(self.task(self._selected), 0, B)]
@@ -577,7 +638,7 @@ class MultiTaskModel(nn.Module):
     def crossover(self, name: str) -> int | None:
         """Smallest calibrated batch size at which rebuilding the matrices beats the
         low-rank apply for ``name`` (None if it never does)."""
-        task = self.task(name)
+        task = self._named(name, "crossover")
         if not task.factors:
             return None
         table = self._calibrate(task)
@@ -607,7 +668,7 @@ class MultiTaskModel(nn.Module):
         """Write task ``name`` as a PEFT LoRA adapter folder (see :func:`tsv_fast.peft_export.export_peft`)."""
         from .peft_export import export_peft
 
-        return export_peft(self.task(name), folder, self.model, **kwargs)
+        return export_peft(self._named(name, "export_peft"), folder, self.model, **kwargs)
 
 
 def _compact(t: Tensor) -> Tensor:
