@@ -210,6 +210,22 @@ def test_rank_deficient_compressed_tasks_merge_like_dense_ones():
         assert ref.rel_err(ref.np64(merged["w"] - base["w"]), want) < 1e-4
 
 
+def test_stored_factors_are_truncated_to_their_largest_singular_values():
+    """A stored task above the merge's k keeps its k largest triplets, in whatever order they
+    were stored (merges saved by older versions had unsorted S)."""
+    gen = torch.Generator().manual_seed(13)
+    base = {"w": torch.randn(60, 40, generator=gen)}
+    tasks = [{"w": base["w"] + power_law_matrix(60, 40, gen, 0.5)} for _ in range(4)]
+    stored = tsv_fast.compress(base, tasks, rank=20)  # k = 10 for T = 4
+    for task in stored:
+        U, S, V = task.factors["w"]
+        perm = torch.randperm(20, generator=gen)
+        task.factors["w"] = (U[:, perm], S[perm], V[:, perm])
+    merged = tsv_fast.merge_layers(base, stored)
+    want = ref.tsv_m_delta([ref.np64(t["w"] - base["w"]) for t in tasks], 10)
+    assert ref.rel_err(ref.np64(merged["w"] - base["w"]), want) < 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
 def test_wider_out_dtype_is_not_rounded_to_the_base_dtype(small_base, small_tasks, dtype, method):

@@ -68,7 +68,10 @@ def shape_batch_factors(
                     out[j][i] = task_factors([s], key, base_tensors[j], k, solver, device)[0]
                     continue
                 U, S, V = f
-                out[j][i] = (U[:, :k].to(device, dtype), S[:k].to(device, dtype), V[:, :k].to(device, dtype))
+                if S.shape[0] > k:  # the k largest: stored S need not be sorted (older stores' merges)
+                    top = torch.topk(S.abs(), k).indices.sort().values
+                    U, S, V = U[:, top], S[top], V[:, top]
+                out[j][i] = (U.to(device, dtype), S.to(device, dtype), V.to(device, dtype))
     return out
 
 
