@@ -64,8 +64,9 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
     the tasks' ranks (≤ r), so it costs ``(m+n)·rank`` per key rather than ``m·n``.
 
     Each key's ``U⊥ diag(S) V⊥ᵀ`` is rewritten as a true SVD (:func:`svd_form`): stored
-    factors are truncated by keeping their first columns, so a merge that is merged again
-    (or stored) must have its singular triplets in decreasing order, like any TSV-C task.
+    factors above a merge's k are truncated to their k largest triplets, the best rank-k
+    part only when U and V are orthonormal, so a merge that is merged again (or stored)
+    must be an SVD, like any TSV-C task.
     """
     sources = as_sources(base, list(tasks))
     T = len(sources)
