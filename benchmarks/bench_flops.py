@@ -143,6 +143,7 @@ def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> Stag
     counter = StageCounter()
     route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
     solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
+    host_checked, tsv.HOST_CHECKED_DEVICES = tsv.HOST_CHECKED_DEVICES, set()
     try:
         with contextlib.ExitStack() as stack:
             for owner, name, label in STAGES:
@@ -152,6 +153,7 @@ def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> Stag
                 tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz", batch="shape", batch_bytes=batch_bytes)
     finally:
         solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
+        tsv.HOST_CHECKED_DEVICES = host_checked
     return counter
 
 
