@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -232,3 +233,55 @@ def test_check_output(tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         check_output(tmp_path / "models", [], overwrite=False)
     check_output(tmp_path / "new.safetensors", [src], overwrite=False)
+
+
+# --- review fixes: malformed inputs are CheckpointErrors naming the file ---------------------
+
+
+@pytest.mark.parametrize("weight_map, problem", [([], "weight_map: expected a mapping"),
+                                                 ({"a": 3}, "a: shard 3 is not a file name"),
+                                                 ({"a": "../base.safetensors"}, "a: shard '../base.safetensors'")])
+def test_malformed_index_is_refused(tmp_path, weight_map, problem):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: {re.escape(problem)}"):
+        open_checkpoint(tmp_path / "hf")
+
+
+def test_state_dict_with_a_non_string_key(tmp_path):
+    torch.save({0: torch.ones(2)}, tmp_path / "intkey.pt")
+    with pytest.raises(CheckpointError, match="intkey.pt: key 0 is not a string"):
+        open_checkpoint(tmp_path / "intkey.pt")
+
+
+@pytest.mark.parametrize("data", [b"PKgarbage", b"\x80\x02garbage-bytes-here"])
+def test_corrupt_pickle_is_not_called_a_pickled_model(tmp_path, data):
+    """torch says "Weights only load failed" for garbage too: no --unsafe-pickle hint for it."""
+    (tmp_path / "garbage.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"garbage.pt: not a readable PyTorch checkpoint \(corrupt\?\)") as info:
+        open_checkpoint(tmp_path / "garbage.pt")
+    assert "--unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickled_model_names_the_global(tmp_path):
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model.pt: holds pickled .*torch\.nn\.modules\.linear\.Linear"):
+        open_checkpoint(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2")])
+def test_float8_is_refused_when_opened(tmp_path, dtype, name):
+    """torch has no NaN/Inf check or SVD for float8: refused at open, not mid-merge."""
+    save_file({"w": torch.zeros(4, 4, dtype=dtype), "b": torch.zeros(4)}, tmp_path / "fp8.safetensors")
+    with pytest.raises(CheckpointError, match=f"fp8.safetensors: w: dtype {name}: float8 is not supported"):
+        open_checkpoint(tmp_path / "fp8.safetensors")
+    torch.save({"w": torch.zeros(4, 4, dtype=dtype)}, tmp_path / "fp8.pt")
+    with pytest.raises(CheckpointError, match="fp8.pt: w: dtype float8_.*: float8 is not supported"):
+        open_checkpoint(tmp_path / "fp8.pt")
+
+
+def test_complex_tensor_in_a_torch_file_is_refused_when_opened(tmp_path):
+    torch.save({"w": torch.zeros(2, 2), "c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="c.pt: c: dtype complex64: not supported"):
+        open_checkpoint(tmp_path / "c.pt")
+
