@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,7 +229,7 @@ def test_check_output(tmp_path):
     src.write_bytes(b"x")
     with pytest.raises(OutputError, match="is one of the inputs"):
         check_output(src, [src], overwrite=True)
-    with pytest.raises(OutputError, match="is one of the inputs"):  # replacing the folder would delete it
+    with pytest.raises(OutputError, match="contains an input"):  # replacing the folder would delete it
         check_output(tmp_path / "models", [src], overwrite=True)
     with pytest.raises(OutputError, match="already exists"):
         check_output(tmp_path / "models", [], overwrite=False)
@@ -285,3 +286,79 @@ def test_complex_tensor_in_a_torch_file_is_refused_when_opened(tmp_path):
     with pytest.raises(CheckpointError, match="c.pt: c: dtype complex64: not supported"):
         open_checkpoint(tmp_path / "c.pt")
 
+
+# --- review fixes: unwritable outputs, failed runs ---------------------------------------------
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"a.safetensors/x.safetensors: cannot write: .* is not a folder"):
+        check_output(tmp_path / "a.safetensors" / "x.safetensors", [], overwrite=False)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x"))
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputError, match="new/x.safetensors: cannot write: Read-only file system"):
+        check_output(tmp_path / "new" / "x.safetensors", [], overwrite=False)
+    with pytest.raises(OutputError, match="x.safetensors: cannot write: Read-only file system"):
+        write_safetensors(tmp_path / "new" / "x.safetensors", [], [], metadata={})
+    assert _listing(tmp_path) == ["a.safetensors"]
+
+
+class _FailingClose:
+    """A file whose close() fails like a full disk's flush."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        return self.f.write(data)
+
+    def close(self):
+        self.f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_error_is_not_hidden_by_abort(tmp_path, small_base, monkeypatch):
+    monkeypatch.setattr(writer, "open", lambda path, mode: _FailingClose(open(path, mode)),  # noqa: SIM115
+                        raising=False)
+
+    def disk_full(f, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_tensor", disk_full)
+    with pytest.raises(OutputError, match=r"m.safetensors: visual\..*: write failed: No space left on device"):
+        write_safetensors(tmp_path / "m.safetensors", entries_of(small_base), small_base.items(), metadata={})
+    assert _listing(tmp_path) == []
+
+
+def test_failed_run_removes_the_parent_folders_it_made(tmp_path, small_base):
+    def failing():
+        yield from list(small_base.items())[:2]
+        raise tsv_fast.TSVInputError("task 't': key 'k' contains NaN or Inf")
+
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "sub" / "m.safetensors", tmp_path / "kept" / "new" / "folder"):
+        with pytest.raises(tsv_fast.TSVInputError):
+            write_safetensors(out, entries_of(small_base), failing(), metadata={})
+    assert _listing(tmp_path) == ["kept"]  # a folder that existed before stays
+
+
+def test_overwrite_never_replaces_a_folder_tsv_fast_did_not_write(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="results: is a folder tsv-fast did not write"):
+        check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
+    (tmp_path / "results" / "tsv_fast_merge.json").write_text("{}")
+    check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
+    check_output(tmp_path / "empty", [], overwrite=True, records=["tsv_fast_merge.json"])
+
+
+def test_atomic_write_file_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        writer.atomic_write_file(tmp_path / "m.json", lambda tmp: Path(tmp).write_text("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
