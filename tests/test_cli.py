@@ -229,8 +229,15 @@ def _bad_inputs(work):
     (work / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     torch.save(torch.nn.Linear(2, 2), work / "model.pt")
     (work / "exists.safetensors").write_bytes(b"old")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in base.items()}, work / "fp8.safetensors")
+    (work / "garbage.pt").write_bytes(b"PKgarbage")
     merge = ["merge", "base.safetensors", "t0.safetensors"]
     return [
+        ("new parents", [*merge, "nan.safetensors", "-o", "newdir/sub/o.safetensors"], ["nan.safetensors", "NaN"]),
+        ("nan base", ["merge", "nan.safetensors", "t0.safetensors", "t1.safetensors", "-o", "o.safetensors"],
+         ["error: nan.safetensors: key", LAST_KEY, "NaN"]),
+        ("fp8", [*merge, "fp8.safetensors", "-o", "o.safetensors"], ["fp8.safetensors", "F8_E4M3", "float8"]),
+        ("garbage", [*merge, "garbage.pt", "-o", "o.safetensors"], ["garbage.pt", "corrupt"]),
         ("missing file", [*merge, "nope.safetensors", "-o", "o.safetensors"], ["nope.safetensors", "no such file"]),
         ("truncated", [*merge, "trunc.safetensors", "-o", "o.safetensors"], ["trunc.safetensors", "truncated"]),
         ("pickle", [*merge, "model.pt", "-o", "o.safetensors"], ["model.pt", "--unsafe-pickle"]),
@@ -315,3 +322,113 @@ def test_bench_accuracy_forwards_to_the_evaluation(capsys):
 
     assert cli.main(["bench", "accuracy", "--help"]) == 0
     assert "vision-mini" in capsys.readouterr().out
+
+
+# --- review fixes ------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("tsv-fast: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_unwritable_output_exit_2_before_any_work(work, capsys, monkeypatch):
+    run("merge", *TASKS, "-o", "base.safetensors/x.safetensors", expect=2)
+    _one_line_error(capsys, "base.safetensors/x.safetensors: cannot write", "is not a folder")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed before checking the output")
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(cli, "compress", never)
+    monkeypatch.setattr(cli, "interference", never)
+    before = listing(work)
+    for command in ("merge", "compress", "interference"):
+        run(command, *TASKS, "-o", "ro/out", expect=2)
+        _one_line_error(capsys, "ro/out: cannot write: Read-only file system")
+    assert listing(work) == before
+
+
+def test_inspect_base_with_nan_is_named(work, capsys):
+    t0 = load_file(work / "t0.safetensors")
+    t0[LAST_KEY][1, 1] = float("nan")
+    save_file(t0, work / "nan.safetensors")
+    run("inspect", "nan.safetensors", "--base", "base.safetensors", "--num-tasks", "2", "-q", expect=2)
+    _one_line_error(capsys, f"nan.safetensors: {LAST_KEY}: contains NaN or Inf")
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_num_tasks_must_be_positive(work, capsys, command, value):
+    argv = [*TASKS, "-o", "store"] if command == "compress" else ["t0.safetensors", "--base", "base.safetensors"]
+    run(command, *argv, "--num-tasks", value, expect=2)
+    _one_line_error(capsys, "--num-tasks", "expected an integer >= 1")
+    assert not (work / "store").exists()
+
+
+def test_compress_makes_valid_task_names_from_file_names(work):
+    for name, task in zip(("my task", "_t1", "café"), TASKS[1:]):
+        (work / f"{name}.safetensors").symlink_to(work / task)
+    run("compress", "base.safetensors", "my task.safetensors", "_t1.safetensors", "café.safetensors", "-o", "s", "-q")
+    manifest = json.loads((work / "s" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["my-task", "t1", "cafe"]
+    assert cli._unique_names([work / "...", work / "+", work / "b"]) == ["task0", "task1", "b"]  # nothing left
+
+
+def test_yaml_option_group_is_replaced_by_a_flag(work, capsys):
+    """--rank on a file with rank_fraction: the flag wins (one exclusive group)."""
+    (work / "job.yaml").write_text(yaml.safe_dump({"base": "base.safetensors", "tasks": TASKS[1:],
+                                                   "output": "m.safetensors", "rank_fraction": 0.1}))
+    run("merge", "job.yaml", "--rank", "3", "-q")
+    record = json.loads((work / "m.safetensors.json").read_text())
+    assert record["options"]["rank"] == 3 and record["ranks_per_task"]["256x64"] == 3
+    run("merge", "job.yaml", "extra.safetensors", expect=2)
+    _one_line_error(capsys, "job.yaml: a CONFIG.yaml must be the only input")
+
+
+def test_one_checkpoint_given_twice_by_other_paths(work, capsys, small_tasks):
+    writer.write_safetensors(work / "sh", writer.entries_of(small_tasks[1]), small_tasks[1].items(), metadata={},
+                             max_shard_bytes=100_000)
+    run("merge", "base.safetensors", "sh", "sh/model.safetensors.index.json", "-o", "d.safetensors", expect=2)
+    _one_line_error(capsys, "sh/model.safetensors.index.json: given twice (also as sh)")
+    (work / "x3").mkdir()
+    (work / "x3" / "model.safetensors").symlink_to(work / "t0.safetensors")
+    run("merge", "base.safetensors", "x3", "t0.safetensors", "-o", "d.safetensors", expect=2)
+    _one_line_error(capsys, "t0.safetensors: given twice (also as x3)")
+    assert not (work / "d.safetensors").exists()
+
+
+def test_alpha_must_be_finite(work, capsys):
+    run("merge", *TASKS, "-o", "m.safetensors", "--alpha", "nan", expect=2)
+    _one_line_error(capsys, "field 'alpha': expected a finite number")
+    assert not (work / "m.safetensors").exists()
+
+
+def test_dry_run_reports_an_existing_output(work, capsys):
+    run("merge", *TASKS, "-o", "m.safetensors", "-q")
+    capsys.readouterr()
+    run("merge", *TASKS, "-o", "m.safetensors", "--dry-run")
+    assert "(exists: a real run needs --overwrite)" in capsys.readouterr().out
+    run("compress", *TASKS, "-o", "m.safetensors", "--dry-run")  # any path that exists
+    assert "(exists: a real run needs --overwrite)" in capsys.readouterr().out
+
+
+def test_overwrite_refuses_a_folder_tsv_fast_did_not_write(work, capsys):
+    (work / "results").mkdir()
+    (work / "results" / "notes.txt").write_text("mine")
+    run("merge", *TASKS, "-o", "results", "--overwrite", expect=2)
+    _one_line_error(capsys, "results: is a folder tsv-fast did not write")
+    assert (work / "results" / "notes.txt").read_text() == "mine"
+    run("interference", *TASKS, "-o", "sti", "-q")
+    run("interference", *TASKS, "-o", "sti", "-q", "--overwrite")  # its own report is replaced
+
+
+def test_quiet_keeps_warnings(work, capsys):
+    torch.save(torch.nn.Linear(2, 2), work / "model.pt")
+    run("inspect", "model.pt", "--unsafe-pickle", "-q")
+    assert "tsv-fast: warning: model.pt: loading with weights_only=False" in capsys.readouterr().err

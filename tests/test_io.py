@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,8 +229,136 @@ def test_check_output(tmp_path):
     src.write_bytes(b"x")
     with pytest.raises(OutputError, match="is one of the inputs"):
         check_output(src, [src], overwrite=True)
-    with pytest.raises(OutputError, match="is one of the inputs"):  # replacing the folder would delete it
+    with pytest.raises(OutputError, match="contains an input"):  # replacing the folder would delete it
         check_output(tmp_path / "models", [src], overwrite=True)
     with pytest.raises(OutputError, match="already exists"):
         check_output(tmp_path / "models", [], overwrite=False)
     check_output(tmp_path / "new.safetensors", [src], overwrite=False)
+
+
+# --- review fixes: malformed inputs are CheckpointErrors naming the file ---------------------
+
+
+@pytest.mark.parametrize("weight_map, problem", [([], "weight_map: expected a mapping"),
+                                                 ({"a": 3}, "a: shard 3 is not a file name"),
+                                                 ({"a": "../base.safetensors"}, "a: shard '../base.safetensors'")])
+def test_malformed_index_is_refused(tmp_path, weight_map, problem):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: {re.escape(problem)}"):
+        open_checkpoint(tmp_path / "hf")
+
+
+def test_state_dict_with_a_non_string_key(tmp_path):
+    torch.save({0: torch.ones(2)}, tmp_path / "intkey.pt")
+    with pytest.raises(CheckpointError, match="intkey.pt: key 0 is not a string"):
+        open_checkpoint(tmp_path / "intkey.pt")
+
+
+@pytest.mark.parametrize("data", [b"PKgarbage", b"\x80\x02garbage-bytes-here"])
+def test_corrupt_pickle_is_not_called_a_pickled_model(tmp_path, data):
+    """torch says "Weights only load failed" for garbage too: no --unsafe-pickle hint for it."""
+    (tmp_path / "garbage.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"garbage.pt: not a readable PyTorch checkpoint \(corrupt\?\)") as info:
+        open_checkpoint(tmp_path / "garbage.pt")
+    assert "--unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickled_model_names_the_global(tmp_path):
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model.pt: holds pickled .*torch\.nn\.modules\.linear\.Linear"):
+        open_checkpoint(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2")])
+def test_float8_is_refused_when_opened(tmp_path, dtype, name):
+    """torch has no NaN/Inf check or SVD for float8: refused at open, not mid-merge."""
+    save_file({"w": torch.zeros(4, 4, dtype=dtype), "b": torch.zeros(4)}, tmp_path / "fp8.safetensors")
+    with pytest.raises(CheckpointError, match=f"fp8.safetensors: w: dtype {name}: float8 is not supported"):
+        open_checkpoint(tmp_path / "fp8.safetensors")
+    torch.save({"w": torch.zeros(4, 4, dtype=dtype)}, tmp_path / "fp8.pt")
+    with pytest.raises(CheckpointError, match="fp8.pt: w: dtype float8_.*: float8 is not supported"):
+        open_checkpoint(tmp_path / "fp8.pt")
+
+
+def test_complex_tensor_in_a_torch_file_is_refused_when_opened(tmp_path):
+    torch.save({"w": torch.zeros(2, 2), "c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="c.pt: c: dtype complex64: not supported"):
+        open_checkpoint(tmp_path / "c.pt")
+
+
+# --- review fixes: unwritable outputs, failed runs ---------------------------------------------
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"a.safetensors/x.safetensors: cannot write: .* is not a folder"):
+        check_output(tmp_path / "a.safetensors" / "x.safetensors", [], overwrite=False)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x"))
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputError, match="new/x.safetensors: cannot write: Read-only file system"):
+        check_output(tmp_path / "new" / "x.safetensors", [], overwrite=False)
+    with pytest.raises(OutputError, match="x.safetensors: cannot write: Read-only file system"):
+        write_safetensors(tmp_path / "new" / "x.safetensors", [], [], metadata={})
+    assert _listing(tmp_path) == ["a.safetensors"]
+
+
+class _FailingClose:
+    """A file whose close() fails like a full disk's flush."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        return self.f.write(data)
+
+    def close(self):
+        self.f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_error_is_not_hidden_by_abort(tmp_path, small_base, monkeypatch):
+    monkeypatch.setattr(writer, "open", lambda path, mode: _FailingClose(open(path, mode)),  # noqa: SIM115
+                        raising=False)
+
+    def disk_full(f, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_tensor", disk_full)
+    with pytest.raises(OutputError, match=r"m.safetensors: visual\..*: write failed: No space left on device"):
+        write_safetensors(tmp_path / "m.safetensors", entries_of(small_base), small_base.items(), metadata={})
+    assert _listing(tmp_path) == []
+
+
+def test_failed_run_removes_the_parent_folders_it_made(tmp_path, small_base):
+    def failing():
+        yield from list(small_base.items())[:2]
+        raise tsv_fast.TSVInputError("task 't': key 'k' contains NaN or Inf")
+
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "sub" / "m.safetensors", tmp_path / "kept" / "new" / "folder"):
+        with pytest.raises(tsv_fast.TSVInputError):
+            write_safetensors(out, entries_of(small_base), failing(), metadata={})
+    assert _listing(tmp_path) == ["kept"]  # a folder that existed before stays
+
+
+def test_overwrite_never_replaces_a_folder_tsv_fast_did_not_write(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="results: is a folder tsv-fast did not write"):
+        check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
+    (tmp_path / "results" / "tsv_fast_merge.json").write_text("{}")
+    check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
+    check_output(tmp_path / "empty", [], overwrite=True, records=["tsv_fast_merge.json"])
+
+
+def test_atomic_write_file_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        writer.atomic_write_file(tmp_path / "m.json", lambda tmp: Path(tmp).write_text("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644

@@ -1,14 +1,19 @@
 """TaskStore: format, exact sizes, rank options, fingerprint refusal, atomic writes."""
 
 import json
+import os
+import re
 import struct
 
 import pytest
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import tsv_fast.store as store_mod
 from tsv_fast import CompressedTask, TSVInputError, compress
 from tsv_fast.store import MANIFEST, TaskStore, base_fingerprint, expected_nbytes
+from tsv_fast.writer import OutputError
 
 
 @pytest.fixture
@@ -174,10 +179,60 @@ def test_failed_write_leaves_store_unchanged(tmp_path, base, finetuned, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(store_mod, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="b.safetensors: cannot write: disk full"):  # names the file
         store.add("b", finetuned[1])
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="a.safetensors: cannot write: disk full"):
         store.add("a", finetuned[1], overwrite=True)
     after = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
     assert after == before  # no partial file, no temp file, manifest untouched
     assert TaskStore(tmp_path / "s").names() == ["a"]
+
+
+def test_save_file_error_is_an_output_error_naming_the_file(tmp_path, base, finetuned, monkeypatch):
+    """A full disk inside save_file raises SafetensorError (not OSError)."""
+    store = TaskStore(tmp_path / "s", base=base)
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(store_mod, "save_file", full)
+    with pytest.raises(OutputError, match="s/a.safetensors: cannot write: .*No space left on device"):
+        store.add("a", finetuned[0])
+    assert TaskStore(tmp_path / "s").names() == []
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"format_version": "2"}, "field 'format_version': expected an integer"),
+    ({"base": None}, "field 'base': expected a mapping"),
+    ({"num_tasks": "8"}, "field 'num_tasks': expected an integer >= 1"),
+    ({"dtype": "int4"}, "field 'dtype': expected null or one of"),
+    ({"default_rank": "high"}, "field 'default_rank'"),
+    ({"tasks": [{"name": "a", "file": "../base.safetensors"}]}, "file '../base.safetensors' is not a file name inside"),
+    ({"tasks": [{"name": "a", "file": "a.safetensors"}, {"name": "a", "file": "a.safetensors"}]},
+     "tasks[1]: task name 'a' appears twice"),
+    ({"tasks": [{"name": 3, "file": "a.safetensors"}]}, "tasks[0] lacks 'name' or 'file'"),
+])
+def test_malformed_manifest_is_refused_naming_the_field(tmp_path, base, finetuned, change, problem):
+    TaskStore(tmp_path / "s", base=base).add("a", finetuned[0])
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(TSVInputError, match=re.escape(f"{tmp_path / 's' / MANIFEST}: ") + ".*" + re.escape(problem)):
+        TaskStore(tmp_path / "s", base=base)
+
+
+def test_a_bad_task_file_is_named(tmp_path, base, finetuned):
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    flat = load_file(tmp_path / "s" / "a.safetensors")
+    save_file({**flat, "extra": torch.zeros(1)}, tmp_path / "s" / "a.safetensors")
+    with pytest.raises(TSVInputError, match=re.escape(str(tmp_path / "s" / "a.safetensors")) + ".*'extra'"):
+        store.load("a")
+
+
+def test_manifest_is_readable_by_others(tmp_path, base):
+    old = os.umask(0o022)
+    try:
+        TaskStore(tmp_path / "s", base=base)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s" / MANIFEST).stat().st_mode & 0o777 == 0o644

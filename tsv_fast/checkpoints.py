@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,6 +41,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Written by the writer, refused on reading: torch has no NaN/Inf check, arithmetic or SVD for float8.
+_UNREADABLE = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
@@ -71,9 +74,8 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
                     if prefix and not key.startswith(prefix):
                         continue
                     part = handle.get_slice(key)
-                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
-                    if dtype is None:
-                        raise CheckpointError(f"{label}: {key}: unsupported dtype {part.get_dtype()}")
+                    _check_dtype(SAFETENSORS_DTYPES.get(part.get_dtype()), part.get_dtype(), path, key)
+                    dtype = SAFETENSORS_DTYPES[part.get_dtype()]
                     self._file[key] = path
                     self._meta[key] = (tuple(part.get_shape()), dtype)
         if weight_map is not None:
@@ -108,6 +110,14 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         return f"SafetensorsCheckpoint({self.label!r}, {len(self)} tensors, {len(self.files)} file(s))"
+
+
+def _check_dtype(dtype: torch.dtype | None, name: str, path: Path, key: str) -> None:
+    """Refuse, when a checkpoint is opened, dtypes the merge cannot compute in or write."""
+    if dtype is None or dtype in _UNREADABLE:
+        what = "float8 is not supported (convert to bfloat16, float16 or float32)" if dtype in _UNREADABLE \
+            else "not supported"
+        raise CheckpointError(f"{path}: {key}: dtype {name}: {what}")
 
 
 class TorchCheckpoint(dict):
@@ -209,6 +219,12 @@ def _resolve(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
             weight_map = json.loads(path.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a valid sharded-checkpoint index ({exc!r})") from exc
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path}: weight_map: expected a mapping of key → shard file name, "
+                                  f"got a {type(weight_map).__name__}")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+                raise CheckpointError(f"{path}: {key}: shard {name!r} is not a file name in the index's folder")
         files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
@@ -250,13 +266,16 @@ def _load_torch(path: Path, label: str, unsafe_pickle: bool) -> dict[str, Tensor
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except (pickle.UnpicklingError, RuntimeError) as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+        # torch's weights-only unpickler says "Weights only load failed" for garbage bytes too;
+        # only "GLOBAL module.name" means the file names a class or function to run.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?): "
-                                  f"{str(exc).splitlines()[0]}") from exc
+                                  f"{_torch_reason(exc)}") from exc
         if not unsafe_pickle:
             raise CheckpointError(
-                f"{path}: holds pickled Python objects, not just tensors (e.g. a whole saved model); "
-                f"loading it would run code from the file. Convert it to a state dict, or pass "
+                f"{path}: holds pickled Python objects, not just tensors (e.g. a whole saved model, here "
+                f"{found.group(1)}); loading it would run code from the file. Convert it to a state dict, or pass "
                 f"{UNSAFE_FLAG} if you trust its source") from None
         warnings.warn(f"{path}: loading with weights_only=False ({UNSAFE_FLAG}): this runs code from the file",
                       stacklevel=3)
@@ -270,6 +289,13 @@ def _load_torch(path: Path, label: str, unsafe_pickle: bool) -> dict[str, Tensor
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?): "
                               f"{type(exc).__name__}: {exc}") from exc
     return _unwrap(obj, path)
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The line of a torch.load error that says what is wrong (not its advice paragraphs)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return found.group(1) if found else (text.splitlines() or [type(exc).__name__])[0]
 
 
 def _unwrap(obj, path: Path) -> dict[str, Tensor]:
@@ -287,6 +313,11 @@ def _unwrap(obj, path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: {key}: is a {type(value).__name__}, not a tensor (expected a flat "
                               f"name → tensor dict, or one under {'/'.join(_WRAPPER_KEYS)})")
     state = dict(obj)
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is not a string (expected a name → tensor dict)")
+        _check_dtype(value.dtype if value.dtype in DTYPE_NAMES else None, str(value.dtype).removeprefix("torch."),
+                     path, key)
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

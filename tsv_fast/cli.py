@@ -22,12 +22,14 @@ import csv
 import datetime
 import json
 import math
+import re
 import signal
 import sys
 import textwrap
 import threading
 import time
 import traceback
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "tsv_fast_merge.json"
 MANIFEST = "manifest.json"
+STI_RECORD = "sti.json"
+# The files that mark a folder as one tsv-fast wrote, so that --overwrite may replace it.
+RECORDS = (MERGE_RECORD, MANIFEST, STI_RECORD)
 
 
 class UsageError(TSVInputError):
@@ -192,6 +197,8 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
     paths = {k: root / values[k] for k in ("base", "output") if k in values}
     job = MergeJob(**{**values, **paths, "tasks": [root / t for t in values["tasks"]], "options": options,
                       "output": paths.get("output")})
+    if job.alpha is not None and not math.isfinite(job.alpha):
+        raise UsageError(f"{source}: field 'alpha': expected a finite number, got {job.alpha!r}")
     get_method(job.method)  # unknown method / option / solver: the library's own errors
     get_solver(job.solver)
     if job.batch not in BATCH_MODES:
@@ -199,6 +206,15 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
     if job.dtype is not None and job.dtype not in DTYPES:
         raise UsageError(f"{source}: field 'dtype': unknown dtype {job.dtype!r}; choose one of {sorted(DTYPES)}")
     return job
+
+
+def _without_overridden(config: dict, given: dict) -> dict:
+    """``config`` less the fields a flag overrides: a flag for a method option replaces every
+    field of that option (``--rank 3`` over a file with ``rank_fraction: 0.1``)."""
+    option_of = {f.field: f.option for f in option_flags()}
+    options = {option_of[k] for k in given if k in option_of}
+    return {k: v for k, v in config.items()
+            if str(k).replace("-", "_") not in given and option_of.get(str(k).replace("-", "_")) not in options}
 
 
 def load_config(path: Path) -> dict:
@@ -236,11 +252,12 @@ def _open_inputs(base: Path, tasks: Sequence[Path], *, prefix, unsafe_pickle, mi
     if len(tasks) < min_tasks:
         raise UsageError(f"{command} needs at least {min_tasks} task checkpoints after the base, got {len(tasks)}"
                          + (" (merging a single task is almost surely a mistake)" if command == "merge" else ""))
-    seen = {base.resolve(): f"{base} (the base)"}
-    for t in tasks:
-        if t.resolve() in seen:
-            raise UsageError(f"{t}: given twice (also as {seen[t.resolve()]})")
-        seen[t.resolve()] = str(t)
+    seen: dict[Path, str] = {}
+    for p, shown in [(base, f"{base} (the base)"), *((t, str(t)) for t in tasks)]:
+        files = {f.resolve() for f in checkpoint_files(p)}  # a folder, its index or a link: the same files
+        if twice := next((seen[f] for f in files if f in seen), None):
+            raise UsageError(f"{p}: given twice (also as {twice})")
+        seen.update(dict.fromkeys(files, shown))
     opened = [open_checkpoint(p, prefix=prefix, unsafe_pickle=unsafe_pickle) for p in (base, *tasks)]
     return opened[0], opened[1:]
 
@@ -338,12 +355,15 @@ def _working_set(base, keys, method: str, T: int) -> tuple[int, str]:
 def cmd_merge(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name, None) for name in (*_MERGE_FIELDS, *(f.field for f in option_flags()))}
     inputs = [Path(p) for p in args.inputs]
-    if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
+    configs = [p for p in inputs if p.suffix in (".yaml", ".yml")]
+    if configs and len(inputs) > 1:
+        raise UsageError(f"{configs[0]}: a CONFIG.yaml must be the only input (give tasks in its 'tasks' field)")
+    if configs:
         config = load_config(inputs[0])
         given = {k: v for k, v in fields.items() if v is not None and k not in ("base", "tasks")}
         if "output" in given:  # relative to the working directory, not to the config file
             given["output"] = str(Path(given["output"]).resolve())
-        job = merge_job({**config, **given}, str(inputs[0]), root=inputs[0].parent)
+        job = merge_job({**_without_overridden(config, given), **given}, str(inputs[0]), root=inputs[0].parent)
     else:
         fields.update(base=str(inputs[0]), tasks=[str(p) for p in inputs[1:]])
         job = merge_job(fields, "command line")
@@ -357,7 +377,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                         batch=job.batch, batch_bytes=job.batch_bytes, **job.options)
     if job.output is not None:
         record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
-        check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite, also=record_file)
+        check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite or job.dry_run,
+                     also=record_file, records=RECORDS)
     spec = get_method(job.method)
     alpha = spec.default_alpha if job.alpha is None else job.alpha
     selected = select_keys(base, job.include, job.exclude)
@@ -379,6 +400,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
                f"{human_size(sum(e.nbytes for e in entries))} in {len(shards)} safetensors file(s), "
                f"{time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _exists_note(out: Path | None, overwrite: bool) -> str:
+    """A dry run reports an existing output rather than refusing it."""
+    if out is None or not out.exists():
+        return ""
+    return " (exists: will be replaced)" if overwrite else " (exists: a real run needs --overwrite)"
 
 
 def _out_meta(base, key: str, out_dtype):
@@ -422,7 +450,7 @@ def _merge_plan(args, job: MergeJob, base, tasks, entries, selected, ranks, alph
         print("  ranks    " + ", ".join(f"{s}: k={k} per task (T·k={T * k})" for s, k in ranks.items()))
     where = job.output if job.output is not None else "(no -o given)"
     print(f"  output   {where}: {human_size(size)} in {len(shards)} file(s), dtype "
-          f"{job.dtype or 'as the base'}")
+          f"{job.dtype or 'as the base'}{_exists_note(job.output, job.overwrite)}")
     if batches:  # a batch's stacked deltas, plus at most as much again while solving (the merge's bound)
         batched = {k for keys, _ in batches for k in keys}
         waiting = sum(e.nbytes for e in entries if e.key in batched)  # merged keys held until their turn
@@ -449,19 +477,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     base, tasks = _open_inputs(base_path, task_paths, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle,
                                min_tasks=1, command="compress")
     rank = args.rank if args.rank is not None else args.rank_fraction
-    T = args.num_tasks or len(tasks)
+    T = args.num_tasks if args.num_tasks is not None else len(tasks)
     if len(tasks) == 1 and rank is None and args.energy is None and args.num_tasks is None:
         warnings.warn("one task and no --rank/--rank-fraction/--energy/--num-tasks: k = floor(r/1) = r keeps "
                       "full rank (no compression)", stacklevel=1)
     dtype = DTYPES[args.dtype] if args.dtype else None
     names = [str(p) for p in task_paths]
+    files = _unique_names(task_paths)  # the store's task names, valid before any work
     store = Path(args.output) if args.output else None
     if store is not None:
-        check_output(store, _input_files([base_path, *task_paths]), overwrite=args.overwrite)
+        check_output(store, _input_files([base_path, *task_paths]), overwrite=args.overwrite or args.dry_run,
+                     records=RECORDS)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_keys(base, args.include, args.exclude)
     if args.dry_run:
-        _compress_plan(base, tasks, selected, rank, args.energy, T, dtype, store)
+        _compress_plan(base, tasks, selected, rank, args.energy, T, dtype, store, args.overwrite)
         return 0
     if store is None:
         raise UsageError("compress needs -o STORE (or --dry-run)")
@@ -469,7 +499,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     compressed = compress(base, tasks, rank, energy=args.energy, num_tasks=args.num_tasks, names=names,
                           include=args.include, exclude=args.exclude, solver=args.solver or "exact",
                           factor_dtype=dtype, device=_device(args.device or "auto"), progress=_progress(args))
-    files = _unique_names(task_paths)
     with staged_output(store, folder=True, overwrite=args.overwrite) as stage:
         # The store format of tsv_fast.TaskStore (manifest with the base fingerprint), so
         # TaskStore / MultiTaskModel open what this command writes.
@@ -486,7 +515,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compress_plan(base, tasks, selected, rank, energy, T, dtype, store) -> None:
+def _compress_plan(base, tasks, selected, rank, energy, T, dtype, store, overwrite) -> None:
     per_task, ranks = 0, {}
     for key in base:
         t = _meta_tensor(base, key)
@@ -505,16 +534,20 @@ def _compress_plan(base, tasks, selected, rank, energy, T, dtype, store) -> None
     print(f"  tasks    {len(tasks)}, ranks " + (f"chosen per key to keep {energy:.0%} energy" if energy is not None
                                                  else ", ".join(f"{s}: k={k}" for s, k in ranks.items())))
     print(f"  output   {store or '(no -o given)'}: {bound}{human_size(per_task)} per task, {bound}"
-          f"{human_size(per_task * len(tasks))} in all ({100 * per_task / base.nbytes():.1f}% of a checkpoint each)")
+          f"{human_size(per_task * len(tasks))} in all ({100 * per_task / base.nbytes():.1f}% of a checkpoint each)"
+          f"{_exists_note(store, overwrite)}")
     print(f"  memory   ≈ {human_size(per_task * len(tasks))} compressed tasks (kept until written) + "
           f"{human_size(work)} working set (largest key {work_key}) + {human_size(_rss_mib() * 2**20)} runtime")
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """File-name stems for the tasks (``ft/sun397.safetensors`` → ``sun397``), made unique."""
+    """Task names from the file-name stems (``ft/sun397.safetensors`` → ``sun397``), made valid
+    store names (``my task`` → ``my-task``, ``café`` → ``cafe``, ``_t1`` → ``t1``) and unique."""
     names: list[str] = []
-    for p in paths:
+    for n, p in enumerate(paths):
         stem = p.parent.name if p.name.endswith(".index.json") else p.stem if p.is_file() else p.name
+        ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+        stem = re.sub(r"[^A-Za-z0-9._+-]", "-", ascii_stem).lstrip("._+-")[:120] or f"task{n}"
         name, i = stem, 2
         while name in names:
             name, i = f"{stem}-{i}", i + 1
@@ -531,7 +564,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
     base, tasks = _open_inputs(base_path, task_paths, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle,
                                min_tasks=2, command="interference")
     out = Path(args.output)
-    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite)
+    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite, records=RECORDS)
     report = interference(base, tasks, names=[str(p) for p in task_paths], include=args.include,
                           exclude=args.exclude, solver=args.solver or "exact", device=_device(args.device or "auto"),
                           progress=_progress(args))
@@ -550,7 +583,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
         summary = _record("interference", tasks=report.tasks, per_key=report.per_key, by_block=report.by_block(),
                           per_pair={k: v.tolist() for k, v in report.per_pair.items()},
                           inputs={"base": _input_record([base_path])[0], "tasks": _input_record(task_paths)})
-        (stage / "sti.json").write_text(json.dumps(summary, indent=2))
+        (stage / STI_RECORD).write_text(json.dumps(summary, indent=2))
         pngs = [plot_sti_heatmap(report, stage / "sti_heatmap.png"),
                 plot_sti_by_depth(report, stage / "sti_by_depth.png")]
     _say(args, f"STI of {len(report.per_key)} matrix keys, {len(pairs)} task pairs: {out}/ "
@@ -568,7 +601,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     base = open_checkpoint(args.base, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle) if args.base else None
-    T = args.num_tasks or len(args.files)
+    T = args.num_tasks if args.num_tasks is not None else len(args.files)
     if base is not None and T < 2:
         raise UsageError("inspect --base with one file: give --num-tasks T for the rank floor(r/T)")
     for path in args.files:
@@ -584,7 +617,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             row = [key, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).removeprefix("torch."),
                    human_size(tensor_nbytes(tuple(t.shape), t.dtype)), kind]
             if base is not None and kind == "matrix":
-                k, erank, energy = _spectrum(ckpt[key], base[key], T)
+                task_t, base_t = _finite(ckpt[key], path, key), _finite(base[key], args.base, key)
+                k, erank, energy = _spectrum(task_t, base_t, T)
                 energies.append(energy)
                 row += [str(k), f"{erank:.1f}", "-" if math.isnan(energy) else f"{energy:.1%}"]
             elif base is not None:
@@ -601,6 +635,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                      f"k = floor(r/{T})")
         print(line)
     return 0
+
+
+def _finite(t: torch.Tensor, path, key: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise TSVInputError(f"{path}: {key}: contains NaN or Inf")
+    return t
 
 
 def _spectrum(task: torch.Tensor, base: torch.Tensor, T: int) -> tuple[int, float, float]:
@@ -632,6 +672,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tsv-fast: error: {message} (see '{self.prog} --help')\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tsv-fast", description="Merge, compress, measure interference and inspect "
                                                   "checkpoints with Task Singular Vectors.",
@@ -642,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on failures")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary (warnings and "
+                                                                        "errors are still shown)")
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument("--prefix", default=None, help="use only keys starting with this, e.g. 'visual.' for the "
                                                         "image tower of a full open_clip checkpoint")
@@ -651,13 +702,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "file, only for files you trust")
     work = argparse.ArgumentParser(add_help=False)
     work.add_argument("--include", action="append", default=None, metavar="GLOB",
-                      help="merge only keys matching this fnmatch pattern (repeatable)")
+                      help="use only keys matching this fnmatch pattern (repeatable)")
     work.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                       help="skip keys matching this pattern (repeatable)")
     work.add_argument("--solver", default=None, help=f"top-k SVD solver: {', '.join(SOLVERS)} (default exact)")
     work.add_argument("--device", default=None, help="auto (cuda if visible), cpu or cuda (default auto)")
     writing = argparse.ArgumentParser(add_help=False)
-    writing.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    writing.add_argument("--overwrite", action="store_true", default=None,
+                         help="replace an existing output (a folder only if tsv-fast wrote it)")
     writing.add_argument("--dry-run", action="store_true", default=None,
                          help="check the inputs, print the plan, output size and a memory estimate; do nothing")
 
@@ -711,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rank", type=int, default=None, help="per-task rank k")
     comp.add_argument("--rank-fraction", type=float, default=None, help="per-task rank floor(f·r)")
     comp.add_argument("--energy", type=float, default=None, help="smallest k keeping this share of Σs² (e.g. 0.9)")
-    comp.add_argument("--num-tasks", type=int, default=None, help="T in floor(r/T) (default: number of tasks)")
+    comp.add_argument("--num-tasks", type=_positive_int, default=None,
+                      help="T in floor(r/T) (default: number of tasks)")
     comp.add_argument("--dtype", default=None, help="factor dtype: float32, float16 or bfloat16 (default: the base's)")
     comp.set_defaults(func=cmd_compress)
 
@@ -722,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "task pairs) and sti_by_depth.png.")
     inter.add_argument("inputs", nargs="+", metavar="INPUT", help="BASE TASK TASK...")
     inter.add_argument("-o", "--output", required=True, metavar="REPORT", help="output folder")
-    inter.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    inter.add_argument("--overwrite", action="store_true", help="replace an existing report (one tsv-fast wrote)")
     inter.set_defaults(func=cmd_interference)
 
     insp = sub.add_parser("inspect", parents=[common, reading], help="keys, shapes, dtypes, sizes; task spectra",
@@ -731,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the energy kept at k = floor(r/T).")
     insp.add_argument("files", nargs="+", metavar="FILE")
     insp.add_argument("--base", default=None, help="the pretrained checkpoint the FILEs were fine-tuned from")
-    insp.add_argument("--num-tasks", type=int, default=None, help="T for k = floor(r/T) (default: number of FILEs)")
+    insp.add_argument("--num-tasks", type=_positive_int, default=None,
+                      help="T for k = floor(r/T) (default: number of FILEs)")
     insp.set_defaults(func=cmd_inspect)
 
     bench = sub.add_parser("bench", parents=[common],
@@ -770,12 +824,11 @@ def _say(args, message: str) -> None:
 
 
 @contextlib.contextmanager
-def _cli_environment(quiet: bool) -> Iterator[None]:
-    """Warnings as one 'tsv-fast: warning:' line each; SIGTERM unwinds like Ctrl-C, so staged
-    outputs are removed."""
+def _cli_environment() -> Iterator[None]:
+    """Warnings as one 'tsv-fast: warning:' line each (even with -q: --unsafe-pickle's must not
+    be hidden); SIGTERM unwinds like Ctrl-C, so staged outputs are removed."""
     def show(message, category, filename, lineno, file=None, line=None):
-        if not quiet:
-            print(f"tsv-fast: warning: {message}", file=sys.stderr)
+        print(f"tsv-fast: warning: {message}", file=sys.stderr)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -801,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 2
-    with _cli_environment(args.quiet):
+    with _cli_environment():
         try:
             if args.verbose:
                 print(f"tsv-fast {__version__}: {backend()}", file=sys.stderr)

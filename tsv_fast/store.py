@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .compress import compress
 from .errors import TSVInputError
 from .keys import Rank, is_matrix_key, resolve_rank
 from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
-from .writer import atomic_write_file
+from .writer import OutputError, atomic_write_file
 
 __all__ = ["TaskStore", "base_fingerprint", "expected_nbytes", "MANIFEST", "FINGERPRINT_METHOD"]
 
@@ -80,6 +80,30 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def _check_manifest_fields(manifest: dict, path: Path) -> None:
+    """Refuse a hand-edited manifest whose fields have the wrong types, naming the field."""
+    def bad(field: str, expected: str):
+        return TSVInputError(f"{path}: field {field!r}: expected {expected}, got {manifest[field]!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "format_version" in manifest and not is_int(manifest["format_version"]):
+        raise bad("format_version", "an integer")
+    if "num_tasks" in manifest and not (is_int(manifest["num_tasks"]) and manifest["num_tasks"] >= 1):
+        raise bad("num_tasks", "an integer >= 1")
+    rank = manifest.get("default_rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+        raise bad("default_rank", "null, an integer or a fraction")
+    if manifest.get("dtype") is not None and manifest["dtype"] not in _DTYPES:
+        raise bad("dtype", f"null or one of {sorted(_DTYPES)}")
+    if "base" in manifest:
+        base = manifest["base"]
+        if not isinstance(base, dict) or not isinstance(base.get("fingerprint", ""), str) \
+                or not isinstance(base.get("keys", {}), dict):
+            raise bad("base", "a mapping with a 'fingerprint' string and a 'keys' mapping")
+
+
 class TaskStore:
     """Compressed tasks over one base, in a folder (see the module docstring for the layout).
 
@@ -122,7 +146,10 @@ class TaskStore:
             if default_rank is not None:
                 resolve_rank((1, 1), default_rank, 1)  # validates the value
             self._manifest = self._new_manifest(base, default_rank, num_tasks or 8, dtype)
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
             self._write_manifest()
 
     # ------------------------------------------------------------------ manifest
@@ -148,16 +175,25 @@ class TaskStore:
             raise TSVInputError(f"{path}: cannot read the task store manifest: {e}") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), list):
             raise TSVInputError(f"{path}: not a task store manifest (no 'tasks' list)")
+        _check_manifest_fields(manifest, path)
         if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise TSVInputError(f"{path}: format version {manifest['format_version']} is newer than this "
                                 f"tsv-fast reads ({FORMAT_VERSION}); upgrade tsv-fast")
+        names = set()
         for i, entry in enumerate(manifest["tasks"]):
-            if not isinstance(entry, dict) or "name" not in entry or "file" not in entry:
-                raise TSVInputError(f"{path}: tasks[{i}] lacks 'name' or 'file'")
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                    or not isinstance(entry.get("file"), str):
+                raise TSVInputError(f"{path}: tasks[{i}] lacks 'name' or 'file' (strings)")
+            file = entry["file"]
+            if Path(file).name != file or file in (".", "..") or "\\" in file:  # a hand-edited "../base.safetensors"
+                raise TSVInputError(f"{path}: tasks[{i}]: file {file!r} is not a file name inside the store")
+            if entry["name"] in names:
+                raise TSVInputError(f"{path}: tasks[{i}]: task name {entry['name']!r} appears twice")
+            names.add(entry["name"])
         manifest.setdefault("num_tasks", 8)
         manifest.setdefault("default_rank", None)
         manifest.setdefault("dtype", None)
-        if "base" not in manifest or "fingerprint" not in manifest.get("base", {}):
+        if "fingerprint" not in manifest.get("base", {}):
             warnings.warn(f"{path}: the manifest has no base fingerprint (written by another tool?); the base "
                           f"cannot be checked, only the keys and shapes of each task", stacklevel=3)
         return manifest
@@ -184,7 +220,7 @@ class TaskStore:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self._manifest, indent=1)
-        atomic_write_file(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        _write(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
     @property
     def manifest(self) -> dict:
@@ -256,7 +292,7 @@ class TaskStore:
         flat = ct.to_state_dict()
         file = f"{name}.safetensors"
         meta = {"format": "pt", "tsv_fast_task": name, "base_fingerprint": self.fingerprint or ""}
-        atomic_write_file(self.path / file, lambda tmp: save_file(flat, tmp, metadata=meta))
+        _write(self.path / file, lambda tmp: save_file(flat, tmp, metadata=meta))
         entry = {"name": name, "file": file, "bytes": ct.nbytes(),
                  "ranks": {k: ct.rank(k) for k in ct.factors}, "deltas": sorted(ct.deltas),
                  "dtype": _dtype_name(dtype), **({"info": info} if info else {})}
@@ -291,7 +327,10 @@ class TaskStore:
         if stored and self.fingerprint and stored != self.fingerprint:
             raise TSVInputError(f"{path}: task {name!r} was built from another base (fingerprint {stored[:12]}… "
                                 f"vs the store's {self.fingerprint[:12]}…)")
-        return CompressedTask.from_state_dict(flat, name)
+        try:
+            return CompressedTask.from_state_dict(flat, name)
+        except TSVInputError as e:
+            raise TSVInputError(f"{path}: {e}") from None
 
     def ranks(self, name: str) -> dict[str, int]:
         return dict(self._entry(name).get("ranks", {}))
@@ -317,6 +356,16 @@ class TaskStore:
 
     def __repr__(self) -> str:
         return f"TaskStore({str(self.path)!r}, tasks={self.names()})"
+
+
+def _write(path: Path, write) -> None:
+    """:func:`atomic_write_file`, with a full disk or a read-only folder (``OSError``, or
+    ``SafetensorError`` from ``save_file``) reported as an :class:`OutputError` naming the file."""
+    try:
+        atomic_write_file(path, write)
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+        raise OutputError(f"{path}: cannot write: {reason}") from exc
 
 
 def expected_nbytes(base: StateDict, ranks: Mapping[str, int], delta_keys, dtype: torch.dtype | None) -> int:

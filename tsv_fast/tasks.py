@@ -233,9 +233,10 @@ def _finite(t: Tensor, owner: str, key: str) -> Tensor:
 
 
 def checked_base_tensor(base: StateDict, key: str) -> Tensor:
-    """``base[key]``, refusing NaN/Inf in floating tensors."""
+    """``base[key]``, refusing NaN/Inf in floating tensors (named by the base's file when it
+    has one: a checkpoint opened from disk has a ``label``)."""
     t = base[key]
-    return _finite(t, "base", key) if t.is_floating_point() else t
+    return _finite(t, getattr(base, "label", None) or "base", key) if t.is_floating_point() else t
 
 
 def as_sources(base: StateDict, tasks: Sequence[Task], names: Sequence[str] | None = None) -> list[TaskSource]:

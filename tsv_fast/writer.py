@@ -84,17 +84,41 @@ def human_size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Sequence[Path] = ()) -> None:
-    """Refuse, before any work, an output that is (or contains) an input, or that exists
-    without ``overwrite``. ``also``: other paths the output will create (its JSON record)."""
+def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Sequence[Path] = (),
+                 records: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an output that is (or contains) an input, that exists without
+    ``overwrite``, or whose folder cannot be written. ``also``: other paths the output will
+    create (its JSON record). ``records``: file names that mark a folder as written by
+    tsv-fast; with ``records`` given, a non-empty folder holding none of them is never
+    replaced (``-o ~ --overwrite`` must not delete a home folder)."""
     target = out.resolve()
     for path in inputs:
         p = path.resolve()
-        if p == target or target in p.parents:
+        if p == target:
             raise OutputError(f"{out}: is one of the inputs ({path}); choose another output path")
+        if target in p.parents:
+            raise OutputError(f"{out}: contains an input ({path}); choose another output path")
     for path in (out, *also):
         if path.exists() and not overwrite:
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
+    if records and out.is_dir() and any(out.iterdir()) and not any((out / r).exists() for r in records):
+        raise OutputError(f"{out}: is a folder tsv-fast did not write (no {' or '.join(records)}); refusing to "
+                          f"replace it, even with --overwrite: choose another output or remove it yourself")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after the work, when ``out``'s folder cannot be created or written:
+    a temporary folder is made (and removed) in the nearest existing ancestor."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{out}: cannot write: {folder} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tsv-fast-probe-", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
 
 
 def atomic_write_file(path: Path, write) -> None:
@@ -102,6 +126,7 @@ def atomic_write_file(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -112,33 +137,64 @@ def atomic_write_file(path: Path, write) -> None:
         raise
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
     """A fresh staging folder next to ``out``, moved into place when the block succeeds.
 
     ``folder=True``: the staging folder becomes ``out``. ``folder=False``: the files
     written into it are moved into ``out``'s folder under their names (``out`` and its
-    JSON record). On any exception the staging folder is deleted.
+    JSON record). On any exception the staging folder, and the parent folders this call
+    created, are deleted. Errors name ``out``, never the hidden staging folder.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tsv-fast-tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would carry over to a folder output
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    stage, done = None, False
     try:
-        yield stage
-        if folder:
-            _replace(stage, out, overwrite)
-        else:
-            names = sorted(p.name for p in stage.iterdir())
-            for name in names:
-                if (out.parent / name).exists() and not overwrite:
-                    raise OutputError(f"{out.parent / name}: already exists (pass --overwrite to replace it)")
-            for name in names:
-                _replace(stage / name, out.parent / name, overwrite)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tsv-fast-tmp-", dir=out.parent))
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would carry over to a folder output
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+        try:
+            yield stage
+            if folder:
+                _replace(stage, out, overwrite)
+            else:
+                names = sorted(p.name for p in stage.iterdir())
+                for name in names:
+                    if (out.parent / name).exists() and not overwrite:
+                        raise OutputError(f"{out.parent / name}: already exists (pass --overwrite to replace it)")
+                for name in names:
+                    _replace(stage / name, out.parent / name, overwrite)
+        except OutputError as exc:
+            raise OutputError(str(exc).replace(str(stage), str(out if folder else out.parent))) from exc
+        except OSError as exc:
+            if exc.filename is None or not _is_staged(Path(exc.filename), stage, out):
+                raise  # not about the output (e.g. an input that cannot be read)
+            raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+        done = True
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            for parent in created:  # a folder something else has written into stays
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
+def _is_staged(path: Path, stage: Path, out: Path) -> bool:
+    """Whether ``path`` is the staging folder, in it, or a hidden file of ours beside ``out``."""
+    return path == stage or stage in path.parents or (path.parent == out.parent
+                                                       and path.name.startswith(f".{out.name}."))
 
 
 def _replace(src: Path, dst: Path, overwrite: bool) -> None:
@@ -232,9 +288,15 @@ class SafetensorsWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:
+        """Close the open shard, ignoring errors: closing flushes, which fails again on a full
+        disk and would hide the error that made us abort."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            finally:
+                self._file = None
 
     def _close(self) -> None:
         self._file.flush()
