@@ -207,10 +207,12 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
                      largest_batch_bytes=ctx.largest_batch_bytes, zero_rank_keys=ctx.zero_rank_keys,
                      residuals=ctx.residuals, polar=dict(ctx.polar_counts))
     if ctx.zero_rank_keys:
+        rank = ctx.options.get("rank")
+        why = (f"floor(r/T) = 0 when min(m, n) < T = {len(sources)}" if rank is None
+               else f"rank={rank!r} gives 0 for them")
         warnings.warn(
-            f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 (floor(r/T) = 0 when min(m, n) < "
-            f"T = {len(sources)}), so they keep the base weights (delta 0): {ctx.zero_rank_keys[:5]}",
-            TSVRankWarning, stacklevel=3)
+            f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 ({why}), so they keep the base "
+            f"weights (delta 0): {ctx.zero_rank_keys[:5]}", TSVRankWarning, stacklevel=3)
 
 
 def _finite_outputs(keys: Sequence[str], merged: Sequence[Tensor]) -> Sequence[Tensor]:
