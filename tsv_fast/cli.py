@@ -57,7 +57,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "tsv_fast_merge.json"
-MANIFEST = "manifest.json"
 STI_RECORD = "sti.json"
 # The files that mark a folder as one tsv-fast wrote, so that --overwrite may replace it.
 RECORDS = (MERGE_RECORD, MANIFEST, STI_RECORD)
