@@ -287,6 +287,13 @@ def test_complex_tensor_in_a_torch_file_is_refused_when_opened(tmp_path):
         open_checkpoint(tmp_path / "c.pt")
 
 
+def test_unsupported_dtypes_outside_the_prefix_are_ignored(tmp_path):
+    """As for safetensors: a full checkpoint's other tower may hold complex (RoPE) buffers."""
+    torch.save({"visual.w": torch.ones(2, 2), "text.rope": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.pt")
+    ckpt = open_checkpoint(tmp_path / "c.pt", prefix="visual.")
+    assert list(ckpt) == ["visual.w"]
+
+
 # --- review fixes: unwritable outputs, failed runs ---------------------------------------------
 
 

@@ -226,6 +226,19 @@ def test_stored_factors_are_truncated_to_their_largest_singular_values():
     assert ref.rel_err(ref.np64(merged["w"] - base["w"]), want) < 1e-4
 
 
+def test_stored_rank_zero_factors_merge_to_the_base():
+    """Stores written before compress skipped rank-0 keys hold empty factors there."""
+    gen = torch.Generator().manual_seed(14)
+    base = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(30, 20, generator=gen)}
+    tasks = [tsv_fast.CompressedTask(f"t{i}", {"a": (torch.zeros(6, 0), torch.zeros(0), torch.zeros(5, 0)),
+                                               "b": tuple(x[0] for x in tsv_fast.solvers.svd_topk(
+                                                   torch.randn(1, 30, 20, generator=gen), 5)[:3])})
+             for i in range(2)]
+    merged = tsv_fast.merge_layers(base, tasks)
+    torch.testing.assert_close(merged["a"], base["a"], rtol=0, atol=0)
+    assert not torch.equal(merged["b"], base["b"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["tsv", "task_arithmetic", "ties", "mean"])
 def test_wider_out_dtype_is_not_rounded_to_the_base_dtype(small_base, small_tasks, dtype, method):

@@ -179,6 +179,25 @@ def test_merge_compressed_equals_dense_merge_for_subsets(setup):
             torch.testing.assert_close(rebuilt[k], t, rtol=0, atol=1e-5)
 
 
+def test_negative_alpha_merge_is_an_svd_and_merges_again(setup):
+    """α < 0 goes into U's sign, so S stays ≥ 0 (SVD form), and merging that merge again keeps
+    it (a negative S used to count as null directions and be dropped)."""
+    _, store, base, _ = setup
+    tasks = [store.load("t0"), store.load("t1")]
+    neg, pos = merge_compressed(base, tasks, -0.5), merge_compressed(base, tasks, 0.5)
+    for key, (U, S, V) in neg.factors.items():
+        assert bool((S >= 0).all())
+        Up, Sp, Vp = pos.factors[key]
+        torch.testing.assert_close((U * S) @ V.T, -(Up * Sp) @ Vp.T, rtol=0, atol=1e-6)
+    other = store.load("t2")
+    again = merge_compressed(base, [neg, other], 1.0).apply(base)
+    flipped = tsv_fast.CompressedTask("neg", {k: (-U, -S, V) for k, (U, S, V) in neg.factors.items()}, neg.deltas)
+    want = merge_compressed(base, [flipped, other], 1.0).apply(base)  # S < 0: the same delta
+    for k, t in want.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(again[k], t, rtol=0, atol=1e-5)
+
+
 def test_bfloat16_store_and_variants(tmp_path):
     """bf16 factors; LayerScale, avg pooling, LN after pooling, output tokens."""
     model = tiny_clip(seed=2, ls_init_value=0.5, pool_type="avg", final_ln_after_pool=True, output_tokens=True)

@@ -153,6 +153,9 @@ def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickl
         state = _load_torch(files[0], label, unsafe_pickle)
         if prefix:
             state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        for key, value in state.items():  # after the prefix, as for safetensors: other towers may hold anything
+            _check_dtype(value.dtype if value.dtype in DTYPE_NAMES else None, str(value.dtype).removeprefix("torch."),
+                         files[0], key)
         ckpt = TorchCheckpoint(state, label, files)
     if len(ckpt) == 0:
         if prefix:
@@ -316,8 +319,6 @@ def _unwrap(obj, path: Path) -> dict[str, Tensor]:
     for key, value in state.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{path}: key {key!r} is not a string (expected a name → tensor dict)")
-        _check_dtype(value.dtype if value.dtype in DTYPE_NAMES else None, str(value.dtype).removeprefix("torch."),
-                     path, key)
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

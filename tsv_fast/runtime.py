@@ -81,7 +81,7 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
             U, S, V = svd_form(*tsv_merge_factors(task_factors(sources, key, b, k)))
-            out.factors[key] = (U, S * alpha, V)
+            out.factors[key] = (U if alpha >= 0 else -U, S * abs(alpha), V)  # S ≥ 0, as in an SVD
         else:
             present = [t.deltas[key] for t in tasks if key in t.deltas]
             if present:

@@ -374,13 +374,17 @@ def drop_null_directions(U: Tensor, S: Tensor, V: Tensor, sizes: Sequence[int], 
     decoupled unit diagonal in :func:`block_gram`, a zero eigenvalue below the cut
     otherwise), like the zero padding of the authors' code."""
     K, c = S.shape
+    if c == 0:
+        return
     rel = max(WHITENING_RCOND, noise_level(dtype, (U.shape[-2], V.shape[-2])))
+    size = abs(S)  # stored factors may carry a sign in S (a runtime merge with α < 0)
     if len(set(sizes)) == 1:  # equal ranks: one reduction for all tasks
-        top = S.view(K, len(sizes), sizes[0]).amax(-1, keepdim=True).expand(K, len(sizes), sizes[0]).reshape(K, c)
-    else:
+        T, k = len(sizes), sizes[0]
+        top = size.view(K, T, k).amax(-1, keepdim=True).expand(K, T, k).reshape(K, c)
+    else:  # blocks of rank 0 have no largest value (and no columns)
         top = torch.cat([b.amax(-1, keepdim=True).expand_as(b) if b.shape[-1] else b
-                         for b in S.split(list(sizes), dim=1)], dim=1)
-    keep = S > rel * top
+                         for b in size.split(list(sizes), dim=1)], dim=1)
+    keep = size > rel * top
     if S.device.type in HOST_CHECKED_DEVICES and bool(keep.all()):  # the usual case: nothing dropped
         return
     keep = keep.to(S.dtype)
