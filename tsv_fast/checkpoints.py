@@ -134,6 +134,12 @@ class TorchCheckpoint(dict):
 Checkpoint = SafetensorsCheckpoint | TorchCheckpoint
 
 
+def is_plain_file_name(name) -> bool:
+    """A bare file name (no folder part, no ``..``): what an index or manifest may refer to, so a
+    hand-edited ``"../base.safetensors"`` cannot reach outside its folder."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..") and "\\" not in name
+
+
 def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint file or folder (format from its name, or sniffed from its first bytes).
 
@@ -226,7 +232,7 @@ def _resolve(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
             raise CheckpointError(f"{path}: weight_map: expected a mapping of key → shard file name, "
                                   f"got a {type(weight_map).__name__}")
         for key, name in weight_map.items():
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            if not is_plain_file_name(name):
                 raise CheckpointError(f"{path}: {key}: shard {name!r} is not a file name in the index's folder")
         files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
         for f in files:

@@ -429,9 +429,7 @@ class MultiTaskModel(nn.Module):
         packed tables and the timings (both depend on dtype and device)."""
         super()._apply(fn, recurse)
         self._base = dict(self.model.state_dict())
-        for task in self._tasks.values():
-            task.factors = {k: tuple(_compact(fn(t)) for t in f) for k, f in task.factors.items()}
-            task.deltas = {k: _compact(fn(t)) for k, t in task.deltas.items()}
+        self._tasks = {name: _converted(task, fn) for name, task in self._tasks.items()}
         self._packed.clear()
         self.calibration.clear()
         return self
@@ -454,9 +452,7 @@ class MultiTaskModel(nn.Module):
             raise TSVInputError(f"two tasks named {name!r}")
         as_sources(self._base, [task], [name])  # keys, shapes, finiteness against the model
         self._packed.clear()  # the tables cover every task: rebuilt on next use
-        self._tasks[name] = CompressedTask(
-            name, {k: tuple(_compact(t.to(device)) for t in f) for k, f in task.factors.items()},
-            {k: _compact(t.to(device)) for k, t in task.deltas.items()})
+        self._tasks[name] = _converted(task, lambda t: t.to(device), name)
 
     def _packed_factors(self, key: str, transposed: bool) -> tuple:
         """``(slot of each task name, U, S, V, ranks)``: the factors of ``key`` of every task
@@ -670,6 +666,12 @@ class MultiTaskModel(nn.Module):
         from .peft_export import export_peft
 
         return export_peft(self._named(name, "export_peft"), folder, self.model, **kwargs)
+
+
+def _converted(task: CompressedTask, fn, name: str | None = None) -> CompressedTask:
+    """``task`` with ``fn`` applied to every factor and delta, each in its own compact storage."""
+    return CompressedTask(name or task.name, {k: tuple(_compact(fn(t)) for t in f) for k, f in task.factors.items()},
+                          {k: _compact(fn(t)) for k, t in task.deltas.items()})
 
 
 def _compact(t: Tensor) -> Tensor:

@@ -27,11 +27,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checkpoints import is_plain_file_name
 from .compress import compress
 from .errors import TSVInputError
 from .keys import Rank, is_matrix_key, resolve_rank
 from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
-from .writer import OutputError, atomic_write_file
+from .writer import atomic_write_file, cannot_write
 
 __all__ = ["TaskStore", "base_fingerprint", "expected_nbytes", "MANIFEST", "FINGERPRINT_METHOD"]
 
@@ -149,7 +150,7 @@ class TaskStore:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise OutputError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+                raise cannot_write(self.path, exc) from exc
             self._write_manifest()
 
     # ------------------------------------------------------------------ manifest
@@ -185,7 +186,7 @@ class TaskStore:
                     or not isinstance(entry.get("file"), str):
                 raise TSVInputError(f"{path}: tasks[{i}] lacks 'name' or 'file' (strings)")
             file = entry["file"]
-            if Path(file).name != file or file in (".", "..") or "\\" in file:  # a hand-edited "../base.safetensors"
+            if not is_plain_file_name(file):  # a hand-edited "../base.safetensors"
                 raise TSVInputError(f"{path}: tasks[{i}]: file {file!r} is not a file name inside the store")
             if entry["name"] in names:
                 raise TSVInputError(f"{path}: tasks[{i}]: task name {entry['name']!r} appears twice")
@@ -364,8 +365,7 @@ def _write(path: Path, write) -> None:
     try:
         atomic_write_file(path, write)
     except (OSError, SafetensorError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
-        raise OutputError(f"{path}: cannot write: {reason}") from exc
+        raise cannot_write(path, exc) from exc
 
 
 def expected_nbytes(base: StateDict, ranks: Mapping[str, int], delta_keys, dtype: torch.dtype | None) -> int:

@@ -14,6 +14,7 @@ Hugging Face layout (``model-00001-of-00003.safetensors`` + ``model.safetensors.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -118,7 +119,7 @@ def _check_writable(out: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".tsv-fast-probe-", dir=folder))
     except OSError as exc:
-        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+        raise cannot_write(out, exc) from exc
 
 
 def atomic_write_file(path: Path, write) -> None:
@@ -137,10 +138,19 @@ def atomic_write_file(path: Path, write) -> None:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once: reading it means setting it, which other threads would see."""
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def cannot_write(path, exc: Exception) -> OutputError:
+    """The error for an output that could not be written (a full disk, a read-only folder),
+    naming the output, not a staging file."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+    return OutputError(f"{path}: cannot write: {reason}")
 
 
 @contextmanager
@@ -161,7 +171,7 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
             stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tsv-fast-tmp-", dir=out.parent))
             os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would carry over to a folder output
         except OSError as exc:
-            raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+            raise cannot_write(out, exc) from exc
         try:
             yield stage
             if folder:
@@ -178,7 +188,7 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
         except OSError as exc:
             if exc.filename is None or not _is_staged(Path(exc.filename), stage, out):
                 raise  # not about the output (e.g. an input that cannot be read)
-            raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+            raise cannot_write(out, exc) from exc
         done = True
     finally:
         if stage is not None:
