@@ -308,3 +308,18 @@ def test_cuda_large_and_opcheck():
     xs, bs, offsets, Us, Ss, Vs = make_case("odd", device="cuda")
     args = packed_args(xs, offsets, Us, Ss, Vs, (bs.shape[1], xs.shape[1]))
     torch.library.opcheck(torch.ops.tsv_fast.segmented_lowrank_apply.default, (bs, xs, *args, 0.5))
+
+
+@pytest.mark.parametrize("segments", [1, 2])
+def test_mixed_factor_dtypes_accumulate_in_the_promoted_dtype(segments):
+    """float64 anywhere means float64 products, with one segment as with several (one segment
+    used to round mixed factors to float32)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    U = [torch.randn(3, 2, dtype=torch.float64, generator=g) for _ in range(segments)]
+    S = [torch.rand(2, generator=g) for _ in range(segments)]  # float32
+    V = [torch.randn(4, 2, dtype=torch.float64, generator=g) for _ in range(segments)]
+    offsets = [0, 6] if segments == 1 else [0, 3, 6]
+    out = segmented_lowrank_apply(x, offsets, U, S, V)
+    want = torch.cat([(x[a:b] @ V[i] * S[i].double()) @ U[i].T for i, (a, b) in enumerate(zip(offsets, offsets[1:]))])
+    torch.testing.assert_close(out, want, rtol=1e-13, atol=1e-13)

@@ -103,7 +103,7 @@ def segmented_lowrank_apply(
     slots = [slot.get(i, -1) for i in range(T)]
     if len(present) == 1:
         i = present[0]
-        dt = U[i].dtype if U[i].dtype == S[i].dtype == V[i].dtype else torch.float32
+        dt = torch.promote_types(torch.promote_types(U[i].dtype, S[i].dtype), V[i].dtype)  # as pack_factors
         table = (U[i].to(x.device, dt)[None], S[i].to(x.device, dt)[None], V[i].to(x.device, dt)[None],
                  torch.tensor([S[i].shape[0]], dtype=torch.long))
     else:
