@@ -126,6 +126,14 @@ def test_auto_strategy_is_measured(setup):
     assert mt.crossover("t0") in (None, 1, 4)
     with pytest.raises(TSVInputError, match="strategy"):
         mt.strategy = "guess"
+    sizes = mt.calibration_batches
+    try:
+        mt.calibration_batches = (2,)  # the old sizes' timings must not decide for the new ones
+        assert not mt.calibration
+        mt(x[:1])
+        assert set(next(iter(mt.calibration.values()))) == {2}
+    finally:
+        mt.calibration_batches = sizes
     mt.select(None)
 
 
@@ -505,3 +513,6 @@ def test_bad_input_raises_tsv_input_error(setup, tmp_path):
     for task_ids in (None, []):
         with pytest.raises(TSVInputError, match="empty batch"):
             mt(x[:0], task_ids=task_ids)
+    for alpha in ("x", float("nan"), float("inf"), None):
+        with pytest.raises(TSVInputError, match="alpha must be a finite number"):
+            mt.merge(["t0", "t1"], alpha)

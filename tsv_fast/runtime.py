@@ -416,8 +416,8 @@ class MultiTaskModel(nn.Module):
         for task in loaded:
             self._add_task(task.name, task, device)
         self.strategy = strategy
-        self.calibration_batches = calibration_batches
         self.calibration: dict[tuple, dict[int, dict[str, float]]] = {}
+        self.calibration_batches = calibration_batches
         self.last_strategy: str | None = None
         self._selected: str | None = None
         self._merges: dict[tuple, str] = {}
@@ -544,6 +544,7 @@ class MultiTaskModel(nn.Module):
         if not value or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in value):
             raise TSVInputError(f"calibration_batches must be positive integers, got {value!r}")
         self._calibration_batches = value
+        self.calibration = {}  # timings of other sizes would pick strategies for these
 
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
         """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
@@ -551,6 +552,8 @@ class MultiTaskModel(nn.Module):
         repr, so that distinct alphas never share an id). Cached by ``(names, alpha, name)``."""
         if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
             raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise TSVInputError(f"merge: alpha must be a finite number, got {alpha!r}")
         alpha = float(alpha)
         cache_key = (tuple(names), alpha, name)
         if cache_key in self._merges:
