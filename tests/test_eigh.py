@@ -438,6 +438,8 @@ def test_fake_tensor_shape():
         assert w.shape == (7, 12) and V.shape == (7, 12, 12) and w.dtype == torch.float64
         w, V = torch.ops.tsv_fast.batched_eigh_emulated(torch.empty(4, 4), 30, 0.0, 0)
         assert w.shape == (4,) and V.shape == (4, 4)
+        with pytest.raises(ValueError, match="order n = 46341 are too large"):  # as the real op says
+            torch.ops.tsv_fast.batched_eigh(torch.empty(46341, 46341))
 
 
 # ---------------------------------------------------------------------------

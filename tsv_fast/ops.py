@@ -147,6 +147,7 @@ def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.
 __all__ += ["batched_eigh"]
 
 _EIGH_DTYPES = (torch.float32, torch.float64)
+_EIGH_MAX_N = 46340  # csrc/eigh.h kEighMaxN: the kernels index one matrix with int (n·n < 2^31)
 
 
 # CUDA threads per matrix that batched_eigh accepts besides 0 (the kernel's choice): powers of two
@@ -170,6 +171,9 @@ def _check_eigh_args(op: str, A: Tensor, max_sweeps: int, tol: float, threads: i
     if threads != 0 and threads not in _EIGH_THREADS:
         raise ValueError(f"{op}: threads must be 0 (the kernel's choice) or a power of two from 32 to 1024, "
                          f"got {threads}")
+    if A.shape[-1] > _EIGH_MAX_N:
+        raise ValueError(f"{op}: matrices of order n = {A.shape[-1]} are too large for the Jacobi kernels "
+                         f"(at most {_EIGH_MAX_N})")
 
 
 def _register_eigh_fakes() -> None:
