@@ -74,8 +74,8 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
                     if prefix and not key.startswith(prefix):
                         continue
                     part = handle.get_slice(key)
-                    _check_dtype(SAFETENSORS_DTYPES.get(part.get_dtype()), part.get_dtype(), path, key)
-                    dtype = SAFETENSORS_DTYPES[part.get_dtype()]
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+                    _check_dtype(dtype, part.get_dtype(), path, key)
                     self._file[key] = path
                     self._meta[key] = (tuple(part.get_shape()), dtype)
         if weight_map is not None:

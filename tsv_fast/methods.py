@@ -59,10 +59,10 @@ def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Te
 
 def _mean_deltas(keys: Sequence[str], bases: Sequence[Tensor], sources: Sequence[TaskSource],
                  device) -> list[Tensor]:
-    """Each key's mean task delta (``bases`` in the compute dtype, on ``device``), as a running sum: the sums and one task's deltas (with its
-    weights in the compute dtype) are alive whatever the number of tasks, and each step is one
-    multi-tensor op for all the keys (a few GPU launches instead of a few per key: a ViT has
-    hundreds of bias and LayerNorm keys).
+    """Each key's mean task delta (``bases`` in the compute dtype, on ``device``), as a running
+    sum: the sums and one task's deltas (with its weights in the compute dtype) are alive
+    whatever the number of tasks, and each step is one multi-tensor op for all the keys (a few
+    GPU launches instead of a few per key: a ViT has hundreds of bias and LayerNorm keys).
 
     The first two deltas are added out of place: a task vector's delta may be the caller's own
     tensor, which must not be modified. NaN/Inf in any delta make the sums non-finite, so one
