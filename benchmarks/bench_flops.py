@@ -37,7 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tsv_fast
-from timing import cpu_model
+from timing import cpu_model, gpu_route_on_cpu
 from tsv_fast import methods, solvers, tsv
 from tsv_fast.keys import resolve_rank
 from tsv_fast.merge import DEFAULT_BATCH_BYTES, plan_shape_batches
@@ -141,18 +141,16 @@ PER_KEY = {"0 other", "0 elementwise keys", "1 stack deltas", "4 reconstruct"}
 def count_merge(blocks: dict, T: int, cap: int | None, batch_bytes: int) -> StageCounter:
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
     counter = StageCounter()
-    route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
-    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
     host_checked, tsv.HOST_CHECKED_DEVICES = tsv.HOST_CHECKED_DEVICES, set()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(gpu_route_on_cpu(cap))
             for owner, name, label in STAGES:
                 stack.enter_context(_labelled(counter, owner, name, label))
             stack.enter_context(_labelled(counter, methods, "shape_batch_factors", "2f top-k, rest"))
             with counter:
                 tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz", batch="shape", batch_bytes=batch_bytes)
     finally:
-        solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
         tsv.HOST_CHECKED_DEVICES = host_checked
     return counter
 

@@ -21,7 +21,7 @@ import argparse
 import torch
 
 import tsv_fast
-from timing import cpu_model
+from timing import cpu_model, gpu_route_on_cpu
 from tsv_fast import solvers
 from tsv_fast.memory import peak_tensor_bytes
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
@@ -30,14 +30,10 @@ from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 def gpu_route_peak(blocks: dict, T: int, cap: int | None) -> tuple[int, int]:
     """(peak bytes beyond the output, bytes of the largest shape batch) of one merge."""
     tvs = [tsv_fast.TaskVector(t) for t in synthetic_task_vectors(blocks, T, seed=1)]
-    route, max_block = solvers.EXACT_ROUTE.get("cpu"), solvers.MAX_BLOCK
-    solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = solvers.EXACT_ROUTE["cuda"], cap  # as on a GPU
     stats = {}
-    try:
+    with gpu_route_on_cpu(cap):
         peak, out = peak_tensor_bytes(lambda: tsv_fast.merge_layers(blocks, tvs, polar="newton-schulz",
                                                                      batch="shape", stats=stats))
-    finally:
-        solvers.EXACT_ROUTE["cpu"], solvers.MAX_BLOCK = route, max_block
     return peak - sum(t.numel() * t.element_size() for t in out.values()), stats["largest_batch_bytes"]
 
 

@@ -1,10 +1,14 @@
-"""Helpers shared by the benchmark scripts: which CPU, and best-of-N wall times."""
+"""Helpers shared by the benchmark scripts: which CPU, best-of-N wall times, and the GPU
+route's settings on a CPU (for what is counted rather than timed)."""
 
+import contextlib
 import os
 import platform
 import time
 
 import torch
+
+from tsv_fast import solvers
 
 
 def cpu_model() -> str:
@@ -43,3 +47,16 @@ def run_line(where: str, *details: str) -> str:
     """The header a benchmark prints: machine, torch, OpenMP wait policy, then ``details``."""
     return "; ".join([f"# {where}", f"torch {torch.__version__}",
                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}", *details])
+
+
+@contextlib.contextmanager
+def gpu_route_on_cpu(cap: int | None):
+    """``exact`` on the CPU takes the GPU's route (``EXACT_ROUTE``, ``ROUTE_SHARE``) with the block
+    cap ``cap`` (the GPU's Jacobi shared-memory order), so its work and memory can be counted here."""
+    saved = solvers.EXACT_ROUTE["cpu"], solvers.ROUTE_SHARE["cpu"], solvers.MAX_BLOCK
+    solvers.EXACT_ROUTE["cpu"], solvers.ROUTE_SHARE["cpu"] = solvers.EXACT_ROUTE["cuda"], solvers.ROUTE_SHARE["cuda"]
+    solvers.MAX_BLOCK = cap
+    try:
+        yield
+    finally:
+        solvers.EXACT_ROUTE["cpu"], solvers.ROUTE_SHARE["cpu"], solvers.MAX_BLOCK = saved

@@ -213,11 +213,12 @@ def test_emulated_auto_path_beyond_shared_limit(dtype):
 @pytest.mark.parametrize("kind,n", [("random", 102), ("mixed", 64), ("repeated", 40), ("gram", 130), ("random", 3)])
 def test_emulated_kernel_thread_counts(kind, n, dtype):
     """Blocks of 512 and 1024 threads do the rotations and norms on 256 of them, so they must give
-    the default (256 threads above n = 48) bit for bit; 32 threads reduce in another order."""
+    256's result bit for bit, and so must the default (256 threads for 48 < n ≤ 80, 512 above);
+    32 threads reduce in another order."""
     A = make(kind, n, B=4 if kind == "mixed" else 2, seed=6).to(dtype)
     w, V = run("emulated", A, threads=256)
     check_eigh(A, w, V)
-    for threads in (512, 1024):
+    for threads in (0, 512, 1024):
         wt, Vt = run("emulated", A, threads=threads)
         assert torch.equal(wt, w) and torch.equal(Vt, V), threads
     check_eigh(A, *run("emulated", A, threads=32))
@@ -239,7 +240,8 @@ def test_emulated_kernel_more_pairs_than_rotation_threads():
 def _workspace_bytes(n, size):
     """Shared memory of one block at order n, from the kernel's documented layout: A and W
     (n² each), cos/sin/tan per pair (⌈n/2⌉ each), two int pair indices and n int ranks, padded
-    to 16 bytes, plus a reduction buffer of 3 doubles per thread (64 / 128 / 256 threads)."""
+    to 16 bytes, plus a reduction buffer of 3 doubles per reducing thread (64 / 128 / 256 threads:
+    blocks of 512 threads, above n = 80, reduce on 256)."""
     pairs = (n + 1) // 2
     body = 2 * n * n * size + 3 * pairs * size + 2 * pairs * 4 + n * 4
     threads = 64 if n <= 16 else 128 if n <= 48 else 256

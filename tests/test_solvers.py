@@ -408,17 +408,20 @@ def test_exact_on_cpu_routes_by_block_size(monkeypatch):
 
 def test_exact_on_a_gpu_routes_by_the_capped_block(monkeypatch):
     """On a GPU ℓ is capped (at the Jacobi kernel's shared-memory order, or k + 10), so subspace
-    iteration runs up to larger k than on a CPU; eigh once even the capped ℓ exceeds q/6."""
+    iteration runs up to larger k than on a CPU; eigh once even the capped ℓ exceeds q/4 (the
+    break-even measured on an H200 lies between ℓ = q/4.8 and q/3.8)."""
     from tsv_fast import solvers
 
     assert solvers.EXACT_ROUTE["cuda"] == "by-size"
     monkeypatch.setattr(ops, "eigh_shared_order", lambda device, dtype: 118 if device.type == "cuda" else None)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    # ViT-L/14 (q = 1024): T = 20, 14, 8 (ℓ = 102, 118, 138) subspace; T = 6, 4 (ℓ = 180, 266) eigh
-    assert [solvers.exact_route(1024 // T, 1024, gpu) for T in (20, 14, 8, 6, 4)] == \
-        ["subspace"] * 3 + ["eigh"] * 2
+    # ViT-L/14 (q = 1024): T = 20, 14, 8, 6, 5 (ℓ = 102, 118, 138, 180, 214) subspace; T = 4 (ℓ = 266) eigh
+    assert [solvers.exact_route(1024 // T, 1024, gpu) for T in (20, 14, 8, 6, 5, 4)] == \
+        ["subspace"] * 5 + ["eigh"]
     assert [solvers.exact_route(1024 // T, 1024, cpu) for T in (20, 14, 8)] == ["subspace", "subspace", "eigh"]  # ℓ = 2k
-    assert solvers.exact_route(768 // 8, 768, gpu) == "subspace"  # ViT-B/32, T = 8: ℓ = 118
+    # ViT-B/32 (q = 768): T = 8, 6 (ℓ = 118, 138) subspace; T = 4 (ℓ = 202) eigh
+    assert [solvers.exact_route(768 // T, 768, gpu) for T in (8, 6, 4)] == ["subspace", "subspace", "eigh"]
+    assert solvers.exact_route(256, 1064, gpu) == "subspace" and solvers.exact_route(256, 1063, gpu) == "eigh"
     monkeypatch.setitem(solvers.EXACT_ROUTE, "cuda", "subspace")
     assert solvers.exact_route(1024 // 4, 1024, gpu) == "subspace"
 

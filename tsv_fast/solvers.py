@@ -304,11 +304,11 @@ SUBSPACE_OVERSAMPLE: int | None = None
 # Gram matrices (T = 20, ℓ = 102) the three Rayleigh–Ritz steps took 9 + 7 + 5 sweeps to machine
 # precision and 8 + 6 + 4 to 1e-12 (the kernel's CPU twin, which runs the same sweeps).
 RAYLEIGH_RITZ_TOL = 1e-12
-# CUDA threads per ℓ×ℓ problem (0: the kernel's choice, 256 at these sizes; up to 1024). Each
-# Rayleigh–Ritz launch holds fewer matrices than an H100/H200 has SMs (a chunk of Gram matrices,
-# ≤ 90 at ViT-L/14 T = 20), one block each, so its time is one block's latency: more threads
-# share the updates of A and V of each round (not measured on a GPU yet: bench variants
-# jacobi512, jacobi1024).
+# CUDA threads per ℓ×ℓ problem (0: the kernel's choice, 512 above ℓ = 80, 256 from 49 to 80;
+# up to 1024). Each Rayleigh–Ritz launch holds fewer matrices than an H100/H200 has SMs, one
+# block each, so its time is one block's latency: more threads share the updates of A and V of
+# each round. H200 (session 11): 512 threads 1.31–1.39× faster than 256 at ℓ = 102 and 118;
+# the ViT-L/14 T = 20 merge 1.19 s (512) and 1.20 s (1024) against 1.22 s (256).
 JACOBI_THREADS = 0
 
 
@@ -551,13 +551,14 @@ def chebyshev_filter(G: Tensor, V: Tensor, GV: Tensor, ritz: Tensor, degree: int
 
 # Which algorithm "exact" runs, per device. All give float64-eigh quality (tests/test_solvers.py);
 # the choices are measured (BENCHMARKS.md). "by-size": eigh while the block ℓ is a large share of
-# the short side q, Chebyshev subspace iteration once ℓ ≤ q/6. CPU: ViT-B/32, eigh 1.13× faster
-# at T = 8, even at T = 12, subspace 1.5–1.65× faster at T = 16–20. H200, ViT-L/14: subspace 2.96 s
-# at T = 8 (ℓ = 138), 20.3 s at T = 4 (ℓ = 266, the Jacobi kernel in global memory), where one
-# cuSOLVER syevd per matrix (11 ms, 384 matrices) is ~4.5 s; at T = 20 subspace took 6.8 s where
-# syevd took 23 s (session 3). Per matrix the subspace route grew like ℓ⁴ between T = 8 and 4,
-# which puts the break-even near ℓ = 180 = q/5.7 there.
+# the short side q, Chebyshev subspace iteration once ℓ ≤ q/ROUTE_SHARE[device]. CPU (ℓ = 2k):
+# ViT-B/32, eigh 1.13× faster at T = 8, even at T = 12, subspace 1.5–1.65× faster at T = 16–20.
+# H200 (ℓ capped, session 11, the two routes side by side): subspace won wherever ℓ ≤ q/4.8 —
+# ViT-L/14 T = 6 (ℓ = 180) 2.09 s vs eigh 8.48 s, T = 5 (ℓ = 214) 3.34 vs 7.50 s, ViT-B/32 T = 6
+# (ℓ = 138 of 768) 0.88 vs 3.41 s — and eigh (one cuSOLVER syevd per matrix) where ℓ > q/4:
+# ViT-L/14 T = 4 (ℓ = 266) 5.78 vs 9.77 s, ViT-B/32 T = 4 (ℓ = 202) 2.65 vs 3.06 s.
 EXACT_ROUTE = {"cpu": "by-size", "cuda": "by-size"}
+ROUTE_SHARE = {"cpu": 6, "cuda": 4}  # "by-size" takes subspace iteration once ROUTE_SHARE·ℓ ≤ q
 
 
 def _block_size(k: int, q: int, oversample: int | None = None, cap: int | None = None) -> int:
@@ -582,7 +583,8 @@ def exact_route(k: int, q: int, device: torch.device) -> str:
     """``"eigh"`` or ``"subspace"``: which solver ``"exact"`` runs for top-k of a short side q."""
     route = EXACT_ROUTE.get(device.type, "eigh")
     if route == "by-size":
-        route = "subspace" if 6 * _block_size(k, q, cap=_block_cap(device)) <= q else "eigh"
+        share = ROUTE_SHARE.get(device.type, ROUTE_SHARE["cpu"])
+        route = "subspace" if share * _block_size(k, q, cap=_block_cap(device)) <= q else "eigh"
     return route
 
 
