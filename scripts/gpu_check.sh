@@ -20,13 +20,14 @@ REF_BLOCKS="${REF_BLOCKS:-2}"
 STAGES="${STAGES:-tests diag b32 l14 stages eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
-# Variants measured against d (BENCHMARKS.md, sessions 8–9), each the state before or a candidate:
-#   batch2g: 2 GiB shape batches (before session 9; now a quarter of free memory: whole shapes);
-#   jacobi512/1024: threads per Rayleigh–Ritz matrix (default 256); start-rr: a Rayleigh–Ritz step
-#   before the first filter; rr-tol0: Jacobi to machine precision; ns-gemm: Newton–Schulz XᵀX as one
-#   GEMM; batch8g: 8 GiB shape batches; minp4: ≥ 4 products per step
-L14_VARIANTS="${L14_VARIANTS:-d,batch2g,jacobi512,jacobi1024,start-rr,rr-tol0,ns-gemm}"
-L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace}"  # exact's by-size route vs subspace iteration at every size
+# Variants measured against d (BENCHMARKS.md), each the state before or a candidate (session 11
+# measured batch2g, jacobi512/1024, start-rr, rr-tol0, ns-gemm: all now settled):
+#   jacobi256: 256 threads per Rayleigh–Ritz matrix (before session 11; now 512 above ℓ = 80);
+#   jacobi1024: 1024 threads; batch8g: 8 GiB shape batches; minp4: ≥ 4 products per step;
+#   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts)
+L14_VARIANTS="${L14_VARIANTS:-d,jacobi256,jacobi1024,batch8g,minp4,ell-k10}"
+# route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
+L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
 B32_VARIANTS="${B32_VARIANTS:-d,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 # B32_TRUTH (default 4: every block (a) runs on): blocks checked against the float64 ground truth (CPU)
