@@ -105,8 +105,27 @@ def test_unknown_method_option_and_solver(base):
 
 
 def test_selection_matching_nothing(base):
-    with pytest.raises(tsv_fast.TSVInputError, match="select no floating key"):
+    with pytest.raises(tsv_fast.TSVInputError, match="select no floating key to merge"):
         tsv_fast.merge_layers(base, [finetuned(base)], include="text.*")
+    # compress and interference too (they returned empty results without a word)
+    with pytest.raises(tsv_fast.TSVInputError, match="include='visaul.*' .* select no floating key to compress"):
+        tsv_fast.compress(base, [finetuned(base)], include="visaul.*")
+    with pytest.raises(tsv_fast.TSVInputError, match="select no floating key to measure"):
+        tsv_fast.interference(base, [finetuned(base), finetuned(base)], exclude="*")
+
+
+@pytest.mark.parametrize("num_tasks", [0, -2, 2.5, True, "8"])
+def test_compress_refuses_a_bad_num_tasks(base, num_tasks):
+    """num_tasks=-2 stored rank-0 factors without a warning (svd) or crashed, 0 meant len(tasks)."""
+    with pytest.raises(tsv_fast.TSVInputError, match=r"num_tasks must be an int >= 1"):
+        tsv_fast.compress(base, [finetuned(base)], num_tasks=num_tasks, solver="svd")
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.int32, torch.bool, "float16"])
+def test_compress_refuses_a_non_floating_factor_dtype(base, factor_dtype):
+    """int32 factors rounded every factor to 0: a task of zero delta, without a word."""
+    with pytest.raises(tsv_fast.TSVInputError, match="factor_dtype must be a floating torch.dtype"):
+        tsv_fast.compress(base, [finetuned(base)], factor_dtype=factor_dtype)
 
 
 def test_wrong_names_length(base):
@@ -195,6 +214,12 @@ def test_nonfinite_finds_nan_and_inf_but_no_finite_tensor():
     half = torch.full((8,), 60000.0, dtype=torch.float16)  # finite; its float16 sum overflows
     assert nonfinite([half, ok.bfloat16()]) == [] and nonfinite([half, nan.half()]) == [1]
     assert nonfinite([torch.empty(0), inf.double(), torch.tensor(float("nan")), ok.T]) == [1, 2]  # mixed dtypes
+    # finite, but their 2-norms (accumulated in float32 for bfloat16) overflow: the ∞-norm decides
+    huge = [torch.full((3, 3), 1e20), torch.full((6,), 1e38, dtype=torch.bfloat16), torch.full((2,), 1e200, dtype=torch.float64)]
+    assert nonfinite(huge) == []
+    huge_nan = [t.clone() for t in huge]
+    huge_nan[1][-1] = float("inf")
+    assert nonfinite([*huge, *huge_nan, ok]) == [4]
 
 
 def test_a_task_sum_that_overflows_is_not_mistaken_for_nan():

@@ -1,6 +1,7 @@
 """STI against the float64 reference, zero for orthogonal tasks, positive with overlap."""
 
 import numpy as np
+import pytest
 import torch
 
 import reference as ref
@@ -36,3 +37,38 @@ def test_by_block_groups_keys(small_base, small_tasks):
                            "visual.positional_embedding", "visual.proj"}
     assert np.isclose(sum(blocks.values()), sum(report.per_key.values()))
     assert report.tasks == list("abcd")
+
+
+def _sti_of_nonzero_directions(taus, k, dtype=torch.float32):
+    """STI over each task's top-k triplets whose s is not zero to the inputs' precision (as TSV-M:
+    s > max(1e-7, 4·eps·√max(m, n))·s1); the others' singular vectors are any null-space basis."""
+    cut = max(1e-7, 4 * torch.finfo(dtype).eps * max(taus[0].shape) ** 0.5)
+    parts = [ref.top_k(t, k) for t in taus]
+    keep = [p[1] > cut * p[1][0] if p[1][0] > 0 else np.zeros_like(p[1], bool) for p in parts]
+    U = np.concatenate([p[0][:, c] for p, c in zip(parts, keep)], axis=1)
+    S = np.concatenate([p[1][c] for p, c in zip(parts, keep)])
+    V = np.concatenate([p[2][:, c] for p, c in zip(parts, keep)], axis=1)
+    eye = np.eye(U.shape[1])
+    return float(np.abs((U.T @ U - eye) @ np.diag(S) @ (V.T @ V - eye)).sum())
+
+
+@pytest.mark.parametrize("solver", ["exact", "subspace", "eigh", "svd"])
+def test_rank_deficient_and_zero_tasks_add_no_interference_of_their_null_space(solver):
+    """A task that left the key unchanged and a LoRA-style one of rank 2 < k: STI must not count
+    the null-space vectors a solver returns for s = 0 (it did: 656 instead of 317 with a zero task,
+    and another value per solver)."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, T = 64, 48, 4
+    base = {"w": torch.randn(m, n, generator=gen), "v": torch.randn(n, m, generator=gen)}
+    taus = [torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen),
+            torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen), torch.zeros(m, n)]
+    tasks = [{"w": base["w"] + t, "v": base["v"] + t.T} for t in taus]
+    report = tsv_fast.interference(base, tasks, solver=solver)
+    k = n // T
+    deltas = [ref.np64(tk["w"] - base["w"]) for tk in tasks]
+    want = _sti_of_nonzero_directions(deltas, k)
+    assert np.isclose(report.per_key["w"], want, rtol=1e-4)
+    assert np.isclose(report.per_key["v"], want, rtol=1e-4)  # the transposed key agrees
+    assert np.isclose(report.per_pair["w"][0, 3].item(), 0, atol=1e-6)  # task 0 with the zero task
+    assert np.isclose(report.per_pair["w"][0, 1].item(), ref.sti(deltas[:2], k), rtol=1e-4)
+    assert np.isclose(report.per_pair["w"][1, 2].item(), _sti_of_nonzero_directions(deltas[1:3], k), rtol=1e-4)

@@ -311,6 +311,22 @@ def test_export_peft_adapter(setup, tmp_path):
         mt.export_peft("t0", tmp_path / "lora_t0")
 
 
+def test_export_peft_keeps_float64_factors_exact(tmp_path):
+    """float64 factors went through float32 for B = U diag(S): 4.6e-8 off instead of rounding."""
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40)).double()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    task = {"0.weight": base["0.weight"] + torch.randn(40, 24, generator=gen, dtype=torch.float64),
+            "0.bias": base["0.bias"]}
+    ct = compress(base, [task], rank=6)[0]
+    export_peft(ct, tmp_path / "lora", model)
+    weights = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    A, B = weights["base_model.model.0.lora_A.weight"], weights["base_model.model.0.lora_B.weight"]
+    assert A.dtype == B.dtype == torch.float64
+    U, S, V = ct.factors["0.weight"]
+    torch.testing.assert_close(B @ A, U @ torch.diag(S) @ V.T, rtol=0, atol=1e-13)
+
+
 def test_peft_loads_the_exported_adapter(setup, tmp_path):
     """PEFT itself reads the adapter: merged into a base model, it adds exactly U diag(S) Vᵀ to every
     exported nn.Linear weight and leaves every other weight alone."""

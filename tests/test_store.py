@@ -117,6 +117,11 @@ def test_rank_options(tmp_path, base, finetuned):
         store.add("bad", finetuned[0], rank=1.5)
     with pytest.raises(TSVInputError, match="num_tasks"):
         TaskStore(tmp_path / "s", num_tasks=8)  # fixed at creation
+    TaskStore(tmp_path / "s", default_rank=0.25, num_tasks=4)  # the same values reopen it
+    full = TaskStore(tmp_path / "full", base=base, default_rank=1.0)
+    with pytest.raises(TSVInputError, match=r"default_rank=1 differs from the store's 1.0"):
+        TaskStore(tmp_path / "full", default_rank=1)  # k = 1, not the full rank 1.0 means (1 == 1.0 in Python)
+    assert full.add("a", finetuned[0])["ranks"][key] == 64
     store2 = TaskStore(tmp_path / "s2", base=base, num_tasks=2)
     assert store2.add("a", finetuned[0])["ranks"][key] == 32  # floor(64/2)
 

@@ -49,7 +49,7 @@ from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
 from .store import MANIFEST, TaskStore
-from .tasks import as_sources, tensor_meta
+from .tasks import as_sources, nonfinite, tensor_meta
 from .writer import (Entry, OutputError, check_output, human_size, parse_size,
                      plan_shards, staged_output, write_safetensors)
 
@@ -637,7 +637,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _finite(t: torch.Tensor, path, key: str) -> torch.Tensor:
-    if not bool(torch.isfinite(t).all()):
+    if nonfinite([t]):
         raise TSVInputError(f"{path}: {key}: contains NaN or Inf")
     return t
 

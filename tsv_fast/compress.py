@@ -10,9 +10,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank, select_keys
+from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank
 from .solvers import get_solver
-from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, stack_deltas
+from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, select_floating_keys, stack_deltas
 
 def energy_rank(S: Tensor, energy: float) -> int:
     """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
@@ -62,10 +62,14 @@ def compress(
         raise TSVInputError("give either rank or energy, not both")
     if energy is not None and not 0 < energy <= 1:
         raise TSVInputError(f"energy must be in (0, 1], got {energy}")
+    if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+        raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
+        raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
     solve = get_solver(solver)
     sources = as_sources(base, tasks, names)
-    T = num_tasks or len(sources)
-    selected = select_keys(base, include, exclude)
+    T = len(sources) if num_tasks is None else num_tasks
+    selected = select_floating_keys(base, include, exclude, "compress")
     dev = torch.device(device) if device is not None else None
     out = [CompressedTask(s.name) for s in sources]
     zero_rank: list[str] = []

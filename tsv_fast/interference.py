@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .keys import is_matrix_key, rank_per_task, select_keys
+from .keys import is_matrix_key, rank_per_task
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources, checked_base_tensor
+from .tasks import StateDict, Task, as_sources, checked_base_tensor, compute_dtype, select_floating_keys
 from .tsv import singular_task_interference, task_factors
 
 _BLOCK = re.compile(r"^(.*?(?:resblocks|layers?|blocks?|h)\.\d+)\.")
@@ -61,7 +61,7 @@ def interference(
     """
     get_solver(solver)
     sources = as_sources(base, tasks, names)
-    selected = select_keys(base, include, exclude)
+    selected = select_floating_keys(base, include, exclude, "measure")
     dev = torch.device(device) if device is not None else None
     per_key, per_pair = {}, {}
     for key in tqdm(list(base), desc="interference", disable=not progress, unit="key"):
@@ -69,5 +69,6 @@ def interference(
         k = rank_per_task(b.shape, len(sources)) if b.ndim == 2 else 0
         if key not in selected or not is_matrix_key(key, b) or k == 0:
             continue
-        per_key[key], per_pair[key] = singular_task_interference(task_factors(sources, key, b, k, solver, dev))
+        per_key[key], per_pair[key] = singular_task_interference(task_factors(sources, key, b, k, solver, dev),
+                                                                 compute_dtype(b))
     return Interference([s.name for s in sources], per_key, per_pair)

@@ -11,10 +11,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import is_matrix_meta, is_mergeable, select_keys
+from .keys import is_matrix_meta, is_mergeable
 from .methods import KeyContext, get_method
 from .solvers import get_solver
-from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, nonfinite, tensor_meta
+from .tasks import (
+    CompressedTask,
+    StateDict,
+    Task,
+    as_sources,
+    checked_base_tensor,
+    nonfinite,
+    select_floating_keys,
+    tensor_meta,
+)
 
 BATCH_MODES = ("auto", "key", "shape")
 DEFAULT_BATCH_BYTES = 2 << 30  # stacked deltas of one shape batch on a CPU (batch="shape")
@@ -169,9 +178,7 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
                             f"its options are {sorted(spec.options) or 'none'}")
     get_solver(solver)
     sources = as_sources(base, tasks, names)
-    selected = select_keys(base, include, exclude)
-    if not any(tensor_meta(base, k, "base")[1].is_floating_point for k in selected):
-        raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no floating key to merge")
+    selected = select_floating_keys(base, include, exclude, "merge")
     ctx = KeyContext(
         alpha=spec.default_alpha if alpha is None else float(alpha),
         solver=solver,

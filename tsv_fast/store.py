@@ -203,7 +203,7 @@ class TaskStore:
         m = self._manifest
         given = {"default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype)}
         for field, value in given.items():
-            if value is not None and value != m[field]:
+            if value is not None and (value != m[field] or type(value) is not type(m[field])):  # 1 ≠ 1.0 here
                 raise TSVInputError(f"task store {self.path}: {field}={value!r} differs from the store's "
                                     f"{m[field]!r} (fixed when the store was created)")
 

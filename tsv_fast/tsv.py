@@ -393,13 +393,17 @@ def drop_null_directions(U: Tensor, S: Tensor, V: Tensor, sizes: Sequence[int], 
     V.mul_(keep.to(V.dtype).unsqueeze(-2))
 
 
-def singular_task_interference(factors: Sequence[Factors]) -> tuple[float, Tensor]:
+def singular_task_interference(factors: Sequence[Factors], dtype: torch.dtype | None = None) -> tuple[float, Tensor]:
     """STI of a key: ``‖(UᵀU − I) diag(S) (VᵀV − I)‖₁`` over all tasks, and per task pair.
 
     The pair value (i, j) is the same quantity for the concatenation of tasks i and j
     only; it reuses the cross-task blocks of the Gram matrices. The diagonal is 0.
+    Triplets with s = 0 to the inputs' precision (``dtype``, default S's) are dropped first,
+    as in TSV-M (:func:`drop_null_directions`): a task that left the key unchanged, or one
+    of rank below k, adds no interference, whatever basis the solver gave its null space.
     """
-    U, S, V = concat_factors(factors)
+    U, S, V = concat_factors(factors)  # new tensors: the in-place drop leaves the factors alone
+    drop_null_directions(U[None], S[None], V[None], [f[1].shape[0] for f in factors], dtype or S.dtype)
     eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     M = U.T @ U - eye
     N = V.T @ V - eye
