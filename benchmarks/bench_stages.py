@@ -9,6 +9,11 @@ orthonormalisation, long-side vectors), the whitening (polar factors) and the
 reconstruction. Part 2 times the unit operations the candidates for the slow stages are
 made of, on the sizes this model and T produce: one ``c×c`` float64 eigh (c = T·k) alone
 and batched, float32 eigh, Cholesky, GEMM rates, and one full SVD of the reference.
+
+``--profile N`` instead runs one untimed merge under ``torch.profiler`` and prints the N
+operators (or CUDA kernels) with the most self time on the device, and how busy the device
+was: the sum of kernel times over the merge's wall time (the rest is launch and host-sync
+gaps, which stage timers cannot show).
 """
 
 from __future__ import annotations
@@ -173,6 +178,32 @@ def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
     return rows
 
 
+def profile_table(blocks, tvs, device: torch.device, options: dict, top: int) -> None:
+    """The ``top`` operators by self time on the device (the CPU's on a CPU) in one merge."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        tsv_fast.merge_layers(blocks, tvs, **options)
+        _sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def self_time(e) -> float:  # µs; torch ≥ 2.4 names the device column self_device_time_total
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    busy = sum(self_time(e) for e in events) / 1e6
+    print(f"\nprofiled merge: {wall:.3f} s wall (with the profiler); {'device' if cuda else 'CPU'} self time "
+          f"{busy:.3f} s ({busy / wall:.0%} of the wall time)\n")
+    print("| operator / kernel | calls | self time (s) | share of self time |")
+    print("|---|---|---|---|")
+    for e in sorted(events, key=self_time, reverse=True)[:top]:
+        print(f"| {e.key[:90]} | {e.count} | {self_time(e) / 1e6:.3f} | {self_time(e) / 1e6 / busy:.0%} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
@@ -182,6 +213,8 @@ def main() -> None:
     p.add_argument("--solver", default="exact")
     p.add_argument("--polar", default="auto")
     p.add_argument("--batch", default="auto")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one merge instead and print its N operators with the most device time")
     args = p.parse_args()
     device = torch.device(args.device)
     width, layers, patch, image = CLIP_VITS[args.model]
@@ -200,6 +233,10 @@ def main() -> None:
     tsv_fast.merge_layers(blocks, tvs, stats=stats, **options)
     _sync(device)
     untimed = time.perf_counter() - start
+    if args.profile:
+        print(f"\nmerge_layers: {untimed:.3f} s untimed; {stats['shape_batches']} shape batches")
+        profile_table(blocks, tvs, device, options, args.profile)
+        return
     timed_total = stage_breakdown(blocks, tvs, device, options)
     print(f"\nmerge_layers: {untimed:.3f} s untimed; {timed_total:.3f} s with stage timers; "
           f"{stats['shape_batches']} shape batches; polar factors: {stats['polar'] or 'eigh'}; "

@@ -17,7 +17,7 @@ OUT="${OUT:-results/gpu}"
 PY="${PY:-python3}"
 BUDGET="${BUDGET:-460}"
 REF_BLOCKS="${REF_BLOCKS:-2}"
-STAGES="${STAGES:-tests diag b32 l14 stages eigh segmented}"  # which of the stages below to run
+STAGES="${STAGES:-tests diag b32 l14 stages profile eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
 # Variants measured against d (BENCHMARKS.md), each the state before or a candidate (session 11
@@ -69,6 +69,7 @@ stage "${B32_LIMIT:-110}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8
 stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
     --repeat 2 --device cuda --no-baselines --variants "$L14_VARIANTS"
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
+stage 60 profile.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda --profile 30
 stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
 stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 2  # Newton–Schulz forms
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \
@@ -78,8 +79,8 @@ stage 40 eigh.md bash -c "$PY bench_eigh.py --device cuda --batch 90 --sizes 64 
     $PY bench_eigh.py --device cuda --batch 379 --sizes 102 --threads 0 512 1024 --kind nearly-diagonal"  # whole-shape chunks
 stage 30 segmented.md "$PY" bench_segmented.py --device cuda
 cd ..
-for f in diag l14 stages gram polar b32 l14x eigh segmented; do
+for f in diag l14 stages profile gram polar b32 l14x eigh segmented; do
     [[ -f "$OUT/$f.md" ]] || continue
-    echo "== $f"; grep -E '^(\||#|merge_layers|\(a\)|Newton|Worst|- )' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
+    echo "== $f"; grep -E '^(\||#|merge_layers|profiled|\(a\)|Newton|Worst|- )' "$OUT/$f.md" || tail -5 "$OUT/$f.md"
     grep -q Traceback "$OUT/$f.md" && tail -8 "$OUT/$f.md"
 done

@@ -128,6 +128,14 @@ def test_compress_refuses_a_non_floating_factor_dtype(base, factor_dtype):
         tsv_fast.compress(base, [finetuned(base)], factor_dtype=factor_dtype)
 
 
+def test_a_single_state_dict_for_the_task_list_is_named_as_such(base):
+    """task_vectors(base, ft) iterated ft's key strings: "expected a state dict ..., got str"."""
+    for call in (tsv_fast.task_vectors, tsv_fast.merge_layers, tsv_fast.compress):
+        with pytest.raises(tsv_fast.TSVInputError, match=r"not a single mapping \(wrap it in a list\)"):
+            call(base, finetuned(base))
+    assert len(tsv_fast.task_vectors(base, (finetuned(base) for _ in range(2)))) == 2  # any iterable of them
+
+
 def test_wrong_names_length(base):
     with pytest.raises(tsv_fast.TSVInputError, match="2 names for 1 tasks"):
         tsv_fast.merge_layers(base, [finetuned(base)], names=["a", "b"])

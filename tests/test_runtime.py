@@ -463,7 +463,7 @@ def test_module_conversion_converts_base_and_tasks(convert):
     assert rel(mt.select("b")(x.double()), encode64(ref_model, base, tasks[1], x)) <= 1e-10
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_moves_base_and_tasks():
     model = tiny_clip(seed=14)
     base, fts = finetune(model, 2, seed=15)

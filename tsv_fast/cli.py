@@ -747,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
         typed = {"action": argparse.BooleanOptionalAction} if flag.type is bool else {"type": flag.type}
         groups.get(flag.option, merge).add_argument(f"--{flag.field.replace('_', '-')}", dest=flag.field,
                                                     default=None, help=flag.help, **typed)
-    merge.add_argument("--dtype", default=None, help="output dtype: float32, float16 or bfloat16 (default: the base's)")
+    merge.add_argument("--dtype", default=None,
+                       help="output dtype: float32, float16, bfloat16 or float64 (default: the base's)")
     merge.add_argument("--max-shard-size", default=None, help=f"shard a folder output above this (default "
                                                               f"{DEFAULT_SHARD_SIZE})")
     merge.set_defaults(func=cmd_merge)
@@ -764,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--energy", type=float, default=None, help="smallest k keeping this share of Σs² (e.g. 0.9)")
     comp.add_argument("--num-tasks", type=_positive_int, default=None,
                       help="T in floor(r/T) (default: number of tasks)")
-    comp.add_argument("--dtype", default=None, help="factor dtype: float32, float16 or bfloat16 (default: the base's)")
+    comp.add_argument("--dtype", default=None,
+                      help="factor dtype: float32, float16, bfloat16 or float64 (default: the base's)")
     comp.set_defaults(func=cmd_compress)
 
     inter = sub.add_parser("interference", parents=[common, reading, work],

@@ -1,4 +1,4 @@
-"""``make demo``: TSV-C, TSV-M and STI on CLIP-ViT-shaped task vectors, with timings.
+"""``make demo-synthetic``: TSV-C, TSV-M and STI on CLIP-ViT-shaped task vectors, with timings.
 
 The tasks are synthetic (power-law spectra plus a shared component, see
 :mod:`tsv_fast.synthetic`) because no model hub is reachable here; the keys, shapes

@@ -117,7 +117,7 @@ def task_vectors(
     Deltas are kept in the fine-tuned dtype (float64 stays float64); integer buffers
     are skipped (merges copy them from the base).
     """
-    sources = as_sources(base, list(finetuned), names)
+    sources = as_sources(base, finetuned if isinstance(finetuned, Mapping) else list(finetuned), names)
     out = []
     for src in sources:
         tv = TaskVector(name=src.name)
