@@ -164,7 +164,7 @@ def unit_costs(device, width: int, T: int) -> list[tuple[str, float]]:
                  best_of(lambda: solvers.orthonormalize(Q0), 3, sync)))
     rows.append((f"G @ Q float64 ({batch}, {width}, {width}) × ({width}, {ell}) (whole call)",
                  best_of(lambda: Gq @ Q0, 3, sync)))
-    rows.append((f"host sync after a tiny kernel", best_of(lambda: bool((Q0[:, 0, 0] > 0).any()), 10, sync)))
+    rows.append(("host sync after a tiny kernel", best_of(lambda: bool((Q0[:, 0, 0] > 0).any()), 10, sync)))
     C = spd(24, c)
     rows.append((f"GEMM float64 (24, {c}, {c})², one Newton–Schulz product (whole call)", best_of(lambda: C @ C, 3, sync)))
     rows.append((f"cholesky_ex float64 (24, {c}, {c}) (whole call)", best_of(lambda: torch.linalg.cholesky_ex(C), 3, sync)))

@@ -10,7 +10,7 @@ import torch
 import reference as ref
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
-from tsv_fast.merge import ELEMENTWISE_RUN_BYTES, ELEMENTWISE_SETS, _plan, plan_shape_batches, stacked_bytes
+from tsv_fast.merge import ELEMENTWISE_SETS, _plan, plan_shape_batches, stacked_bytes
 from tsv_fast.methods import get_method
 from tsv_fast.solvers import exact_topk
 from tsv_fast.synthetic import (clip_vit_base, correlated_tasks, power_law_matrix, synthetic_finetuned,

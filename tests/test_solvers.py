@@ -8,7 +8,7 @@ import reference as ref
 import tsv_fast
 from tsv_fast import ops
 from tsv_fast.solvers import SOLVERS, eigh_topk, exact_topk, orthonormalize, randomized_topk, subspace_topk
-from tsv_fast.synthetic import correlated_tasks, power_law_matrix
+from tsv_fast.synthetic import correlated_tasks
 from tsv_fast.tsv import polar_factor, whitening
 
 
@@ -473,7 +473,7 @@ def test_chebyshev_filter_converges_without_the_eigh_fallback_and_in_fewer_steps
     for filter in ("power", "chebyshev"):
         counts.update({"orthonormalize": 0, "full eigh": 0})
         results[filter] = subspace_topk(A, k, torch.float64, filter=filter), dict(counts)
-    (cheb, cheb_counts), (power, power_counts) = results["chebyshev"], results["power"]
+    (cheb, cheb_counts), (_, power_counts) = results["chebyshev"], results["power"]
     assert cheb_counts["full eigh"] == 0
     limit = power_counts["orthonormalize"] // 2 if decay < 1 else power_counts["orthonormalize"]
     assert cheb_counts["orthonormalize"] <= limit, (cheb_counts, power_counts)
