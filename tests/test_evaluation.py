@@ -125,17 +125,36 @@ def test_smoke_vision_mini_pipeline(tmp_path, capsys):
     assert again["methods"]["finetuned"]["per_task"] == doc["methods"]["finetuned"]["per_task"]
 
 
+def test_a_task_named_twice_is_refused(tmp_path):
+    """"digits,digits" passed the two-task check and reported a one-task "merge"."""
+    from tsv_fast.evaluation.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"named more than once: \['digits'\]"):
+        main(["--benchmark", "vision-mini", "--task-names", "digits,digits", "--cache", str(tmp_path),
+              "--out", str(tmp_path), "--no-plots"])
+
+
 def test_aggregate_seeds_means_and_spreads():
     from tsv_fast.evaluation.report import aggregate_seeds, summarize
 
     def run(seed, a, b):
-        ft = {"x": 0.9, "y": 0.8}
+        ft = {"x": 0.9, "y": 0.8} if seed == 0 else {"x": 0.7, "y": 0.8}
         methods = {"finetuned": summarize(ft, ft), "tsv_m": {**summarize({"x": a, "y": b}, ft), "alpha": 1.0}}
-        return {"tasks": ["x", "y"], "methods": methods, "seed": seed,
+        point = {**summarize({"x": a / 2, "y": b}, ft), "rank_fraction": 0.5, "storage_fraction": 0.1 + seed}
+        return {"tasks": ["x", "y"], "methods": methods, "seed": seed, "selection": {"ties": 0.6 + seed},
+                "tsv_c_rank": [point], "sti": {"per_key": {"w": float(seed)}},
                 "timings_s": {"merge_tsv_m": 0.1 * (seed + 1), "finetune_cached": seed == 0,
                               "finetune_per_task": {"x": 1.0 + seed, "y": 2.0}}}
 
     agg = aggregate_seeds([run(0, 0.5, 0.6), run(1, 0.7, 0.8)])
+    # the TSV-C rank sweep is averaged like the methods (it was seed 0's, beside means), each
+    # point normalised by its own seed's fine-tuned accuracy; selection per seed; STI labelled
+    (point,) = agg["tsv_c_rank"]
+    assert point["rank_fraction"] == 0.5 and point["per_task"]["x"] == pytest.approx(0.3)
+    assert point["per_task_normalized"]["x"] == pytest.approx((0.25 / 0.9 + 0.35 / 0.7) / 2)
+    assert point["avg_absolute"] == pytest.approx(0.5) and point["storage_fraction"] == pytest.approx(0.6)
+    assert point["avg_absolute_std"] == pytest.approx(0.1061, abs=1e-3)
+    assert agg["selection"] == {"ties": [0.6, 1.6]} and agg["sti"] == {"per_key": {"w": 0.0}, "seed": 0}
     m = agg["methods"]["tsv_m"]
     assert m["per_task"]["x"] == pytest.approx(0.6) and m["avg_absolute"] == pytest.approx(0.65)
     assert m["avg_absolute_std"] == pytest.approx(0.1414, abs=1e-3) and m["alpha_per_seed"] == [1.0, 1.0]

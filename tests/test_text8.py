@@ -298,3 +298,23 @@ def test_real_tasks_when_installed():
         splits = td.task_splits(name)
         assert len(splits["test"]) >= 1000 and len(splits["val"]) >= 300 and len(splits["train"]) >= 2000, name
         assert not set(splits["train"].texts) & set(splits["test"].texts)
+
+
+def test_the_finetune_cache_key_covers_the_configuration_and_tokenizer(tmp_path):
+    """Two model folders with the same weights but another dropout or lower-casing shared one
+    cache entry, so the second silently reused the first one's fine-tunes."""
+    from tsv_fast.evaluation.text8 import Settings, setup_digest
+
+    folders = []
+    for i, (dropout, lower) in enumerate([(0.1, True), (0.0, True), (0.1, False)]):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"hidden_dropout_prob": dropout}))
+        (d / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+        (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+        folders.append(d)
+    keys = [Settings().finetune_key("same-weights", "task", "same-data", setup_digest(d)) for d in folders]
+    assert len(set(keys)) == 3
+    assert setup_digest(folders[0]) == setup_digest(folders[0])  # stable: the same folder finds its fine-tunes
+    (folders[0] / "vocab.txt").write_text("[PAD]\n[UNK]\nworld\n")
+    assert Settings().finetune_key("same-weights", "task", "same-data", setup_digest(folders[0])) != keys[0]

@@ -128,6 +128,9 @@ def run_benchmark(args) -> dict:
         unknown = [t for t in wanted if t not in tasks_all]
         if unknown:
             sys.exit(f"unknown task(s) {unknown}; choose from {list(tasks_all)}")
+        repeated = sorted({t for t in wanted if wanted.count(t) > 1})
+        if repeated:  # one fine-tune each: "digits,digits" would report a one-task merge
+            sys.exit(f"task(s) named more than once: {repeated}")
     else:
         ordered = default_tasks + [t for t in tasks_all if t not in default_tasks]
         wanted = ordered[:getattr(args, "tasks", len(default_tasks))]
@@ -182,7 +185,8 @@ def run_benchmark(args) -> dict:
         "tsv_c_rank": result["tsv_c_rank"],
         "sti": result["sti"],
         "solver_check": [{"seed": r["seed"], **r["solver_check"]} for r in runs],
-        **({"per_seed": [{"seed": r["seed"], "methods": r["methods"], "selection": r["selection"]}
+        **({"per_seed": [{"seed": r["seed"], "methods": r["methods"], "selection": r["selection"],
+                          "tsv_c_rank": r["tsv_c_rank"], "sti": r["sti"]}
                          for r in result["per_seed"]]} if "per_seed" in result else {}),
         "machine": report.machine(),
     }

@@ -175,11 +175,12 @@ def compare_methods(
         for t, c in zip(tasks, comp):
             acc.update(timer("evaluation", lambda: evaluate(c.apply(base), [t], "test")))
         s = summarize(acc, ft_acc)
-        rank_sweep.append({"rank_fraction": f, "per_task": acc, "avg_absolute": s["avg_absolute"],
-                           "avg_normalized": s["avg_normalized"],
+        rank_sweep.append({"rank_fraction": f, "per_task": acc, "per_task_normalized": s["per_task_normalized"],
+                           "avg_absolute": s["avg_absolute"], "avg_normalized": s["avg_normalized"],
                            "storage_fraction": statistics.fmean(c.nbytes() for c in comp) / full_bytes})
         log(f"  rank {f:.4g}·r: avg {s['avg_absolute']:.4f} ({s['avg_normalized']:.4f} of fine-tuned)")
     rank_sweep.append({"rank_fraction": "floor(r/T)", "per_task": tsv_c_acc,
+                       "per_task_normalized": results["tsv_c"]["per_task_normalized"],
                        "avg_absolute": results["tsv_c"]["avg_absolute"],
                        "avg_normalized": results["tsv_c"]["avg_normalized"],
                        "storage_fraction": results["tsv_c"]["storage_fraction"], "default": True,
@@ -215,7 +216,9 @@ def check_claims(methods: Mapping[str, dict]) -> dict:
 
 
 def aggregate_seeds(runs: Sequence[dict]) -> dict:
-    """Mean over seeds of every accuracy, with ``*_std`` spreads (sample std, 0 for one run)."""
+    """Mean over seeds of every accuracy (the methods' and the TSV-C rank sweep's), with
+    ``*_std`` spreads (sample std, 0 for one run); ``selection`` becomes each method's value per
+    seed. ``sti`` stays the first seed's (labelled with its ``seed``): each run's is in ``per_seed``."""
     if len(runs) == 1:
         return runs[0]
     first = runs[0]
@@ -233,6 +236,21 @@ def aggregate_seeds(runs: Sequence[dict]) -> dict:
             if field in r:
                 entry[field + "_per_seed"] = [run["methods"][m][field] for run in runs]
         methods[m] = entry
+    rank_sweep = []
+    for j, point in enumerate(first.get("tsv_c_rank", [])):  # the same fractions in every run
+        points = [run["tsv_c_rank"][j] for run in runs]
+        entry = dict(point)
+        for field in ("per_task", "per_task_normalized"):
+            entry[field] = {t: statistics.fmean(p[field][t] for p in points) for t in point[field]}
+        for field in ("avg_absolute", "avg_normalized", "storage_fraction"):
+            values = [p[field] for p in points]
+            entry[field], entry[field + "_std"] = statistics.fmean(values), std(values)
+        rank_sweep.append(entry)
+    extra = {"tsv_c_rank": rank_sweep} if "tsv_c_rank" in first else {}
+    if "selection" in first:
+        extra["selection"] = {m: [run["selection"][m] for run in runs] for m in first["selection"]}
+    if "sti" in first:
+        extra["sti"] = {**first["sti"], "seed": first.get("seed")}
     timings = {}
     for k, v in first["timings_s"].items():  # per seed: the mean; flags: all seeds
         values = [run["timings_s"].get(k) for run in runs]
@@ -242,7 +260,7 @@ def aggregate_seeds(runs: Sequence[dict]) -> dict:
             timings[k] = {t: statistics.fmean(x[t] for x in values) for t in v}
         else:
             timings[k] = statistics.fmean(values)
-    return {**first, "methods": methods, "claims": check_claims(methods), "timings_s": timings,
+    return {**first, **extra, "methods": methods, "claims": check_claims(methods), "timings_s": timings,
             "per_seed": runs}
 
 
@@ -341,9 +359,8 @@ def plot_tsv_c_rank(result: dict, path: Path, title: str = "") -> Path | None:
     default = [p for p in result["tsv_c_rank"] if p.get("default")]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [p["rank_fraction"] for p in points]
-    ft = result["methods"]["finetuned"]["per_task"]
-    for t in result["tasks"]:
-        ax.plot(xs, [100 * p["per_task"][t] / ft[t] for p in points], "-", alpha=0.35, lw=1)
+    for t in result["tasks"]:  # each point's own normalisation, like its average's (per seed, then the mean)
+        ax.plot(xs, [100 * p["per_task_normalized"][t] for p in points], "-", alpha=0.35, lw=1)
     ax.plot(xs, [100 * p["avg_normalized"] for p in points], "k-o", lw=2, label="average")
     if default:
         T = default[0]["tasks"]

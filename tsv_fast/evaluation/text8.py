@@ -89,6 +89,19 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+SETUP_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def setup_digest(model_dir: Path) -> str:
+    """The backbone's configuration and tokenizer files, hashed (absent ones count as absent):
+    fine-tunes depend on them as much as on the weights (dropout, lower-casing, vocabulary)."""
+    h = hashlib.sha256()
+    for name in SETUP_FILES:
+        path = Path(model_dir) / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<absent>") + b"\0")
+    return h.hexdigest()[:20]
+
+
 def load_config(model_dir: Path):
     from transformers import BertConfig
 
@@ -248,8 +261,10 @@ class Settings:
     seed: int = 0
     max_len: int = MAX_LEN
 
-    def finetune_key(self, model_digest: str, task: str, data_digest: str) -> str:
-        fields = {"v": CACHE_VERSION, "model": model_digest, "task": task, "data": data_digest,
+    def finetune_key(self, model_digest: str, task: str, data_digest: str, setup: str) -> str:
+        """The cache key of a fine-tune: weights, configuration and tokenizer files (``setup``),
+        training data and every setting that changes the result."""
+        fields = {"v": CACHE_VERSION, "model": model_digest, "setup": setup, "task": task, "data": data_digest,
                   "steps": self.steps, "batch": self.batch, "lr": self.lr, "wd": self.weight_decay,
                   "shots": self.head_shots, "train_size": self.train_size, "seed": self.seed,
                   "max_len": self.max_len, "scale": LOGIT_SCALE}
@@ -268,6 +283,7 @@ class Text8Bench:
         self.model_dir = find_model(model_dir)
         self.cache = Path(cache_dir or CACHE_DIR) / "text-8"
         self.pretrained_digest = model_digest or file_digest(self.model_dir / "model.safetensors")
+        self.setup_digest = setup_digest(self.model_dir)
         self.config = load_config(self.model_dir)
         self.base = load_base(self.model_dir)
         self.model = SentenceEncoder(self.config)
@@ -317,7 +333,7 @@ class Text8Bench:
     # fine-tuning
     def cache_path(self, name: str) -> Path:
         digest = examples_digest(self.examples(name, "train"))
-        key = self.settings.finetune_key(self.pretrained_digest, name, digest)
+        key = self.settings.finetune_key(self.pretrained_digest, name, digest, self.setup_digest)
         return self.cache / key / f"{name}.safetensors"
 
     def finetune_all(self, jobs: int = 1, log: Callable[[str], None] = print) -> dict[str, dict[str, Tensor]]:
