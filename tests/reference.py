@@ -23,6 +23,16 @@ def top_k(tau: np.ndarray, k: int):
     return U[:, :k], S[:k], Vt[:k].T
 
 
+def nonzero_top_k(taus: list[np.ndarray], k: int, eps: float):
+    """Each task's top-k triplets whose s is not zero to the inputs' precision ``eps`` (README:
+    s > max(1e-7, 4·eps·√max(m, n))·s1), concatenated: a triplet with s = 0 carries nothing, and
+    its singular vectors are any basis of a null space."""
+    cut = max(1e-7, 4 * eps * max(taus[0].shape) ** 0.5)
+    parts = [top_k(t, k) for t in taus]
+    keep = [p[1] > cut * p[1][0] if p[1][0] > 0 else np.zeros_like(p[1], bool) for p in parts]
+    return tuple(np.concatenate([p[i][..., c] for p, c in zip(parts, keep)], axis=-1) for i in range(3))
+
+
 def whiten(X: np.ndarray) -> np.ndarray:
     """X (XᵀX)^(-1/2)."""
     w, Q = np.linalg.eigh(X.T @ X)

@@ -165,12 +165,7 @@ def _tsv_m_of_nonzero_directions(taus, k, dtype=torch.float32):
     """TSV-M over each task's top-k triplets whose s is not zero to the inputs' precision (README:
     s > max(1e-7, 4·eps·√max(m, n))·s1): such a triplet carries nothing, and its singular
     vectors are any basis of a null space."""
-    cut = max(1e-7, 4 * torch.finfo(dtype).eps * max(taus[0].shape) ** 0.5)
-    parts = [ref.top_k(t, k) for t in taus]
-    keep = [p[1] > cut * p[1][0] if p[1][0] > 0 else np.zeros_like(p[1], bool) for p in parts]
-    U = np.concatenate([p[0][:, c] for p, c in zip(parts, keep)], axis=1)
-    S = np.concatenate([p[1][c] for p, c in zip(parts, keep)])
-    V = np.concatenate([p[2][:, c] for p, c in zip(parts, keep)], axis=1)
+    U, S, V = ref.nonzero_top_k(taus, k, torch.finfo(dtype).eps)
     return ref.whiten(U) @ np.diag(S) @ ref.whiten(V).T
 
 
