@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import Rank, is_matrix_key, is_mergeable, resolve_rank
+from .keys import Rank, check_num_tasks, is_matrix_key, is_mergeable, resolve_rank
 from .solvers import get_solver
 from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, select_floating_keys, stack_deltas
 
@@ -62,8 +62,7 @@ def compress(
         raise TSVInputError("give either rank or energy, not both")
     if energy is not None and not 0 < energy <= 1:
         raise TSVInputError(f"energy must be in (0, 1], got {energy}")
-    if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
-        raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    check_num_tasks(num_tasks)
     if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
         raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
     solve = get_solver(solver)

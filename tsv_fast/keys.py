@@ -32,6 +32,12 @@ def is_matrix_meta(name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
     return len(shape) == 2 and dtype.is_floating_point and "text_projection" not in name
 
 
+def check_num_tasks(num_tasks) -> None:
+    """T of the default floor(r/T), when given: an int ≥ 1 (not a bool)."""
+    if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+        raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+
+
 def rank_per_task(shape: Sequence[int], num_tasks: int) -> int:
     """The paper's per-task rank for a matrix key: ``floor(min(m, n) / T)``."""
     return min(shape) // num_tasks

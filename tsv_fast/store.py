@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .checkpoints import is_plain_file_name
 from .compress import compress
 from .errors import TSVInputError
-from .keys import Rank, is_matrix_key, resolve_rank
+from .keys import Rank, check_num_tasks, is_matrix_key, resolve_rank
 from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
 from .writer import atomic_write_file, cannot_write
 
@@ -141,9 +141,7 @@ class TaskStore:
             if self.path.exists() and any(self.path.iterdir()):
                 raise TSVInputError(f"{self.path} is a non-empty folder without {MANIFEST}: not a task store; "
                                     f"refusing to create one there")
-            if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int)
-                                          or num_tasks < 1):
-                raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+            check_num_tasks(num_tasks)
             if default_rank is not None:
                 resolve_rank((1, 1), default_rank, 1)  # validates the value
             self._manifest = self._new_manifest(base, default_rank, num_tasks or 8, dtype)
