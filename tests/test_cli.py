@@ -96,6 +96,8 @@ def test_dry_run_reads_headers_only(work, capsys):
     assert float(split.group(2)) <= 200 < float(whole.group(2))  # the 256×64 keys (196 KiB each) go alone
     run("compress", *TASKS, "-o", "store", "--dry-run")
     assert "per task" in capsys.readouterr().out
+    run("compress", *TASKS, "-o", "store", "--dry-run", "--include", "nomatch*", expect=2)  # as the real run
+    assert "select no floating key to compress" in capsys.readouterr().err
     assert listing(work) == before
 
 

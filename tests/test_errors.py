@@ -112,6 +112,9 @@ def test_selection_matching_nothing(base):
         tsv_fast.compress(base, [finetuned(base)], include="visaul.*")
     with pytest.raises(tsv_fast.TSVInputError, match="select no floating key to measure"):
         tsv_fast.interference(base, [finetuned(base), finetuned(base)], exclude="*")
+    bias = next(k for k, v in base.items() if v.ndim == 1 and v.is_floating_point())
+    with pytest.raises(tsv_fast.TSVInputError, match="select no matrix key: STI measures only matrix keys"):
+        tsv_fast.interference(base, [finetuned(base), finetuned(base)], include=bias)
 
 
 @pytest.mark.parametrize("num_tasks", [0, -2, 2.5, True, "8"])
@@ -119,6 +122,18 @@ def test_compress_refuses_a_bad_num_tasks(base, num_tasks):
     """num_tasks=-2 stored rank-0 factors without a warning (svd) or crashed, 0 meant len(tasks)."""
     with pytest.raises(tsv_fast.TSVInputError, match=r"num_tasks must be an int >= 1"):
         tsv_fast.compress(base, [finetuned(base)], num_tasks=num_tasks, solver="svd")
+
+
+def test_numpy_integers_are_integers(base, tmp_path):
+    """np.int64 task counts worked before num_tasks was checked; np.float64 ranks reopen a store."""
+    import numpy as np
+
+    one = tsv_fast.compress(base, [finetuned(base)], num_tasks=np.int64(2))[0]
+    assert one.factors == {} or all(S.shape[0] == min(base[k].shape) // 2 for k, (_, S, _) in one.factors.items())
+    tsv_fast.TaskStore(tmp_path / "s", base=base, default_rank=np.float64(0.5), num_tasks=np.int64(4))
+    tsv_fast.TaskStore(tmp_path / "s", default_rank=np.float64(0.5), num_tasks=np.int64(4))  # the same values
+    with pytest.raises(tsv_fast.TSVInputError, match="default_rank"):
+        tsv_fast.TaskStore(tmp_path / "s", default_rank=np.int64(1))  # k = 1 is not a fraction of r
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.int32, torch.bool, "float16"])

@@ -49,7 +49,7 @@ from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
 from .store import MANIFEST, TaskStore
-from .tasks import as_sources, nonfinite, tensor_meta
+from .tasks import as_sources, nonfinite, select_floating_keys, tensor_meta
 from .writer import (Entry, OutputError, check_output, human_size, parse_size,
                      plan_shards, staged_output, write_safetensors)
 
@@ -488,7 +488,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         check_output(store, _input_files([base_path, *task_paths]), overwrite=args.overwrite or args.dry_run,
                      records=RECORDS)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
-    selected = select_keys(base, args.include, args.exclude)
+    selected = select_floating_keys(base, args.include, args.exclude, "compress")
     if args.dry_run:
         _compress_plan(base, tasks, selected, rank, args.energy, T, dtype, store, args.overwrite)
         return 0

@@ -62,7 +62,7 @@ def compress(
         raise TSVInputError("give either rank or energy, not both")
     if energy is not None and not 0 < energy <= 1:
         raise TSVInputError(f"energy must be in (0, 1], got {energy}")
-    check_num_tasks(num_tasks)
+    num_tasks = check_num_tasks(num_tasks)
     if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
         raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
     solve = get_solver(solver)

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .keys import is_matrix_key, rank_per_task
+from .errors import TSVInputError
+from .keys import is_matrix_key, is_matrix_meta, rank_per_task
 from .solvers import get_solver
-from .tasks import StateDict, Task, as_sources, checked_base_tensor, compute_dtype, select_floating_keys
+from .tasks import StateDict, Task, as_sources, checked_base_tensor, compute_dtype, select_floating_keys, tensor_meta
 from .tsv import singular_task_interference, task_factors
 
 _BLOCK = re.compile(r"^(.*?(?:resblocks|layers?|blocks?|h)\.\d+)\.")
@@ -62,6 +63,9 @@ def interference(
     get_solver(solver)
     sources = as_sources(base, tasks, names)
     selected = select_floating_keys(base, include, exclude, "measure")
+    if not any(is_matrix_meta(k, *tensor_meta(base, k, "base")) for k in selected):
+        raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no matrix key: STI measures "
+                            f"only matrix keys (2-D floating, not text_projection)")
     dev = torch.device(device) if device is not None else None
     per_key, per_pair = {}, {}
     for key in tqdm(list(base), desc="interference", disable=not progress, unit="key"):

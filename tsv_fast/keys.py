@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -32,10 +33,13 @@ def is_matrix_meta(name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
     return len(shape) == 2 and dtype.is_floating_point and "text_projection" not in name
 
 
-def check_num_tasks(num_tasks) -> None:
-    """T of the default floor(r/T), when given: an int ≥ 1 (not a bool)."""
-    if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+def check_num_tasks(num_tasks) -> int | None:
+    """T of the default floor(r/T), when given: an integer ≥ 1 (NumPy's too, not a bool), as an int."""
+    if num_tasks is None:
+        return None
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
         raise TSVInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    return int(num_tasks)
 
 
 def rank_per_task(shape: Sequence[int], num_tasks: int) -> int:

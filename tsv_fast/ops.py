@@ -216,7 +216,7 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int
     (iterating in float64).  It stops after ``max_sweeps`` sweeps or when the
     off-diagonal norm is <= ``tol * ||A||_F`` (``tol = 0``: machine epsilon of the
     working precision) or a sweep rotates nothing.  ``threads``: CUDA threads per
-    matrix (0: 64 to 256 by size; up to 1024: the rotations and norms use at most 256
+    matrix (0: 64 to 512 by size, 512 above n = 80; up to 1024: the rotations and norms use at most 256
     of them, the updates of A and V all, so above n = 48 every count from 256 on gives the
     default's result bit for bit, only faster or slower).  Eigenvectors of repeated
     eigenvalues are an arbitrary orthonormal basis of their eigenspace, and signs

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import TSVInputError
 from .writer import atomic_write_file
-from .tasks import CompressedTask
+from .tasks import CompressedTask, compute_dtype
 
 __all__ = ["export_peft", "PeftExport"]
 
@@ -81,7 +81,7 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
         out_dtype = dtype or U.dtype
         B = torch.zeros(U.shape[0], r, dtype=out_dtype)
         A = torch.zeros(r, V.shape[0], dtype=out_dtype)
-        wide = torch.promote_types(torch.promote_types(U.dtype, S.dtype), torch.float32)  # float64 stays float64
+        wide = torch.promote_types(compute_dtype(U), compute_dtype(S))  # float64 stays float64
         B[:, :k] = (U.to(wide) * S.to(wide)).to(out_dtype).cpu()
         A[:k] = V.T.to(out_dtype).cpu()
         tensors[f"base_model.model.{m}.lora_A.weight"] = A

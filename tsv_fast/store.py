@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import warnings
@@ -141,7 +142,7 @@ class TaskStore:
             if self.path.exists() and any(self.path.iterdir()):
                 raise TSVInputError(f"{self.path} is a non-empty folder without {MANIFEST}: not a task store; "
                                     f"refusing to create one there")
-            check_num_tasks(num_tasks)
+            num_tasks = check_num_tasks(num_tasks)
             if default_rank is not None:
                 resolve_rank((1, 1), default_rank, 1)  # validates the value
             self._manifest = self._new_manifest(base, default_rank, num_tasks or 8, dtype)
@@ -201,7 +202,8 @@ class TaskStore:
         m = self._manifest
         given = {"default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype)}
         for field, value in given.items():
-            if value is not None and (value != m[field] or type(value) is not type(m[field])):  # 1 ≠ 1.0 here
+            integral = isinstance(value, numbers.Integral), isinstance(m[field], numbers.Integral)
+            if value is not None and (value != m[field] or integral[0] != integral[1]):  # rank 1 ≠ 1.0 here
                 raise TSVInputError(f"task store {self.path}: {field}={value!r} differs from the store's "
                                     f"{m[field]!r} (fixed when the store was created)")
 

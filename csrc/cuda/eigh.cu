@@ -24,9 +24,9 @@
 namespace tsv_fast {
 namespace {
 
-// Built for blocks of up to 256 threads (the default sizes: 74 registers in
-// float64 on sm_90), 512 and 1024 (`threads` > 256: at most 128 and 64
-// registers; float64 spills ~100 bytes at 1024), the smallest that fits is run.
+// Built for blocks of up to 256 threads (74 registers in float64 on sm_90), 512
+// (the default above n = 80) and 1024 (at most 128 and 64 registers; float64
+// spills ~100 bytes at 1024); the smallest build that fits is run.
 template <typename T, int kBound>
 __global__ void __launch_bounds__(kBound)
     jacobi_eigh_kernel(const T* __restrict__ in, T* __restrict__ vals, T* __restrict__ vecs,
