@@ -571,3 +571,47 @@ def _chebyshev_t(d, y):
     for _ in range(d - 1):
         t0, t1 = t1, 2 * y * t1 - t0
     return t1 if d else t0
+
+
+@pytest.mark.parametrize("use", [True, False], ids=["scipy", "torch"])
+def test_symmetric_eigh_is_torch_eigh_by_either_library(monkeypatch, use):
+    """SciPy's LAPACK (syevd; syevr for the top pairs) or torch.linalg.eigh: the same conventions
+    (ascending, vectors in columns, batched), checked against float64 definitions: G V = V diag(w),
+    VᵀV = I, eigenvalues those of torch, the top pairs the largest ones, on spectra with a
+    repeated eigenvalue and a zero one."""
+    pytest.importorskip("scipy")
+    from tsv_fast import solvers
+
+    monkeypatch.setattr(solvers, "USE_SCIPY_EIGH", use)
+    gen = torch.Generator().manual_seed(9)
+    n = 60
+    Q = torch.linalg.qr(torch.randn(2, 3, n, n, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.logspace(0, -6, n, dtype=torch.float64).flip(0).clone()
+    spectrum[:2], spectrum[-4:-2] = 0.0, spectrum[-2]  # a zero pair and a repeated value near the top
+    G = (Q * spectrum) @ Q.mT
+    want = torch.linalg.eigvalsh(G)
+    for top in (None, 7, 0, n + 5):
+        w, V = solvers.symmetric_eigh(G, top)
+        k = n if top is None else min(top, n)
+        assert w.shape == (2, 3, k) and V.shape == (2, 3, n, k) and w.dtype == V.dtype == torch.float64
+        torch.testing.assert_close(w, want[..., n - k:], rtol=0, atol=1e-13)
+        torch.testing.assert_close(G @ V, V * w.unsqueeze(-2), rtol=0, atol=1e-13)
+        torch.testing.assert_close(V.mT @ V, torch.eye(k, dtype=torch.float64).expand(2, 3, k, k), rtol=0, atol=1e-13)
+    w32, V32 = solvers.symmetric_eigh(G.float(), 3)  # float32 (and any GPU tensor): torch's
+    assert w32.dtype == torch.float32 and V32.shape == (2, 3, n, 3)
+    bad = G[0, 0].clone()
+    bad[5, 3] = float("nan")  # SciPy refuses it; torch decides, as it did before
+    torch.testing.assert_close(solvers.symmetric_eigh(bad)[0], torch.linalg.eigh(bad)[0], equal_nan=True)
+
+
+def test_scipy_eigh_auto_follows_the_openmp_wait_policy(monkeypatch):
+    pytest.importorskip("scipy")
+    from tsv_fast import solvers
+
+    assert solvers.USE_SCIPY_EIGH == "auto"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert solvers._scipy_linalg() is not None
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert solvers._scipy_linalg() is None
+    monkeypatch.setattr(solvers, "USE_SCIPY_EIGH", True)
+    assert solvers._scipy_linalg() is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -133,6 +134,56 @@ def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+# LAPACK from SciPy (OpenBLAS threads) for the CPU's large float64 eigenproblems, instead of
+# torch.linalg.eigh (MKL on torch's OpenMP threads). "auto": where OMP_WAIT_POLICY=PASSIVE (what
+# the Makefile and BENCHMARKS.md use on shared machines): there torch's threads sleep between
+# the many small parallel regions of the tridiagonalisation, and its eigh of a 768×768 Gram
+# matrix took 133 ms (90 ms on one thread) against SciPy's 56 ms (syevd) and 44 ms (syevr, the
+# top 96 pairs only); a ViT-B/32 T = 8 merge 8.4 → 4.8 s. Without PASSIVE torch's eigh takes
+# 61 ms, and OpenBLAS's threads then compete with torch's spinning ones (that merge: 4.0 s with
+# torch, 6.6 s with SciPy), so "auto" keeps torch. True / False force it; no SciPy: torch.
+USE_SCIPY_EIGH: bool | str = "auto"
+
+
+def _scipy_linalg():
+    use = USE_SCIPY_EIGH
+    if use == "auto":
+        use = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    if not use:
+        return None
+    try:
+        import scipy.linalg
+    except ImportError:
+        return None
+    return scipy.linalg
+
+
+def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a batch of symmetric matrices (eigenvalues ascending, vectors in
+    columns); with ``top``, only the ``top`` largest pairs, still ascending. Float64 CPU
+    matrices go to SciPy's LAPACK (``USE_SCIPY_EIGH``): syevd, or syevr for a subset, which skips
+    the back-transformation of the other vectors. A matrix SciPy refuses (NaN/Inf, no
+    convergence) goes to torch, which raises or returns what it did before."""
+    n = G.shape[-1]
+    top = n if top is None else min(top, n)
+    linalg = _scipy_linalg() if G.device.type == "cpu" and G.dtype == torch.float64 else None
+    if linalg is None or n == 0 or top == 0:
+        w, V = torch.linalg.eigh(G)
+        return w[..., n - top:], V[..., n - top:]
+    flat = G.reshape(-1, n, n)
+    w = torch.empty(flat.shape[0], top, dtype=G.dtype)
+    V = torch.empty(flat.shape[0], n, top, dtype=G.dtype)
+    subset = None if top == n else [n - top, n - 1]
+    for i, g in enumerate(flat):
+        try:
+            wi, Vi = linalg.eigh(g.numpy(), subset_by_index=subset, driver="evd" if subset is None else "evr")
+            w[i], V[i] = torch.from_numpy(wi), torch.from_numpy(Vi)
+        except (ValueError, linalg.LinAlgError):
+            wi, Vi = torch.linalg.eigh(g)
+            w[i], V[i] = wi[n - top:], Vi[:, n - top:]
+    return w.reshape(*G.shape[:-2], top), V.reshape(*G.shape[:-2], n, top)
+
+
 def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     """Top-k from ``eigh(XᵀX)`` in float64 on the short side; the long-side vectors are
     ``X V / s``. Directions with ``s`` below the input's rounding level get a zero
@@ -156,8 +207,8 @@ def eigh_topk(A: Tensor, k: int, out_dtype: torch.dtype | None = None) -> TopK:
     S = torch.empty(X.shape[0], k, dtype=out_dtype, device=A.device)
     for i in range(X.shape[0]):
         x = X[i:i + 1]
-        w, vecs = torch.linalg.eigh(gram64(x))
-        w, vecs = w.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
+        w, vecs = symmetric_eigh(gram64(x), k)
+        w, vecs = w.flip(-1), vecs.flip(-1)
         s = w.clamp(min=0).sqrt()
         long_side(x, vecs, s, out=Y[i:i + 1])
         Q[i], S[i] = vecs[0], s[0]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .solvers import (EXACT_SOLVERS, cholesky_inverse_factor, get_solver, noise_level, smallest_eigenvalue_estimate,
-                      symmetric_gram)
+                      symmetric_eigh, symmetric_gram)
 from .tasks import Factors, TaskSource, check_stacked, compute_dtype, stack_deltas
 
 
@@ -129,7 +129,7 @@ def whitening(X: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
 
 
 def _eigh_inverse_sqrt(G: Tensor, rcond: float) -> Tensor:
-    w, Q = torch.linalg.eigh(G)
+    w, Q = symmetric_eigh(G)
     keep = w > (rcond ** 2) * w[..., -1:].clamp(min=torch.finfo(torch.float64).tiny)
     inv_sqrt = torch.where(keep, w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     return (Q * inv_sqrt.unsqueeze(-2)) @ Q.mT
