@@ -134,6 +134,13 @@ def test_numpy_integers_are_integers(base, tmp_path):
     tsv_fast.TaskStore(tmp_path / "s", default_rank=np.float64(0.5), num_tasks=np.int64(4))  # the same values
     with pytest.raises(tsv_fast.TSVInputError, match="default_rank"):
         tsv_fast.TaskStore(tmp_path / "s", default_rank=np.int64(1))  # k = 1 is not a fraction of r
+    for bad in ({"num_tasks": True}, {"default_rank": True}, {"default_rank": 7.5}):  # refused as at creation
+        with pytest.raises(tsv_fast.TSVInputError, match="must be"):
+            tsv_fast.TaskStore(tmp_path / "s", **bad)
+    store = tsv_fast.TaskStore(tmp_path / "k", base=base, default_rank=np.int64(3))  # a plain 3 in the manifest
+    assert type(store.default_rank) is int and tsv_fast.TaskStore(tmp_path / "k", default_rank=3).default_rank == 3
+    factors = tsv_fast.compress(base, [finetuned(base)], rank=np.int64(2))[0].factors
+    assert factors and {S.shape[0] for _, S, _ in factors.values()} == {2}
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.int32, torch.bool, "float16"])
@@ -238,7 +245,8 @@ def test_nonfinite_finds_nan_and_inf_but_no_finite_tensor():
     assert nonfinite([half, ok.bfloat16()]) == [] and nonfinite([half, nan.half()]) == [1]
     assert nonfinite([torch.empty(0), inf.double(), torch.tensor(float("nan")), ok.T]) == [1, 2]  # mixed dtypes
     # finite, but their 2-norms (accumulated in float32 for bfloat16) overflow: the ∞-norm decides
-    huge = [torch.full((3, 3), 1e20), torch.full((6,), 1e38, dtype=torch.bfloat16), torch.full((2,), 1e200, dtype=torch.float64)]
+    huge = [torch.full((3, 3), 1e20), torch.full((6,), 1e38, dtype=torch.bfloat16),
+            torch.full((2,), 1e200, dtype=torch.float64)]
     assert nonfinite(huge) == []
     huge_nan = [t.clone() for t in huge]
     huge_nan[1][-1] = float("inf")

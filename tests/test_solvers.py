@@ -615,3 +615,34 @@ def test_scipy_eigh_auto_follows_the_openmp_wait_policy(monkeypatch):
     assert solvers._scipy_linalg() is None
     monkeypatch.setattr(solvers, "USE_SCIPY_EIGH", True)
     assert solvers._scipy_linalg() is not None
+
+
+def test_symmetric_eigh_when_syevr_answers_short_or_grad_is_required(monkeypatch):
+    """syevr returned 28 of 32 pairs when equal eigenvalues straddled the cut (float64 tasks with
+    a flat top spectrum), and a merge crashed; tensors that require grad cannot go to NumPy."""
+    pytest.importorskip("scipy")
+    from tsv_fast import solvers
+
+    monkeypatch.setattr(solvers, "USE_SCIPY_EIGH", True)
+    gen = torch.Generator().manual_seed(1)
+    n, k = 256, 32
+    found = False
+    for _ in range(40):  # eigenvalues exactly 1 across the cut: syevr is short on some of them
+        Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+        s = torch.ones(n, dtype=torch.float64)
+        s[200:] = 0.5
+        G = (Q * s) @ Q.T
+        import scipy.linalg
+
+        found |= len(scipy.linalg.eigh(G.numpy(), subset_by_index=[n - k, n - 1], driver="evr")[0]) != k
+        w, V = solvers.symmetric_eigh(G, k)
+        assert w.shape == (k,) and V.shape == (n, k)
+        torch.testing.assert_close(w, torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(G @ V, V * w, rtol=0, atol=1e-12)
+        if found:
+            break
+    assert found  # the case was exercised
+    A = torch.randn(1, 40, 30, dtype=torch.float64, requires_grad=True)
+    w, V = solvers.symmetric_eigh(A.mT @ A, 5)
+    w.sum().backward()  # torch's eigh, with its backward
+    assert A.grad is not None

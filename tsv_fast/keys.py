@@ -47,21 +47,30 @@ def rank_per_task(shape: Sequence[int], num_tasks: int) -> int:
     return min(shape) // num_tasks
 
 
+def check_rank(rank: Rank) -> Rank:
+    """A rank option, validated and as a plain ``int`` (NumPy's integers too), ``float`` or None:
+    an int k ≥ 0, a float f in (0, 1], or None."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, (numbers.Integral, float)):
+        raise TSVInputError(f"rank must be an int, a float in (0, 1] or None, got {rank!r}")
+    if isinstance(rank, numbers.Integral):
+        if rank < 0:
+            raise TSVInputError(f"rank must be >= 0, got {rank}")
+        return int(rank)
+    if not 0 < rank <= 1:
+        raise TSVInputError(f"a fractional rank must be in (0, 1], got {rank}")
+    return float(rank)
+
+
 def resolve_rank(shape: Sequence[int], rank: Rank, num_tasks: int) -> int:
     """Per-task rank for a matrix of ``shape``: an int k (clamped to r), a float f in
     (0, 1] meaning floor(f·r), or None for the paper's floor(r / T)."""
     r = min(shape)
+    rank = check_rank(rank)
     if rank is None:
         return r // num_tasks
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TSVInputError(f"rank must be an int, a float in (0, 1] or None, got {rank!r}")
-    if isinstance(rank, int):
-        if rank < 0:
-            raise TSVInputError(f"rank must be >= 0, got {rank}")
-        return min(rank, r)
-    if not 0 < rank <= 1:
-        raise TSVInputError(f"a fractional rank must be in (0, 1], got {rank}")
-    return math.floor(rank * r)
+    return min(rank, r) if isinstance(rank, int) else math.floor(rank * r)
 
 
 def select_keys(

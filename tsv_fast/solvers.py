@@ -139,7 +139,7 @@ def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
 # the Makefile and BENCHMARKS.md use on shared machines): there torch's threads sleep between
 # the many small parallel regions of the tridiagonalisation, and its eigh of a 768×768 Gram
 # matrix took 133 ms (90 ms on one thread) against SciPy's 56 ms (syevd) and 44 ms (syevr, the
-# top 96 pairs only); a ViT-B/32 T = 8 merge 8.4 → 4.8 s. Without PASSIVE torch's eigh takes
+# top 96 pairs only); a ViT-B/32 T = 8 merge 7.87 → 4.56 s. Without PASSIVE torch's eigh takes
 # 61 ms, and OpenBLAS's threads then compete with torch's spinning ones (that merge: 4.0 s with
 # torch, 6.6 s with SciPy), so "auto" keeps torch. True / False force it; no SciPy: torch.
 USE_SCIPY_EIGH: bool | str = "auto"
@@ -163,10 +163,13 @@ def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
     columns); with ``top``, only the ``top`` largest pairs, still ascending. Float64 CPU
     matrices go to SciPy's LAPACK (``USE_SCIPY_EIGH``): syevd, or syevr for a subset, which skips
     the back-transformation of the other vectors. A matrix SciPy refuses (NaN/Inf, no
-    convergence) goes to torch, which raises or returns what it did before."""
+    convergence) or answers short (syevr can return fewer pairs than asked when equal
+    eigenvalues straddle the cut) goes to torch, which raises or returns what it did before;
+    so does a tensor that requires grad (torch's eigh has a backward)."""
     n = G.shape[-1]
     top = n if top is None else min(top, n)
-    linalg = _scipy_linalg() if G.device.type == "cpu" and G.dtype == torch.float64 else None
+    host = G.device.type == "cpu" and G.dtype == torch.float64 and not G.requires_grad
+    linalg = _scipy_linalg() if host else None
     if linalg is None or n == 0 or top == 0:
         w, V = torch.linalg.eigh(G)
         return w[..., n - top:], V[..., n - top:]
@@ -176,7 +179,10 @@ def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
     subset = None if top == n else [n - top, n - 1]
     for i, g in enumerate(flat):
         try:
-            wi, Vi = linalg.eigh(g.numpy(), subset_by_index=subset, driver="evd" if subset is None else "evr")
+            wi, Vi = linalg.eigh(g.resolve_neg().numpy(), subset_by_index=subset,
+                                 driver="evd" if subset is None else "evr")
+            if wi.shape[0] != top:
+                raise linalg.LinAlgError(f"{wi.shape[0]} eigenpairs returned, {top} asked")
             w[i], V[i] = torch.from_numpy(wi), torch.from_numpy(Vi)
         except (ValueError, linalg.LinAlgError):
             wi, Vi = torch.linalg.eigh(g)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import re
 import warnings
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 from .checkpoints import is_plain_file_name
 from .compress import compress
 from .errors import TSVInputError
-from .keys import Rank, check_num_tasks, is_matrix_key, resolve_rank
+from .keys import Rank, check_num_tasks, check_rank, is_matrix_key
 from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
 from .writer import atomic_write_file, cannot_write
 
@@ -143,8 +142,7 @@ class TaskStore:
                 raise TSVInputError(f"{self.path} is a non-empty folder without {MANIFEST}: not a task store; "
                                     f"refusing to create one there")
             num_tasks = check_num_tasks(num_tasks)
-            if default_rank is not None:
-                resolve_rank((1, 1), default_rank, 1)  # validates the value
+            default_rank = check_rank(default_rank)
             self._manifest = self._new_manifest(base, default_rank, num_tasks or 8, dtype)
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -200,10 +198,10 @@ class TaskStore:
 
     def _check_reopen(self, default_rank, num_tasks, dtype) -> None:
         m = self._manifest
-        given = {"default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype)}
+        given = {"default_rank": check_rank(default_rank), "num_tasks": check_num_tasks(num_tasks),
+                 "dtype": _dtype_name(dtype)}  # validated as at creation, then as plain int / float
         for field, value in given.items():
-            integral = isinstance(value, numbers.Integral), isinstance(m[field], numbers.Integral)
-            if value is not None and (value != m[field] or integral[0] != integral[1]):  # rank 1 ≠ 1.0 here
+            if value is not None and (value != m[field] or type(value) is not type(m[field])):  # rank 1 ≠ 1.0
                 raise TSVInputError(f"task store {self.path}: {field}={value!r} differs from the store's "
                                     f"{m[field]!r} (fixed when the store was created)")
 
