@@ -172,8 +172,6 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
     "ns": ("exact, Newton–Schulz polar", {"solver": "exact", "polar": "newton-schulz"}),
     "eigh-polar": ("exact, eigh polar", {"solver": "exact", "polar": "eigh"}),
     "subspace-power": ("exact via subspace iteration, power steps", {"solver": "subspace"}),
-    "solver-eigh": ("exact's eigh route (a float64 eigh per matrix)", {"solver": "eigh"}),
-    "solver-subspace": ("exact's subspace route (Chebyshev subspace iteration)", {"solver": "subspace"}),
     "e-shape": ("randomized, shape batches", {"solver": "randomized", "batch": "shape"}),
     "work-half": ("exact, float64 work of half the batch's bytes at a time", {"solver": "exact"}),
     "work-quarter": ("exact, float64 work of a quarter of the batch's bytes at a time", {"solver": "exact"}),

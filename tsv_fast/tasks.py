@@ -208,10 +208,11 @@ def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
 
     A NaN or Inf element makes a tensor's 2-norm non-finite, and the multi-tensor norm finds
     those of all the tensors of one dtype in a few GPU launches, without temporaries the size
-    of the tensors (on a CPU 7–21× faster than ``isfinite().all()`` by dtype, BENCHMARKS.md). A finite tensor's 2-norm
-    can overflow too (values of ~1e19 in float32, the accumulation dtype of 16-bit ones), so the
-    tensors it flags are decided by their largest magnitude (the ∞-norm: it cannot overflow,
-    but is as slow as ``isfinite``), a second sync only where some norm was not finite."""
+    of the tensors (on a CPU 7–21× faster than ``isfinite().all()`` by dtype, BENCHMARKS.md).
+    A finite tensor's 2-norm can overflow too (values of ~1e19 in float32, the accumulation
+    dtype of 16-bit ones), so the tensors it flags are decided by their largest magnitude (the
+    ∞-norm: it cannot overflow, but is as slow as ``isfinite``), a second sync only where some
+    norm was not finite."""
     flagged = _nonfinite_norms(tensors, range(len(tensors)), 2)
     return _nonfinite_norms(tensors, flagged, math.inf) if flagged else []
 
