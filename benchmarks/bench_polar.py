@@ -1,6 +1,7 @@
 """TSV-M's polar factors: float64 eigh, the coupled Gram-side Newton–Schulz iteration (session 5's),
-Newton–Schulz on the Cholesky factor with XᵀX as one GEMM (sessions 6–7) and from its upper
-blocks (now), side by side on the same concatenations.
+Newton–Schulz on the Cholesky factor with XᵀX as one GEMM (sessions 6–7), from its upper
+blocks (sessions 8–11), and that after a scaled Newton step from L⁻¹ (now), side by side on the
+same concatenations.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_polar.py --shapes 768x768:8 1024x1024:20
 
@@ -71,6 +72,15 @@ def full_gemm_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):
         tsv.symmetric_gram = symmetric_gram
 
 
+def cubic_only_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8, info=None):
+    """Sessions 8–11: the scaled cubic steps from Lᵀ itself, without the Newton start."""
+    tsv.NEWTON_START = False
+    try:
+        return tsv.newton_schulz_whitening(G, rcond, bound_sq, tol, check, info)
+    finally:
+        tsv.NEWTON_START = True
+
+
 class GemmWork(TorchDispatchMode):
     """Arithmetic of the matrix products, in units of one c×c×c product per matrix."""
 
@@ -103,9 +113,10 @@ def main() -> None:
     print(run_line(where, f"{args.batch} keys at once, best of {args.repeat}") + "\n")
     routes = [("coupled NS (session 5)", coupled_newton_schulz),
               ("Cholesky-factor NS, XᵀX one GEMM (sessions 6–7)", full_gemm_newton_schulz),
-              ("Cholesky-factor NS, XᵀX from upper blocks (now)", tsv.newton_schulz_whitening)]
-    print("| U (per key) | σmin/σmax | eigh | " + " | ".join(name for name, _ in routes) + " | sessions 6–7 ÷ now | "
-          "steps | products, in c³ units | max error vs eigh | checks passed |")
+              ("Cholesky-factor NS, XᵀX from upper blocks (session 8–11)", cubic_only_newton_schulz),
+              ("the same after a scaled Newton step from L⁻¹ (now)", tsv.newton_schulz_whitening)]
+    print("| U (per key) | σmin/σmax | eigh | " + " | ".join(name for name, _ in routes) + " | sessions 8–11 ÷ now | "
+          "steps (8–11 → now) | products, in c³ units | max error vs eigh | checks passed |")
     print("|---|---|---|" + "---|" * len(routes) + "---|---|---|---|---|")
     rcond = tsv.WHITENING_RCOND
     for spec in args.shapes:
@@ -129,10 +140,11 @@ def main() -> None:
             counts.append(f"{counter.units:.1f}")
             errors.append(f"{float((X @ W - truth).abs().amax()):.1e}")
             passed.append(f"{int(ok.sum())}/{ok.numel()}")
-        info = {}
+        before, info = {}, {}
+        cubic_only_newton_schulz(G, rcond, float(T), info=before)
         tsv.newton_schulz_whitening(G, rcond, float(T), info=info)
         print(f"| {m}×{c} (T = {T}) | {cond:.1e} | {t_eigh:.3f} s | " + " | ".join(f"{t:.3f} s" for t in times)
-              + f" | **{times[1] / times[2]:.2f}×** | {info['steps']} | {' / '.join(counts)} | "
+              + f" | **{times[2] / times[3]:.2f}×** | {before['steps']} → {info['steps']} | {' / '.join(counts)} | "
               f"{' / '.join(errors)} | {' / '.join(passed)} |", flush=True)
 
 

@@ -190,8 +190,43 @@ def test_newton_schulz_takes_the_scaled_steps_on_an_ill_conditioned_square_conca
     X = (P * torch.logspace(0, -4, n, dtype=torch.float64)) @ Q.T
     info = {}
     W, ok = newton_schulz_whitening(X.T @ X, 1e-6, 1.0, info=info)  # plain: ≥ log(1e4)/log(1.5) = 23
-    assert bool(ok) and info["steps"] <= 16
+    # scaled cubic steps alone: 16; after the Newton start (κ 1e4 → ~50): 9
+    assert bool(ok) and info["newton"] == 1 and info["steps"] <= 10
     np.testing.assert_allclose((X @ W).numpy(), ref.whiten(X.numpy()), atol=1e-8)
+
+
+@pytest.mark.parametrize("spectrum", ["power", "cluster", "tall-concatenation", "tiny"])
+def test_newton_start_keeps_the_polar_factor_and_the_interval_it_promises(spectrum):
+    """The scaled Newton step from Cholesky's L⁻¹: X₁ has Lᵀ's polar factor (float64 SVD of
+    each), its singular values lie in the promised ``[lower, 1]``, and it is offered only where
+    σmin(Lᵀ) ≥ 2·rcond is proven (a near-duplicated direction at 1e-7 must not be lifted)."""
+    import tsv_fast.tsv as tsv_module
+
+    gen = torch.Generator().manual_seed(31)
+    n, rcond = 60, 1e-7
+    P = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    if spectrum == "tall-concatenation":
+        T, k = 6, 10
+        X = _tsv_concatenation(3 * n, n, T, k, gen)
+    else:
+        s = {"power": torch.logspace(0, -4, n, dtype=torch.float64),
+             "cluster": torch.cat([torch.ones(n - 12, dtype=torch.float64), torch.full((12,), 3e-5, dtype=torch.float64)]),
+             "tiny": torch.cat([torch.logspace(0, -2, n - 1, dtype=torch.float64), torch.tensor([1e-7], dtype=torch.float64)]),
+             }[spectrum]
+        X = (P * s) @ Q.T
+    Y = X.mT @ X / (torch.linalg.matrix_norm(X, 2) ** 2 * (1 + 1e-6))
+    L, Linv, factored = tsv_module.cholesky_inverse_factor(Y[None])
+    X1, lower, usable = tsv_module.newton_start(L, Linv, factored, rcond)
+    sv = torch.linalg.svdvals(L[0].mT)
+    assert bool(usable[0]) == (spectrum != "tiny")
+    if usable[0]:
+        assert sv[-1] >= 2 * rcond
+        s1 = torch.linalg.svdvals(X1[0])
+        assert s1[-1] >= lower[0] * (1 - 1e-9) and s1[0] <= 1
+        assert lower[0] > 3 * sv[-1]  # closer to convergence than Lᵀ itself (1e-4 → 1.4e-2 for "power")
+        np.testing.assert_allclose(tsv_module.polar_factor(X1[0]).numpy(), tsv_module.polar_factor(L[0].mT).numpy(),
+                                   atol=1e-9)
 
 
 def _tsv_concatenation(m, n, T, k, gen, shared=0.9):
@@ -233,7 +268,8 @@ def test_newton_schulz_whitens_tsv_concatenations_like_the_svd_in_two_products_a
         P, sv, Qh = np.linalg.svd(x.numpy(), full_matrices=False)
         assert sv[-1] / sv[0] < 0.02  # scaled steps needed (square: 5e-4)
         np.testing.assert_allclose((x @ w).numpy(), P @ Qh, atol=1e-9)
-    assert info["steps"] >= 6 and counter.units <= 2 * info["steps"] + 4, (counter.units, info["steps"])
+    extra = 1 if info["newton"] else 0  # the Newton start's XᵀX
+    assert info["steps"] >= 4 and counter.units <= 2 * info["steps"] + 4 + extra, (counter.units, info)
 
 
 def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_still_refuses(monkeypatch):
