@@ -532,3 +532,16 @@ def test_bad_input_raises_tsv_input_error(setup, tmp_path):
     for alpha in ("x", float("nan"), float("inf"), None):
         with pytest.raises(TSVInputError, match="alpha must be a finite number"):
             mt.merge(["t0", "t1"], alpha)
+
+
+def test_dense_delta_on_a_matrix_key_is_refused_not_ignored():
+    """The forward applies a matrix key's delta only from U, S, V: a task holding it dense
+    (``key::delta`` in a store file) used to be served as if that delta were zero."""
+    model = tiny_clip(seed=18)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    task = tsv_fast.CompressedTask("dense", {}, {key: 0.1 * torch.randn(base[key].shape)})
+    x = torch.randn(2, 3, 64, 64)
+    assert rel(encode64(model, base, task, x), encode64(model, base, None, x)) > 1e-3  # the delta matters
+    with pytest.raises(TSVInputError, match=f"task 'dense': matrix key.*{key}.*dense delta"):
+        MultiTaskModel(model, [task])

@@ -451,6 +451,11 @@ class MultiTaskModel(nn.Module):
         if name in self._tasks:
             raise TSVInputError(f"two tasks named {name!r}")
         as_sources(self._base, [task], [name])  # keys, shapes, finiteness against the model
+        # The forward reads a matrix key's delta only from its factors: a dense one would be ignored.
+        dense = [k for k in task.deltas if k.startswith(self.adapter.prefix) and is_matrix_key(k, self._base[k])]
+        if dense:
+            raise TSVInputError(f"task {name!r}: matrix key(s) {dense[:3]} hold a dense delta; MultiTaskModel "
+                                f"serves matrix keys only as U, S, V factors (compress the task)")
         self._packed.clear()  # the tables cover every task: rebuilt on next use
         self._tasks[name] = _converted(task, lambda t: t.to(device), name)
 
