@@ -545,3 +545,16 @@ def test_dense_delta_on_a_matrix_key_is_refused_not_ignored():
     assert rel(encode64(model, base, task, x), encode64(model, base, None, x)) > 1e-3  # the delta matters
     with pytest.raises(TSVInputError, match=f"task 'dense': matrix key.*{key}.*dense delta"):
         MultiTaskModel(model, [task])
+
+
+def test_merge_compressed_keeps_matrix_keys_held_as_dense_deltas():
+    """A matrix key that every task holds as a dense delta used to be skipped (base kept);
+    merge_layers factorises it. Reference: float64 TSV-M from the definition."""
+    model = tiny_clip(seed=19)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    gen = torch.Generator().manual_seed(0)
+    tasks = [tsv_fast.CompressedTask(f"d{i}", {}, {key: 0.1 * torch.randn(base[key].shape, generator=gen)})
+             for i in range(2)]
+    merged = merge_compressed(base, tasks)
+    _check_merge(base, merged.apply(base), merge64(base, [deltas64(t, base) for t in tasks]))

@@ -75,8 +75,8 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
         if not b.is_floating_point():
             continue
         if is_matrix_key(key, b):
-            if not any(t.factors.get(key) is not None for t in tasks):
-                continue  # zero delta in every task
+            if not any(t.factors.get(key) is not None or key in t.deltas for t in tasks):
+                continue  # zero delta in every task (a dense delta is factorised by task_factors)
             k = resolve_rank(b.shape, None, T)
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
