@@ -558,3 +558,19 @@ def test_merge_compressed_keeps_matrix_keys_held_as_dense_deltas():
              for i in range(2)]
     merged = merge_compressed(base, tasks)
     _check_merge(base, merged.apply(base), merge64(base, [deltas64(t, base) for t in tasks]))
+
+
+def test_default_merge_ids_of_different_tasks_differ():
+    """Store names may contain '+': the merges of ["a+b", "c"] and ["a", "b+c"] used to get one
+    id, so the second merge was refused ("two tasks named ...")."""
+    model = tiny_clip(seed=20)
+    base, fts = finetune(model, 4, seed=21)
+    names = ["a+b", "c", "a", "b+c"]
+    tasks = compress(base, fts, names=names)
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    first, second = mt.merge(["a+b", "c"]), mt.merge(["a", "b+c"])
+    assert first != second and mt.merge(["a", "b+c"]) == second  # cached
+    assert mt.merge(["a", "c"]) == "tsv-m(a+c)"  # plain names as before
+    by = dict(zip(names, tasks))
+    for mid, pair in [(first, ["a+b", "c"]), (second, ["a", "b+c"])]:
+        _check_merge(base, mt.state_dict_for(mid), merge64(base, [deltas64(by[n], base) for n in pair]))

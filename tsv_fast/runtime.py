@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -554,7 +555,8 @@ class MultiTaskModel(nn.Module):
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
         """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
         or put in ``task_ids``: ``name``, or by default ``tsv-m(a+b)@alpha`` (alpha's full
-        repr, so that distinct alphas never share an id). Cached by ``(names, alpha, name)``."""
+        repr, so that distinct alphas never share an id; names other than letters, digits and
+        ``._-`` in quotes). Cached by ``(names, alpha, name)``."""
         if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
             raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
@@ -564,7 +566,10 @@ class MultiTaskModel(nn.Module):
         if cache_key in self._merges:
             return self._merges[cache_key]
         tasks = [self.task(n) for n in names]
-        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
+        # a name with '+' (valid in a store), parentheses or quotes is quoted: ["a+b", "c"] and
+        # ["a", "b+c"] must not share an id
+        parts = (n if re.fullmatch(r"[A-Za-z0-9._-]+", n) else repr(n) for n in names)
+        merged_id = name or ("tsv-m(" + "+".join(parts) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
         merged = merge_compressed(self._base, tasks, alpha, merged_id)
         self._add_task(merged_id, merged, self.adapter.device)
         self._merges[cache_key] = merged_id
