@@ -532,3 +532,45 @@ def test_bad_input_raises_tsv_input_error(setup, tmp_path):
     for alpha in ("x", float("nan"), float("inf"), None):
         with pytest.raises(TSVInputError, match="alpha must be a finite number"):
             mt.merge(["t0", "t1"], alpha)
+
+
+def test_dense_delta_on_a_matrix_key_is_refused_not_ignored():
+    """The forward applies a matrix key's delta only from U, S, V: a task holding it dense
+    (``key::delta`` in a store file) used to be served as if that delta were zero."""
+    model = tiny_clip(seed=18)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    task = tsv_fast.CompressedTask("dense", {}, {key: 0.1 * torch.randn(base[key].shape)})
+    x = torch.randn(2, 3, 64, 64)
+    assert rel(encode64(model, base, task, x), encode64(model, base, None, x)) > 1e-3  # the delta matters
+    with pytest.raises(TSVInputError, match=f"task 'dense': matrix key.*{key}.*dense delta"):
+        MultiTaskModel(model, [task])
+
+
+def test_merge_compressed_keeps_matrix_keys_held_as_dense_deltas():
+    """A matrix key that every task holds as a dense delta used to be skipped (base kept);
+    merge_layers factorises it. Reference: float64 TSV-M from the definition."""
+    model = tiny_clip(seed=19)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    gen = torch.Generator().manual_seed(0)
+    tasks = [tsv_fast.CompressedTask(f"d{i}", {}, {key: 0.1 * torch.randn(base[key].shape, generator=gen)})
+             for i in range(2)]
+    merged = merge_compressed(base, tasks)
+    _check_merge(base, merged.apply(base), merge64(base, [deltas64(t, base) for t in tasks]))
+
+
+def test_default_merge_ids_of_different_tasks_differ():
+    """Store names may contain '+': the merges of ["a+b", "c"] and ["a", "b+c"] used to get one
+    id, so the second merge was refused ("two tasks named ...")."""
+    model = tiny_clip(seed=20)
+    base, fts = finetune(model, 4, seed=21)
+    names = ["a+b", "c", "a", "b+c"]
+    tasks = compress(base, fts, names=names)
+    mt = MultiTaskModel(model, tasks, strategy="lowrank")
+    first, second = mt.merge(["a+b", "c"]), mt.merge(["a", "b+c"])
+    assert first != second and mt.merge(["a", "b+c"]) == second  # cached
+    assert mt.merge(["a", "c"]) == "tsv-m(a+c)"  # plain names as before
+    by = dict(zip(names, tasks))
+    for mid, pair in [(first, ["a+b", "c"]), (second, ["a", "b+c"])]:
+        _check_merge(base, mt.state_dict_for(mid), merge64(base, [deltas64(by[n], base) for n in pair]))

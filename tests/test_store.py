@@ -241,3 +241,31 @@ def test_manifest_is_readable_by_others(tmp_path, base):
     finally:
         os.umask(old)
     assert (tmp_path / "s" / MANIFEST).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_add_or_remove_writes_nothing_and_keeps_the_store_as_on_disk(tmp_path, base, finetuned,
+                                                                            monkeypatch):
+    """The task file is written before the manifest: an ``info`` that JSON cannot hold (a Path)
+    or a failed manifest write used to leave an orphan task file, and a store object listing a
+    task (or missing one) that the manifest on disk does not."""
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    with pytest.raises(TSVInputError, match="task 'b': info must be JSON-able"):
+        store.add("b", finetuned[1], info={"source": tmp_path / "b.safetensors"})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before and store.names() == ["a"]
+
+    real_write = store_mod._write
+
+    def manifest_fails(path, write):
+        if path.name == MANIFEST:
+            raise OutputError(f"{path}: cannot write: disk full")
+        real_write(path, write)
+
+    monkeypatch.setattr(store_mod, "_write", manifest_fails)
+    with pytest.raises(OutputError, match="disk full"):
+        store.add("b", finetuned[1])
+    with pytest.raises(OutputError, match="disk full"):
+        store.remove("a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    assert store.names() == TaskStore(tmp_path / "s").names() == ["a"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -75,8 +76,8 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
         if not b.is_floating_point():
             continue
         if is_matrix_key(key, b):
-            if not any(t.factors.get(key) is not None for t in tasks):
-                continue  # zero delta in every task
+            if not any(t.factors.get(key) is not None or key in t.deltas for t in tasks):
+                continue  # zero delta in every task (a dense delta is factorised by task_factors)
             k = resolve_rank(b.shape, None, T)
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
@@ -451,6 +452,11 @@ class MultiTaskModel(nn.Module):
         if name in self._tasks:
             raise TSVInputError(f"two tasks named {name!r}")
         as_sources(self._base, [task], [name])  # keys, shapes, finiteness against the model
+        # The forward reads a matrix key's delta only from its factors: a dense one would be ignored.
+        dense = [k for k in task.deltas if k.startswith(self.adapter.prefix) and is_matrix_key(k, self._base[k])]
+        if dense:
+            raise TSVInputError(f"task {name!r}: matrix key(s) {dense[:3]} hold a dense delta; MultiTaskModel "
+                                f"serves matrix keys only as U, S, V factors (compress the task)")
         self._packed.clear()  # the tables cover every task: rebuilt on next use
         self._tasks[name] = _converted(task, lambda t: t.to(device), name)
 
@@ -549,7 +555,8 @@ class MultiTaskModel(nn.Module):
     def merge(self, names: Sequence[str], alpha: float = 1.0, *, name: str | None = None) -> str:
         """TSV-M of stored tasks (or merges) from their factors; returns the id to ``select``
         or put in ``task_ids``: ``name``, or by default ``tsv-m(a+b)@alpha`` (alpha's full
-        repr, so that distinct alphas never share an id). Cached by ``(names, alpha, name)``."""
+        repr, so that distinct alphas never share an id; names other than letters, digits and
+        ``._-`` in quotes). Cached by ``(names, alpha, name)``."""
         if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
             raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
@@ -559,7 +566,10 @@ class MultiTaskModel(nn.Module):
         if cache_key in self._merges:
             return self._merges[cache_key]
         tasks = [self.task(n) for n in names]
-        merged_id = name or ("tsv-m(" + "+".join(names) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
+        # a name with '+' (valid in a store), parentheses or quotes is quoted: ["a+b", "c"] and
+        # ["a", "b+c"] must not share an id
+        parts = (n if re.fullmatch(r"[A-Za-z0-9._-]+", n) else repr(n) for n in names)
+        merged_id = name or ("tsv-m(" + "+".join(parts) + ")" + ("" if alpha == 1.0 else f"@{alpha!r}"))
         merged = merge_compressed(self._base, tasks, alpha, merged_id)
         self._add_task(merged_id, merged, self.adapter.device)
         self._merges[cache_key] = merged_id

@@ -217,9 +217,13 @@ class TaskStore:
             raise TSVInputError(f"task store {self.path} was built from a different base: fingerprint "
                                 f"{got[:12]}… of the given base vs {stored[:12]}… in {MANIFEST}{hint}")
 
-    def _write_manifest(self) -> None:
-        text = json.dumps(self._manifest, indent=1)
+    def _write_manifest(self, manifest: dict | None = None) -> None:
+        """Write ``manifest`` (default: the current one), and only then adopt it, so that a
+        failed write leaves the in-memory manifest equal to the one on disk."""
+        manifest = self._manifest if manifest is None else manifest
+        text = json.dumps(manifest, indent=1)
         _write(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        self._manifest = manifest
 
     @property
     def manifest(self) -> dict:
@@ -277,6 +281,10 @@ class TaskStore:
         if name in self.names() and not overwrite:
             raise TSVInputError(f"task store {self.path}: a task named {name!r} exists; remove it first or "
                                 f"pass overwrite=True")
+        try:  # checked before any write: the manifest is written after the task file
+            json.dumps(info)
+        except (TypeError, ValueError) as e:
+            raise TSVInputError(f"task {name!r}: info must be JSON-able (str, numbers, lists, dicts): {e}") from None
         dtype = self.dtype
         if isinstance(task, CompressedTask):
             if rank is not None:
@@ -296,15 +304,18 @@ class TaskStore:
                  "ranks": {k: ct.rank(k) for k in ct.factors}, "deltas": sorted(ct.deltas),
                  "dtype": _dtype_name(dtype), **({"info": info} if info else {})}
         tasks = [e for e in self._manifest["tasks"] if e["name"] != name]
-        self._manifest["tasks"] = tasks + [entry]
-        self._write_manifest()
+        try:
+            self._write_manifest({**self._manifest, "tasks": tasks + [entry]})
+        except BaseException:
+            if len(tasks) == len(self._manifest["tasks"]):  # a new name: no entry points at the file
+                (self.path / file).unlink(missing_ok=True)
+            raise
         return dict(entry)
 
     def remove(self, name: str) -> None:
         """Forget ``name``: the manifest entry goes first (atomic rewrite), then the file."""
         entry = self._entry(name)
-        self._manifest["tasks"] = [e for e in self._manifest["tasks"] if e["name"] != name]
-        self._write_manifest()
+        self._write_manifest({**self._manifest, "tasks": [e for e in self._manifest["tasks"] if e["name"] != name]})
         try:
             (self.path / entry["file"]).unlink()
         except FileNotFoundError:
