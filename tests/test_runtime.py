@@ -571,6 +571,8 @@ def test_default_merge_ids_of_different_tasks_differ():
     first, second = mt.merge(["a+b", "c"]), mt.merge(["a", "b+c"])
     assert first != second and mt.merge(["a", "b+c"]) == second  # cached
     assert mt.merge(["a", "c"]) == "tsv-m(a+c)"  # plain names as before
+    with pytest.raises(TSVInputError, match=r"\['a'\] named more than once"):
+        mt.merge(["a", "c", "a"])  # a task merged with itself: a mistake, refused
     by = dict(zip(names, tasks))
     for mid, pair in [(first, ["a+b", "c"]), (second, ["a", "b+c"])]:
         _check_merge(base, mt.state_dict_for(mid), merge64(base, [deltas64(by[n], base) for n in pair]))

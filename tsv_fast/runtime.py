@@ -559,6 +559,9 @@ class MultiTaskModel(nn.Module):
         ``._-`` in quotes). Cached by ``(names, alpha, name)``."""
         if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
             raise TSVInputError(f"merge needs a non-empty list of task names, got {names!r}")
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise TSVInputError(f"merge: task(s) {twice} named more than once in {list(names)}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise TSVInputError(f"merge: alpha must be a finite number, got {alpha!r}")
         alpha = float(alpha)
