@@ -451,3 +451,11 @@ def test_default_shard_size_limits_folders_only(work, capsys, monkeypatch):
     # a limit given for one file: the dry run refuses it as the real run does
     run("merge", *TASKS, "-o", "s.safetensors", "--max-shard-size", "100KB", "--dry-run", expect=2)
     _one_line_error(capsys, "s.safetensors: the output (596.0 KiB) is larger than the shard limit")
+
+
+@pytest.mark.parametrize("flag, value, problem", [("--solver", "foo", "unknown solver 'foo'"),
+                                                  ("--device", "tpu", "unknown device 'tpu'"),
+                                                  ("--energy", "1.5", "--energy: expected a share in (0, 1]")])
+def test_compress_dry_run_checks_the_settings(work, capsys, flag, value, problem):
+    run("compress", *TASKS, "--dry-run", flag, value, expect=2)  # as the real run does
+    _one_line_error(capsys, problem)

@@ -495,6 +495,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      records=RECORDS)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_floating_keys(base, args.include, args.exclude, "compress")
+    if args.energy is not None and not 0 < args.energy <= 1:  # settings too: a dry run that passes must run
+        raise UsageError(f"--energy: expected a share in (0, 1], got {args.energy}")
+    solver = args.solver or "exact"
+    get_solver(solver)
+    device = _device(args.device or "auto")
     if args.dry_run:
         _compress_plan(base, tasks, selected, rank, args.energy, T, dtype, store, args.overwrite)
         return 0
@@ -502,8 +507,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError("compress needs -o STORE (or --dry-run)")
     start = time.perf_counter()
     compressed = compress(base, tasks, rank, energy=args.energy, num_tasks=args.num_tasks, names=names,
-                          include=args.include, exclude=args.exclude, solver=args.solver or "exact",
-                          factor_dtype=dtype, device=_device(args.device or "auto"), progress=_progress(args))
+                          include=args.include, exclude=args.exclude, solver=solver,
+                          factor_dtype=dtype, device=device, progress=_progress(args))
     with staged_output(store, folder=True, overwrite=args.overwrite) as stage:
         # The store format of tsv_fast.TaskStore (manifest with the base fingerprint), so
         # TaskStore / MultiTaskModel open what this command writes.
