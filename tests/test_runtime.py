@@ -356,6 +356,17 @@ def test_export_peft_failure_leaves_no_half_adapter(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 5
 
 
+def test_export_peft_to_a_file_is_refused_naming_it(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ct = compress(base, [{**base, "0.weight": base["0.weight"] + torch.randn(40, 24)}], rank=3)[0]
+    (tmp_path / "file").write_text("mine")
+    for overwrite in (False, True):  # was a bare NotADirectoryError
+        with pytest.raises(TSVInputError, match="file: exists and is not a folder"):
+            export_peft(ct, tmp_path / "file", model, overwrite=overwrite)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_peft_loads_the_exported_adapter(setup, tmp_path):
     """PEFT itself reads the adapter: merged into a base model, it adds exactly U diag(S) Vᵀ to every
     exported nn.Linear weight and leaves every other weight alone."""

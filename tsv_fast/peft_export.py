@@ -60,6 +60,8 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
     effect once the adapter is merged into the weights (e.g. PEFT's ``merge_and_unload``).
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TSVInputError(f"{folder}: exists and is not a folder; give a folder for the adapter")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise TSVInputError(f"{folder} exists and is not empty; pass overwrite=True to replace the adapter in it")
     modules = dict(model.named_modules())
