@@ -434,3 +434,28 @@ def test_quiet_keeps_warnings(work, capsys):
     torch.save(torch.nn.Linear(2, 2), work / "model.pt")
     run("inspect", "model.pt", "--unsafe-pickle", "-q")
     assert "tsv-fast: warning: model.pt: loading with weights_only=False" in capsys.readouterr().err
+
+
+def test_default_shard_size_limits_folders_only(work, capsys, monkeypatch):
+    limits = []
+    write = cli.write_safetensors
+
+    def spy(out, *args, **kwargs):
+        limits.append(kwargs["max_shard_bytes"])
+        return write(out, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "write_safetensors", spy)
+    run("merge", *TASKS, "-o", "m.safetensors", "-q")  # a 6 GB model must not be refused by a flag not given
+    run("merge", *TASKS, "-o", "folder", "-q")
+    assert limits == [None, writer.parse_size(cli.DEFAULT_SHARD_SIZE)]
+    # a limit given for one file: the dry run refuses it as the real run does
+    run("merge", *TASKS, "-o", "s.safetensors", "--max-shard-size", "100KB", "--dry-run", expect=2)
+    _one_line_error(capsys, "s.safetensors: the output (596.0 KiB) is larger than the shard limit")
+
+
+@pytest.mark.parametrize("flag, value, problem", [("--solver", "foo", "unknown solver 'foo'"),
+                                                  ("--device", "tpu", "unknown device 'tpu'"),
+                                                  ("--energy", "1.5", "--energy: expected a share in (0, 1]")])
+def test_compress_dry_run_checks_the_settings(work, capsys, flag, value, problem):
+    run("compress", *TASKS, "--dry-run", flag, value, expect=2)  # as the real run does
+    _one_line_error(capsys, problem)

@@ -249,6 +249,18 @@ def test_malformed_index_is_refused(tmp_path, weight_map, problem):
         open_checkpoint(tmp_path / "hf")
 
 
+def test_sharded_pytorch_checkpoint_is_refused_as_such(tmp_path, small_base):
+    """Hugging Face's pytorch_model.bin.index.json: its valid .bin shards are not "corrupt safetensors"."""
+    (tmp_path / "hf").mkdir()
+    torch.save(small_base, tmp_path / "hf" / "pytorch_model-00001-of-00001.bin")
+    weight_map = dict.fromkeys(small_base, "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for given in (tmp_path / "hf", tmp_path / "hf" / "pytorch_model.bin.index.json"):
+        with pytest.raises(CheckpointError, match="pytorch_model.bin.index.json: lists PyTorch shards "
+                                                  r"\(pytorch_model-00001-of-00001.bin, ...\): sharded PyTorch"):
+            open_checkpoint(given)
+
+
 def test_state_dict_with_a_non_string_key(tmp_path):
     torch.save({0: torch.ones(2)}, tmp_path / "intkey.pt")
     with pytest.raises(CheckpointError, match="intkey.pt: key 0 is not a string"):

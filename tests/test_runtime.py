@@ -327,6 +327,46 @@ def test_export_peft_keeps_float64_factors_exact(tmp_path):
     torch.testing.assert_close(B @ A, U @ torch.diag(S) @ V.T, rtol=0, atol=1e-13)
 
 
+def test_export_peft_failure_leaves_no_half_adapter(tmp_path, monkeypatch):
+    """The weights were moved in before the config was written: a failure there left a folder with
+    weights and no config, or (overwriting) new weights beside the old adapter's config."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cts = [compress(base, [{**base, "0.weight": base["0.weight"] + torch.randn(40, 24)}], rank=k)[0] for k in (3, 5)]
+    write_text = type(tmp_path).write_text
+
+    def full_disk(self, *args, **kwargs):
+        if "adapter_config.json" in self.name:
+            raise OSError(28, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(tmp_path), "write_text", full_disk)
+        with pytest.raises(Exception, match="No space left"):
+            export_peft(cts[0], tmp_path / "new" / "lora", model)
+    assert list(tmp_path.iterdir()) == []  # nothing written, the folders it made removed
+    export_peft(cts[0], tmp_path / "lora", model)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(type(tmp_path), "write_text", full_disk)
+        with pytest.raises(Exception, match="No space left"):
+            export_peft(cts[1], tmp_path / "lora", model, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == before  # the old adapter, whole
+    export_peft(cts[1], tmp_path / "lora", model, overwrite=True)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 5
+
+
+def test_export_peft_to_a_file_is_refused_naming_it(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ct = compress(base, [{**base, "0.weight": base["0.weight"] + torch.randn(40, 24)}], rank=3)[0]
+    (tmp_path / "file").write_text("mine")
+    for overwrite in (False, True):  # was a bare NotADirectoryError
+        with pytest.raises(TSVInputError, match="file: exists and is not a folder"):
+            export_peft(ct, tmp_path / "file", model, overwrite=overwrite)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_peft_loads_the_exported_adapter(setup, tmp_path):
     """PEFT itself reads the adapter: merged into a base model, it adds exactly U diag(S) Vᵀ to every
     exported nn.Linear weight and leaves every other weight alone."""

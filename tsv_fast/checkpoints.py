@@ -221,6 +221,9 @@ def _resolve(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return "safetensors", found, None
+        indexes = sorted(path.glob("*.index.json"))
+        if not found and len(indexes) == 1:  # e.g. pytorch_model.bin.index.json: refused, naming why
+            return _resolve(indexes[0])
         what = f"{len(found)} .safetensors files" if found else "no .safetensors file"
         raise CheckpointError(f"{path}: folder has no {INDEX_NAME} and {what}; give the file itself")
     if path.name.endswith(".index.json"):
@@ -235,6 +238,9 @@ def _resolve(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
             if not is_plain_file_name(name):
                 raise CheckpointError(f"{path}: {key}: shard {name!r} is not a file name in the index's folder")
         files = [path.parent / name for name in dict.fromkeys(weight_map.values())]
+        if torch_shards := [f for f in files if f.suffix in TORCH_SUFFIXES]:
+            raise CheckpointError(f"{path}: lists PyTorch shards ({torch_shards[0].name}, ...): sharded PyTorch "
+                                  f"checkpoints are not supported; convert the shards to safetensors")
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: shard listed in {path} is missing")

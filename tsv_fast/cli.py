@@ -164,7 +164,7 @@ class MergeJob:
     include: list[str] | None = None
     exclude: list[str] | None = None
     prefix: str | None = None
-    max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
+    max_shard_size: int | None = None  # None: DEFAULT_SHARD_SIZE for a folder, no limit for one file
     overwrite: bool = False
     unsafe_pickle: bool = False
     dry_run: bool = False
@@ -387,6 +387,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                      ranks_per_task=ranks, solver=job.solver, dtype=job.dtype, include=job.include,
                      exclude=job.exclude, prefix=job.prefix,
                      inputs={"base": _input_record([job.base])[0], "tasks": _input_record(job.tasks)})
+    single = job.output is not None and job.output.suffix == ".safetensors"
+    if job.max_shard_size is None and not single:  # the default limit shards folders, never refuses one file
+        job.max_shard_size = parse_size(DEFAULT_SHARD_SIZE)
     if job.dry_run:
         _merge_plan(args, job, base, tasks, entries, selected, ranks, alpha)
         return 0
@@ -436,6 +439,9 @@ def _merge_plan(args, job: MergeJob, base, tasks, entries, selected, ranks, alph
     largest = max((nbytes for _, nbytes in batches), default=0)
     size = sum(e.nbytes for e in entries)
     shards = plan_shards(entries, job.max_shard_size)
+    if len(shards) > 1 and job.output is not None and job.output.suffix == ".safetensors":
+        raise OutputError(f"{job.output}: the output ({human_size(size)}) is larger than the shard limit "
+                          f"({human_size(job.max_shard_size)}); give a folder as the output to write shards")
     ckpt = base.nbytes()
     print("tsv-fast merge: dry run (inputs checked from their headers; nothing merged or written)")
     print(f"  method   {job.method} ({get_method(job.method).summary}), alpha {alpha:g}"
@@ -489,6 +495,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      records=RECORDS)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_floating_keys(base, args.include, args.exclude, "compress")
+    if args.energy is not None and not 0 < args.energy <= 1:  # settings too: a dry run that passes must run
+        raise UsageError(f"--energy: expected a share in (0, 1], got {args.energy}")
+    solver = args.solver or "exact"
+    get_solver(solver)
+    device = _device(args.device or "auto")
     if args.dry_run:
         _compress_plan(base, tasks, selected, rank, args.energy, T, dtype, store, args.overwrite)
         return 0
@@ -496,8 +507,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError("compress needs -o STORE (or --dry-run)")
     start = time.perf_counter()
     compressed = compress(base, tasks, rank, energy=args.energy, num_tasks=args.num_tasks, names=names,
-                          include=args.include, exclude=args.exclude, solver=args.solver or "exact",
-                          factor_dtype=dtype, device=_device(args.device or "auto"), progress=_progress(args))
+                          include=args.include, exclude=args.exclude, solver=solver,
+                          factor_dtype=dtype, device=device, progress=_progress(args))
     with staged_output(store, folder=True, overwrite=args.overwrite) as stage:
         # The store format of tsv_fast.TaskStore (manifest with the base fingerprint), so
         # TaskStore / MultiTaskModel open what this command writes.
@@ -750,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default=None,
                        help="output dtype: float32, float16, bfloat16 or float64 (default: the base's)")
     merge.add_argument("--max-shard-size", default=None, help=f"shard a folder output above this (default "
-                                                              f"{DEFAULT_SHARD_SIZE})")
+                                                              f"{DEFAULT_SHARD_SIZE}); a .safetensors OUT "
+                                                              f"larger than a limit given here is refused")
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser("compress", parents=[common, reading, work, writing],

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import TSVInputError
-from .writer import atomic_write_file
+from .writer import staged_output
 from .tasks import CompressedTask, compute_dtype
 
 __all__ = ["export_peft", "PeftExport"]
@@ -60,6 +60,8 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
     effect once the adapter is merged into the weights (e.g. PEFT's ``merge_and_unload``).
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TSVInputError(f"{folder}: exists and is not a folder; give a folder for the adapter")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise TSVInputError(f"{folder} exists and is not empty; pass overwrite=True to replace the adapter in it")
     modules = dict(model.named_modules())
@@ -93,10 +95,11 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_file(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2)
-    atomic_write_file(folder / CONFIG, lambda tmp: Path(tmp).write_text(text))
+    # Both files are staged and moved in only when both are written: a failure leaves no half
+    # adapter (nor new weights beside an old config), and removes the folders it created.
+    with staged_output(folder / WEIGHTS, folder=False, overwrite=True) as stage:
+        save_file(tensors, stage / WEIGHTS, metadata={"format": "pt"})
+        (stage / CONFIG).write_text(json.dumps(config, indent=2))
     if skipped:
         warnings.warn(f"task {task.name!r}: {len(skipped)} key(s) are not nn.Linear weights and are not in the PEFT "
                       f"adapter (e.g. {skipped[:4]}); serve them with tsv_fast.MultiTaskModel or export the full "
