@@ -24,11 +24,12 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # measured batch2g, jacobi512/1024, start-rr, rr-tol0, ns-gemm: all now settled):
 #   jacobi256: 256 threads per Rayleigh–Ritz matrix (before session 11; now 512 above ℓ = 80);
 #   jacobi1024: 1024 threads; batch8g: 8 GiB shape batches; minp4: ≥ 4 products per step;
-#   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts)
-L14_VARIANTS="${L14_VARIANTS:-d,jacobi256,jacobi1024,batch8g,minp4,ell-k10}"
+#   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts);
+#   cubic-ns: Newton–Schulz without session 12's Newton start (measured on the CPU only so far)
+L14_VARIANTS="${L14_VARIANTS:-d,cubic-ns,jacobi256,jacobi1024,batch8g,minp4,ell-k10}"
 # route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
-B32_VARIANTS="${B32_VARIANTS:-d,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
+B32_VARIANTS="${B32_VARIANTS:-d,cubic-ns,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
 B32_BASELINES="${B32_BASELINES:-}"                # --no-baselines skips (b) and CuPy's (c)
 # B32_TRUTH (default 4: every block (a) runs on): blocks checked against the float64 ground truth (CPU)
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"  # absolute: the benchmark stages run in benchmarks/

@@ -459,3 +459,13 @@ def test_default_shard_size_limits_folders_only(work, capsys, monkeypatch):
 def test_compress_dry_run_checks_the_settings(work, capsys, flag, value, problem):
     run("compress", *TASKS, "--dry-run", flag, value, expect=2)  # as the real run does
     _one_line_error(capsys, problem)
+
+
+@pytest.mark.parametrize("options, problem", [(["--polar", "foo"], "tsv: polar must be one of"),
+                                              (["--method", "ties", "--density", "2"], "density must be in (0, 1]")])
+def test_merge_dry_run_checks_the_method_options(work, capsys, options, problem):
+    """Option values are checked with the inputs, before any key: a dry run that passes must run."""
+    run("merge", *TASKS, "-o", "m.safetensors", "--dry-run", *options, expect=2)
+    _one_line_error(capsys, problem)
+    run("merge", *TASKS, "-o", "m.safetensors", *options, expect=2)
+    assert not os.path.exists("m.safetensors")

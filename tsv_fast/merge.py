@@ -176,6 +176,9 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     if unknown:
         raise TSVInputError(f"method {method!r} has no option(s) {sorted(unknown)}; "
                             f"its options are {sorted(spec.options) or 'none'}")
+    options = {**spec.options, **options}
+    if spec.check_options is not None:
+        spec.check_options(options)
     get_solver(solver)
     sources = as_sources(base, tasks, names)
     selected = select_floating_keys(base, include, exclude, "merge")
@@ -183,7 +186,7 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
         alpha=spec.default_alpha if alpha is None else float(alpha),
         solver=solver,
         device=torch.device(device) if device is not None else None,
-        options={**spec.options, **options},
+        options=options,
     )
     return spec, sources, selected, ctx
 

@@ -7,6 +7,7 @@ handling, so a new method is a function and a registry entry.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from . import ops, solvers
 from .errors import TSVInputError
-from .keys import is_matrix_key, resolve_rank
+from .keys import check_rank, is_matrix_key, resolve_rank
 from .solvers import EXACT_SOLVERS
 from .tasks import TaskSource, compute_dtype, nonfinite, stack_deltas
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
@@ -51,6 +52,7 @@ class MergeMethod:
     summary: str
     merge_group: GroupMergeFn | None = None  # several same-shape matrix keys at once (batch="shape")
     merge_elementwise: GroupMergeFn | None = None  # keys merged elementwise (not merge_group's), at once
+    check_options: Callable[[dict], None] | None = None  # raises on bad values, before any key is merged
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
@@ -146,8 +148,6 @@ def merge_tsv_group(keys: Sequence[str], bases: Sequence[Tensor], sources: Seque
     per sub-batch: as many keys as keep the peak within ``PEAK_SHARE`` of the merge's largest
     shape batch (all of them at the benchmarks' T ≥ 8; fewer for T ≤ 4, where the float64
     whitening of each key outweighs its stacked deltas)."""
-    if ctx.options["polar"] not in POLAR_METHODS:
-        raise TSVInputError(f"tsv: polar must be one of {POLAR_METHODS}, got {ctx.options['polar']!r}")
     k = resolve_rank(bases[0].shape, ctx.options["rank"], len(sources))
     if k == 0:
         ctx.zero_rank_keys.extend(keys)
@@ -224,19 +224,29 @@ def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
 
 def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """TIES-merging, trimmed per key (as mergekit does), then ``θ0 + λ·merged``."""
-    density = ctx.options["density"]
-    if not 0 < density <= 1:
-        raise TSVInputError(f"ties: density must be in (0, 1], got {density}")
-    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), density), ctx.alpha)
+    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), ctx.options["density"]), ctx.alpha)
+
+
+def _check_tsv_options(options: dict) -> None:
+    if options["polar"] not in POLAR_METHODS:
+        raise TSVInputError(f"tsv: polar must be one of {POLAR_METHODS}, got {options['polar']!r}")
+    check_rank(options["rank"])
+
+
+def _check_ties_options(options: dict) -> None:
+    density = options["density"]
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+        raise TSVInputError(f"ties: density must be in (0, 1], got {density!r}")
 
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in [
         MergeMethod("tsv", merge_tsv, 1.0, {"rank": None, "polar": "auto"}, "TSV-M (Gargiulo et al., CVPR 2025)",
-                    merge_group=merge_tsv_group, merge_elementwise=merge_mean_group),
+                    merge_group=merge_tsv_group, merge_elementwise=merge_mean_group, check_options=_check_tsv_options),
         MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt",
                     merge_elementwise=merge_task_arithmetic_group),
-        MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)"),
+        MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)",
+                    check_options=_check_ties_options),
         MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging", merge_elementwise=merge_mean_group),
     ]
 }
