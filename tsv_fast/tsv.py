@@ -240,7 +240,10 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     last = len(a_rows)
     # the iterate and its Gram matrix (Lᵀ's is Y itself; I where Cholesky failed, so W stays finite)
     X, E = L.mT, torch.where(factored[..., None, None], Y, eye)
-    if any(bounds[1]):
+    if all(bounds[1]):  # the usual case: no selection
+        X = X1
+        E = symmetric_gram(X)
+    elif any(bounds[1]):
         X = torch.where(newton[..., None, None], X1, X)
         E = torch.where(newton[..., None, None], symmetric_gram(X), E)
     for step in range(last + 1):
