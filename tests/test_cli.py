@@ -469,3 +469,21 @@ def test_merge_dry_run_checks_the_method_options(work, capsys, options, problem)
     _one_line_error(capsys, problem)
     run("merge", *TASKS, "-o", "m.safetensors", *options, expect=2)
     assert not os.path.exists("m.safetensors")
+
+
+def test_interference_without_matplotlib_warns_in_the_cli_format(work, capsys, monkeypatch):
+    """The PNGs are optional: without matplotlib the run still succeeds, says so as a
+    'tsv-fast: warning:' line, and lists only the files it wrote."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    run("interference", *TASKS, "-o", "sti")
+    err = capsys.readouterr()
+    assert "tsv-fast: warning: matplotlib is not installed" in err.err
+    assert ".png" not in err.out and not [f for f in os.listdir("sti") if f.endswith(".png")]

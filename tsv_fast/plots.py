@@ -1,13 +1,13 @@
 """Figures of an STI report (:class:`tsv_fast.Interference`), as PNG files.
 
 matplotlib is optional (not an install requirement): every function returns the path
-it wrote, or None with a note on stderr when matplotlib is missing.
+it wrote, or None with a warning when matplotlib is missing.
 """
 
 from __future__ import annotations
 
 import re
-import sys
+import warnings
 from pathlib import Path
 
 from .interference import Interference, block_of
@@ -20,7 +20,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+        warnings.warn("matplotlib is not installed: no plot (pip install matplotlib)", stacklevel=3)
         return None
     return plt
 
