@@ -487,3 +487,18 @@ def test_interference_without_matplotlib_warns_in_the_cli_format(work, capsys, m
     err = capsys.readouterr()
     assert "tsv-fast: warning: matplotlib is not installed" in err.err
     assert ".png" not in err.out and not [f for f in os.listdir("sti") if f.endswith(".png")]
+
+
+@pytest.mark.parametrize("command", [["merge", *TASKS, "--method", "mean"], ["compress", *TASKS],
+                                     ["interference", *TASKS]])
+def test_a_folder_output_never_replaces_a_file_even_with_overwrite(work, capsys, command):
+    """``-o notes.txt --overwrite`` used to turn the user's file into an output folder."""
+    with open("notes.txt", "w") as f:
+        f.write("mine")
+    for extra in (["--overwrite"], ["--overwrite", "--dry-run"]):
+        if command[0] == "interference" and "--dry-run" in extra:
+            continue  # interference has no dry run
+        run(*command, "-o", "notes.txt", *extra, expect=2)
+        _one_line_error(capsys, "is a file, and this output is a folder")
+    with open("notes.txt") as f:
+        assert f.read() == "mine"

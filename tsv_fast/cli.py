@@ -377,7 +377,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if job.output is not None:
         record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
         check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite or job.dry_run,
-                     also=record_file, records=RECORDS)
+                     also=record_file, records=RECORDS, folder=not record_file)
     spec = get_method(job.method)
     alpha = spec.default_alpha if job.alpha is None else job.alpha
     selected = select_keys(base, job.include, job.exclude)
@@ -492,7 +492,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     store = Path(args.output) if args.output else None
     if store is not None:
         check_output(store, _input_files([base_path, *task_paths]), overwrite=args.overwrite or args.dry_run,
-                     records=RECORDS)
+                     records=RECORDS, folder=True)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_floating_keys(base, args.include, args.exclude, "compress")
     if args.energy is not None and not 0 < args.energy <= 1:  # settings too: a dry run that passes must run
@@ -574,7 +574,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
     base, tasks = _open_inputs(base_path, task_paths, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle,
                                min_tasks=2, command="interference")
     out = Path(args.output)
-    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite, records=RECORDS)
+    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite, records=RECORDS, folder=True)
     report = interference(base, tasks, names=[str(p) for p in task_paths], include=args.include,
                           exclude=args.exclude, solver=args.solver or "exact", device=_device(args.device or "auto"),
                           progress=_progress(args))

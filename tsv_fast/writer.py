@@ -86,12 +86,13 @@ def human_size(n: float) -> str:
 
 
 def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Sequence[Path] = (),
-                 records: Sequence[str] = ()) -> None:
+                 records: Sequence[str] = (), folder: bool = False) -> None:
     """Refuse, before any work, an output that is (or contains) an input, that exists without
     ``overwrite``, or whose folder cannot be written. ``also``: other paths the output will
     create (its JSON record). ``records``: file names that mark a folder as written by
     tsv-fast; with ``records`` given, a non-empty folder holding none of them is never
-    replaced (``-o ~ --overwrite`` must not delete a home folder)."""
+    replaced (``-o ~ --overwrite`` must not delete a home folder). A ``folder`` output never
+    replaces a file (``-o notes.txt --overwrite`` must not turn a user's file into a folder)."""
     target = out.resolve()
     for path in inputs:
         p = path.resolve()
@@ -102,6 +103,9 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Se
     for path in (out, *also):
         if path.exists() and not overwrite:
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
+    if folder and out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, and this output is a folder; refusing to replace it, even with "
+                          f"--overwrite: choose another output or remove it yourself")
     if records and out.is_dir() and any(out.iterdir()) and not any((out / r).exists() for r in records):
         raise OutputError(f"{out}: is a folder tsv-fast did not write (no {' or '.join(records)}); refusing to "
                           f"replace it, even with --overwrite: choose another output or remove it yourself")
