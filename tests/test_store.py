@@ -269,3 +269,24 @@ def test_a_failed_add_or_remove_writes_nothing_and_keeps_the_store_as_on_disk(tm
         store.remove("a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
     assert store.names() == TaskStore(tmp_path / "s").names() == ["a"]
+
+
+def test_a_failed_overwrite_keeps_the_old_task_file(tmp_path, base, finetuned, monkeypatch):
+    """``add(overwrite=True)`` wrote the new task file over the old one before the manifest: a
+    failed manifest write left the old entry (ranks, bytes) pointing at the new task's factors."""
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0], rank=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    real_write = store_mod._write
+
+    def manifest_fails(path, write):
+        if path.name == MANIFEST:
+            raise OutputError(f"{path}: cannot write: disk full")
+        real_write(path, write)
+
+    monkeypatch.setattr(store_mod, "_write", manifest_fails)
+    with pytest.raises(OutputError, match="disk full"):
+        store.add("a", finetuned[1], rank=4, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    reopened = TaskStore(tmp_path / "s")
+    assert {k: f[1].shape[0] for k, f in reopened.load("a").factors.items()} == reopened.ranks("a")

@@ -32,7 +32,7 @@ from .compress import compress
 from .errors import TSVInputError
 from .keys import Rank, check_num_tasks, check_rank, is_matrix_key
 from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
-from .writer import atomic_write_file, cannot_write
+from .writer import OutputError, atomic_write_file, cannot_write
 
 __all__ = ["TaskStore", "base_fingerprint", "expected_nbytes", "MANIFEST", "FINGERPRINT_METHOD"]
 
@@ -299,7 +299,13 @@ class TaskStore:
         flat = ct.to_state_dict()
         file = f"{name}.safetensors"
         meta = {"format": "pt", "tsv_fast_task": name, "base_fingerprint": self.fingerprint or ""}
-        _write(self.path / file, lambda tmp: save_file(flat, tmp, metadata=meta))
+        # an overwrite is staged beside the old file and moved in only after the manifest: a failed
+        # manifest write must leave the old entry with its own file, not with the new task's factors
+        target = self.path / (f".{file}.new" if name in self.names() else file)
+        try:
+            _write(target, lambda tmp: save_file(flat, tmp, metadata=meta))
+        except OutputError as exc:  # named as the task's file, not the staged one
+            raise OutputError(str(exc).replace(str(target), str(self.path / file))) from exc
         entry = {"name": name, "file": file, "bytes": ct.nbytes(),
                  "ranks": {k: ct.rank(k) for k in ct.factors}, "deltas": sorted(ct.deltas),
                  "dtype": _dtype_name(dtype), **({"info": info} if info else {})}
@@ -307,9 +313,10 @@ class TaskStore:
         try:
             self._write_manifest({**self._manifest, "tasks": tasks + [entry]})
         except BaseException:
-            if len(tasks) == len(self._manifest["tasks"]):  # a new name: no entry points at the file
-                (self.path / file).unlink(missing_ok=True)
+            target.unlink(missing_ok=True)  # a new name's file or a staged overwrite: no entry points at it
             raise
+        if target.name != file:
+            os.replace(target, self.path / file)
         return dict(entry)
 
     def remove(self, name: str) -> None:
