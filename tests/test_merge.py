@@ -260,10 +260,17 @@ def test_float64_inputs_are_computed_in_float64():
     assert ref.rel_err(ref.np64(merged["w"] - base["w"]), ref.merge(base, tasks, "tsv", 1.0)["w"] - ref.np64(base["w"])) < 1e-10
 
 
-def test_ties_density_option(small_base, small_tasks):
-    merged = tsv_fast.merge_layers(small_base, small_tasks, method="ties", density=0.5, alpha=0.8)
+@pytest.mark.parametrize("density", [0.5, np.float64(0.5), torch.tensor(0.5)])
+def test_ties_density_option(small_base, small_tasks, density):
+    merged = tsv_fast.merge_layers(small_base, small_tasks, method="ties", density=density, alpha=0.8)
     expected = ref.merge(small_base, small_tasks, "ties", 0.8, density=0.5)
     assert deltas_vs_reference(small_base, merged, expected) < 1e-5
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, float("nan"), True, "0.5", None, torch.ones(2)])
+def test_ties_density_is_checked_before_any_key(small_base, small_tasks, density):
+    with pytest.raises(tsv_fast.TSVInputError, match="density must be a number in"):
+        tsv_fast.iter_merge(small_base, small_tasks, method="ties", density=density)  # no key merged yet
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")

@@ -7,7 +7,6 @@ handling, so a new method is a function and a registry entry.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -224,7 +223,7 @@ def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
 
 def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
     """TIES-merging, trimmed per key (as mergekit does), then ``θ0 + λ·merged``."""
-    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), ctx.options["density"]), ctx.alpha)
+    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), float(ctx.options["density"])), ctx.alpha)
 
 
 def _check_tsv_options(options: dict) -> None:
@@ -235,8 +234,12 @@ def _check_tsv_options(options: dict) -> None:
 
 def _check_ties_options(options: dict) -> None:
     density = options["density"]
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
-        raise TSVInputError(f"ties: density must be in (0, 1], got {density!r}")
+    try:  # a number (Python, NumPy or a one-element tensor), not a bool or a string
+        value = None if isinstance(density, (bool, str)) else float(density)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise TSVInputError(f"ties: density must be a number in (0, 1], got {density!r}")
 
 
 METHODS: dict[str, MergeMethod] = {
