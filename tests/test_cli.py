@@ -214,6 +214,8 @@ def test_inspect(work, capsys):
     assert "of its energy on average at k = floor(r/2)" in out
     run("inspect", "t0.safetensors", "--base", "base.safetensors", "--num-tasks", "8")
     assert "energy@k" in capsys.readouterr().out
+    run("inspect", "t0.safetensors", "--num-tasks", "8", expect=2)  # without --base it would be ignored
+    _one_line_error(capsys, "inspect --num-tasks sets the rank floor(r/T) of the deltas against --base")
 
 
 def _bad_inputs(work):
@@ -416,7 +418,11 @@ def test_dry_run_reports_an_existing_output(work, capsys):
     capsys.readouterr()
     run("merge", *TASKS, "-o", "m.safetensors", "--dry-run")
     assert "(exists: a real run needs --overwrite)" in capsys.readouterr().out
-    run("compress", *TASKS, "-o", "m.safetensors", "--dry-run")  # any path that exists
+    run("compress", *TASKS, "-o", "m.safetensors", "--dry-run", expect=2)  # a store never replaces a file
+    _one_line_error(capsys, "m.safetensors: is a file, and this output is a folder")
+    run("compress", *TASKS, "-o", "store", "-q")
+    capsys.readouterr()
+    run("compress", *TASKS, "-o", "store", "--dry-run")  # a store tsv-fast wrote: replaced with --overwrite
     assert "(exists: a real run needs --overwrite)" in capsys.readouterr().out
 
 

@@ -276,6 +276,18 @@ def test_corrupt_pickle_is_not_called_a_pickled_model(tmp_path, data):
     assert "--unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
 
 
+def test_pytorch_file_named_safetensors_is_called_what_it_is(tmp_path, small_base):
+    """A renamed .bin is a PyTorch checkpoint, not a corrupt safetensors file; real garbage still is."""
+    torch.save(small_base, tmp_path / "renamed.safetensors")
+    with pytest.raises(CheckpointError, match="renamed.safetensors: a PyTorch checkpoint .* named like a safetensors"):
+        open_checkpoint(tmp_path / "renamed.safetensors")
+    # garbage, and a truncated safetensors whose header length (640 = 0x0280) starts like a pickle
+    for name, data in [("junk", b"\x01\x02garbage"), ("cut", b"\x80\x02" + bytes(6) + b'{"w": {"dtype"')]:
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name}.safetensors: not a valid safetensors file \(truncated"):
+            open_checkpoint(tmp_path / f"{name}.safetensors")
+
+
 def test_pickled_model_names_the_global(tmp_path):
     torch.save(torch.nn.Linear(3, 2), tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model.pt: holds pickled .*torch\.nn\.modules\.linear\.Linear"):

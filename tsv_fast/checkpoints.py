@@ -262,10 +262,26 @@ def _looks_like_torch(path: Path) -> bool:
     return magic == b"PK" or magic[:1] == b"\x80"
 
 
+def _torch_named_safetensors(path: Path) -> bool:
+    """A torch.save zip (``PK\\x03\\x04``) or pickle (``\\x80``, protocol 2–5) under a safetensors
+    name. A safetensors file starts with its header's u64 length and then ``{`` at byte 8, and
+    that length's low bytes can look like either magic: such a file is a corrupt safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return (head[:4] == b"PK\x03\x04" or pickle) and head[8:9] != b"{"
+
+
 def _safe_open(path: Path, label: str):
     try:
         return safe_open(path, framework="pt")
     except (SafetensorError, OSError) as exc:
+        if _torch_named_safetensors(path):  # e.g. a .bin renamed: say so, not "corrupt"
+            raise CheckpointError(f"{path}: a PyTorch checkpoint (torch.save zip or pickle) named like a "
+                                  f"safetensors file; rename it to .pt/.bin (or convert it)") from exc
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt?): {exc}") from exc
 
 

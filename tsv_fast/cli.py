@@ -610,6 +610,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.num_tasks is not None and not args.base:
+        raise UsageError("inspect --num-tasks sets the rank floor(r/T) of the deltas against --base: give --base too")
     base = open_checkpoint(args.base, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle) if args.base else None
     T = args.num_tasks if args.num_tasks is not None else len(args.files)
     if base is not None and T < 2:
