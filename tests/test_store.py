@@ -234,6 +234,25 @@ def test_a_bad_task_file_is_named(tmp_path, base, finetuned):
         store.load("a")
 
 
+def test_a_task_file_with_nan_or_other_ranks_than_its_manifest_is_named(tmp_path, base, finetuned):
+    """NaN/Inf is refused at load naming the file and key (not later, mid-merge); a file whose
+    ranks differ from its manifest entry (a file copied over another) is refused too."""
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0], rank=2)
+    store.add("b", finetuned[1], rank=3)
+    file_a = tmp_path / "s" / "a.safetensors"
+    flat = load_file(file_a)
+    key = next(k for k in flat if k.endswith("::S"))
+    save_file({**flat, key: flat[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))}, file_a)
+    with pytest.raises(TSVInputError, match=re.escape(f"{file_a}: task 'a': key {key!r} contains NaN or Inf")):
+        store.load("a")
+    save_file(load_file(tmp_path / "s" / "b.safetensors"), file_a)  # b's rank-3 factors under a's rank-2 entry
+    with pytest.raises(TSVInputError, match=re.escape(f"{file_a}: task 'a' does not match {MANIFEST}: key ") +
+                       ".* has rank 3 in the file, 2 in the manifest"):
+        store.load("a")
+    assert store.load("b").rank(key[:-3]) == 3
+
+
 def test_manifest_is_readable_by_others(tmp_path, base):
     old = os.umask(0o022)
     try:

@@ -31,7 +31,7 @@ from .checkpoints import is_plain_file_name
 from .compress import compress
 from .errors import TSVInputError
 from .keys import Rank, check_num_tasks, check_rank, is_matrix_key
-from .tasks import CompressedTask, StateDict, Task, as_sources, tensor_meta
+from .tasks import CompressedTask, StateDict, Task, as_sources, nonfinite, tensor_meta
 from .writer import OutputError, atomic_write_file, cannot_write
 
 __all__ = ["TaskStore", "base_fingerprint", "expected_nbytes", "MANIFEST", "FINGERPRINT_METHOD"]
@@ -344,10 +344,18 @@ class TaskStore:
         if stored and self.fingerprint and stored != self.fingerprint:
             raise TSVInputError(f"{path}: task {name!r} was built from another base (fingerprint {stored[:12]}… "
                                 f"vs the store's {self.fingerprint[:12]}…)")
+        if bad := nonfinite(list(flat.values())):
+            raise TSVInputError(f"{path}: task {name!r}: key {list(flat)[bad[0]]!r} contains NaN or Inf")
         try:
-            return CompressedTask.from_state_dict(flat, name)
+            task = CompressedTask.from_state_dict(flat, name)
         except TSVInputError as e:
             raise TSVInputError(f"{path}: {e}") from None
+        ranks = {k: task.rank(k) for k in task.factors}
+        if isinstance(entry.get("ranks"), dict) and ranks != entry["ranks"]:  # e.g. a file copied over another
+            key = next(k for k in {*ranks, *entry["ranks"]} if ranks.get(k) != entry["ranks"].get(k))
+            raise TSVInputError(f"{path}: task {name!r} does not match {MANIFEST}: key {key!r} has rank "
+                                f"{ranks.get(key)} in the file, {entry['ranks'].get(key)} in the manifest")
+        return task
 
     def ranks(self, name: str) -> dict[str, int]:
         return dict(self._entry(name).get("ranks", {}))
