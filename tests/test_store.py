@@ -253,6 +253,22 @@ def test_a_task_file_with_nan_or_other_ranks_than_its_manifest_is_named(tmp_path
     assert store.load("b").rank(key[:-3]) == 3
 
 
+def test_size_queries_name_a_missing_manifest_field_or_file(tmp_path, base, finetuned):
+    """A manifest from another tool may lack the byte counts: a clear error, not a KeyError."""
+    TaskStore(tmp_path / "s", base=base).add("a", finetuned[0])
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    del manifest["tasks"][0]["bytes"], manifest["base"]["nbytes"]
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    store = TaskStore(tmp_path / "s", base=base)
+    with pytest.raises(TSVInputError, match=r"manifest.json: task 'a': field 'bytes': expected a byte count, got None"):
+        store.nbytes("a")
+    with pytest.raises(TSVInputError, match=r"manifest.json: base: field 'nbytes': expected a byte count"):
+        store.base_nbytes
+    (tmp_path / "s" / "a.safetensors").unlink()
+    with pytest.raises(TSVInputError, match=r"file 'a.safetensors' of task 'a' is missing"):
+        store.size_report()
+
+
 def test_manifest_is_readable_by_others(tmp_path, base):
     old = os.umask(0o022)
     try:

@@ -363,21 +363,30 @@ class TaskStore:
     # ------------------------------------------------------------------ sizes
     def nbytes(self, name: str) -> int:
         """Bytes of the stored tensors of ``name`` (the file adds only its JSON header)."""
-        return self._entry(name)["bytes"]
+        return self._size_field(self._entry(name), "bytes", f"task {name!r}")
 
     @property
     def base_nbytes(self) -> int:
         """Bytes of the full base model (every tensor of the base state dict)."""
-        return self._manifest["base"]["nbytes"]
+        return self._size_field(self._manifest.get("base", {}), "nbytes", "base")
 
     def size_report(self) -> dict[str, dict[str, float]]:
         """Per task: stored bytes, file bytes and their ratio to the full model's bytes."""
         out = {}
         for e in self._manifest["tasks"]:
-            file_bytes = (self.path / e["file"]).stat().st_size
-            out[e["name"]] = {"bytes": e["bytes"], "file_bytes": file_bytes,
-                              "ratio": e["bytes"] / self.base_nbytes}
+            path = self.path / e["file"]
+            if not path.is_file():
+                raise TSVInputError(f"task store {self.path}: file {e['file']!r} of task {e['name']!r} is missing")
+            stored = self.nbytes(e["name"])
+            out[e["name"]] = {"bytes": stored, "file_bytes": path.stat().st_size, "ratio": stored / self.base_nbytes}
         return out
+
+    def _size_field(self, entry: dict, field: str, what: str) -> int:
+        """A byte count from the manifest; one written by another tool may lack it."""
+        value = entry.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TSVInputError(f"{self.path / MANIFEST}: {what}: field {field!r}: expected a byte count, got {value!r}")
+        return value
 
     def __repr__(self) -> str:
         return f"TaskStore({str(self.path)!r}, tasks={self.names()})"
