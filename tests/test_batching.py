@@ -210,9 +210,10 @@ def test_newton_start_keeps_the_polar_factor_and_the_interval_it_promises(spectr
         T, k = 6, 10
         X = _tsv_concatenation(3 * n, n, T, k, gen)
     else:
-        s = {"power": torch.logspace(0, -4, n, dtype=torch.float64),
-             "cluster": torch.cat([torch.ones(n - 12, dtype=torch.float64), torch.full((12,), 3e-5, dtype=torch.float64)]),
-             "tiny": torch.cat([torch.logspace(0, -2, n - 1, dtype=torch.float64), torch.tensor([1e-7], dtype=torch.float64)]),
+        f64 = dict(dtype=torch.float64)
+        s = {"power": torch.logspace(0, -4, n, **f64),
+             "cluster": torch.cat([torch.ones(n - 12, **f64), torch.full((12,), 3e-5, **f64)]),
+             "tiny": torch.cat([torch.logspace(0, -2, n - 1, **f64), torch.tensor([1e-7], **f64)]),
              }[spectrum]
         X = (P * s) @ Q.T
     Y = X.mT @ X / (torch.linalg.matrix_norm(X, 2) ** 2 * (1 + 1e-6))

@@ -467,8 +467,9 @@ def test_compress_dry_run_checks_the_settings(work, capsys, flag, value, problem
     _one_line_error(capsys, problem)
 
 
-@pytest.mark.parametrize("options, problem", [(["--polar", "foo"], "tsv: polar must be one of"),
-                                              (["--method", "ties", "--density", "2"], "density must be a number in (0, 1]")])
+@pytest.mark.parametrize("options, problem", [
+    (["--polar", "foo"], "tsv: polar must be one of"),
+    (["--method", "ties", "--density", "2"], "density must be a number in (0, 1]")])
 def test_merge_dry_run_checks_the_method_options(work, capsys, options, problem):
     """Option values are checked with the inputs, before any key: a dry run that passes must run."""
     run("merge", *TASKS, "-o", "m.safetensors", "--dry-run", *options, expect=2)

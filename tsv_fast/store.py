@@ -385,7 +385,8 @@ class TaskStore:
         """A byte count from the manifest; one written by another tool may lack it."""
         value = entry.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TSVInputError(f"{self.path / MANIFEST}: {what}: field {field!r}: expected a byte count, got {value!r}")
+            raise TSVInputError(f"{self.path / MANIFEST}: {what}: field {field!r}: expected a byte count, "
+                                f"got {value!r}")
         return value
 
     def __repr__(self) -> str:
