@@ -509,3 +509,14 @@ def test_a_folder_output_never_replaces_a_file_even_with_overwrite(work, capsys,
         _one_line_error(capsys, "is a file, and this output is a folder")
     with open("notes.txt") as f:
         assert f.read() == "mine"
+
+
+def test_an_output_inside_a_folder_input_is_refused(work, capsys):
+    """A one-file folder input (or shards, or a store) is defined by what it holds: writing the
+    merge into it would make it ambiguous as an input afterwards."""
+    os.mkdir("ckpt")
+    os.replace("base.safetensors", "ckpt/base.safetensors")
+    run("merge", "ckpt", *TASKS[1:], "-o", "ckpt/merged.safetensors", expect=2)
+    _one_line_error(capsys, "ckpt/merged.safetensors: is inside the input folder ckpt")
+    assert os.listdir("ckpt") == ["base.safetensors"]
+    run("merge", "ckpt", *TASKS[1:], "-o", "merged.safetensors", "-q")  # beside it: fine

@@ -87,8 +87,9 @@ def human_size(n: float) -> str:
 
 def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Sequence[Path] = (),
                  records: Sequence[str] = (), folder: bool = False) -> None:
-    """Refuse, before any work, an output that is (or contains) an input, that exists without
-    ``overwrite``, or whose folder cannot be written. ``also``: other paths the output will
+    """Refuse, before any work, an output that is an input, contains one or lies in a folder
+    given as one, that exists without ``overwrite``, or whose folder cannot be written.
+    ``also``: other paths the output will
     create (its JSON record). ``records``: file names that mark a folder as written by
     tsv-fast; with ``records`` given, a non-empty folder holding none of them is never
     replaced (``-o ~ --overwrite`` must not delete a home folder). A ``folder`` output never
@@ -100,6 +101,9 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Se
             raise OutputError(f"{out}: is one of the inputs ({path}); choose another output path")
         if target in p.parents:
             raise OutputError(f"{out}: contains an input ({path}); choose another output path")
+        if p.is_dir() and p in target.parents:  # a folder input's contents define it (one file, shards, a store)
+            raise OutputError(f"{out}: is inside the input folder {path}, whose contents it would change; "
+                              f"choose another output path")
     for path in (out, *also):
         if path.exists() and not overwrite:
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
