@@ -325,7 +325,10 @@ def test_bench_accuracy_forwards_to_the_evaluation(capsys):
     from tsv_fast import cli
 
     assert cli.main(["bench", "accuracy", "--help"]) == 0
-    assert "vision-mini" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vision-mini" in out and out.startswith("usage: tsv-fast bench accuracy")
+    assert cli.main(["bench", "accuracy", "--benchmark", "nope"]) == 2  # its usage error, under this command's name
+    assert "tsv-fast bench accuracy: error: argument --benchmark" in capsys.readouterr().err
 
 
 # --- review fixes ------------------------------------------------------------------------------

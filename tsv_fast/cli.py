@@ -818,7 +818,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .evaluation.__main__ import main as run_accuracy_benchmark
 
     try:
-        run_accuracy_benchmark(args.options)
+        run_accuracy_benchmark(args.options, prog="tsv-fast bench accuracy")
     except SystemExit as exc:  # its own --help and usage errors
         return exc.code if isinstance(exc.code, int) else 2
     return 0

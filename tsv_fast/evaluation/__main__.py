@@ -74,9 +74,9 @@ def _defaults(field: str) -> str:
     return ", ".join(f"{name}: {getattr(b.load().Settings(), field)}" for name, b in BENCHMARKS.items())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m tsv_fast.evaluation") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tsv_fast.evaluation",
+        prog=prog,
         description="Accuracy of TSV-M, TSV-C and the baselines on real fine-tuned models "
                     "(vision-mini: a small open_clip ViT on MNIST-like tasks; text-8: all-MiniLM-L6-v2 on eight "
                     "text tasks built from Debian packages).",
@@ -192,8 +192,10 @@ def run_benchmark(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m tsv_fast.evaluation") -> dict:
+    """Run a benchmark from command-line options; ``prog`` names the command in usage errors
+    (``tsv-fast bench accuracy`` when the CLI calls it)."""
+    args = build_parser(prog).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
