@@ -387,6 +387,18 @@ def test_compress_makes_valid_task_names_from_file_names(work):
     assert cli._unique_names([work / "...", work / "+", work / "b"]) == ["task0", "task1", "b"]  # nothing left
 
 
+def test_yaml_paths_expand_the_home_folder(work, monkeypatch, capsys):
+    """``~/…`` in a config file means the home folder, as in a shell (it was read as a folder
+    named '~' beside the config)."""
+    monkeypatch.setenv("HOME", str(work))
+    os.mkdir("jobs")
+    config = {"base": "~/base.safetensors", "tasks": [f"~/{t}" for t in TASKS[1:]], "output": "~/home.safetensors",
+              "method": "mean"}
+    (work / "jobs" / "job.yaml").write_text(yaml.safe_dump(config))
+    run("merge", "jobs/job.yaml", "-q")
+    assert os.path.exists("home.safetensors") and not os.path.exists("jobs/~")
+
+
 def test_yaml_option_group_is_replaced_by_a_flag(work, capsys):
     """--rank on a file with rank_fraction: the flag wins (one exclusive group)."""
     (work / "job.yaml").write_text(yaml.safe_dump({"base": "base.safetensors", "tasks": TASKS[1:],

@@ -193,8 +193,11 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
             if flag.option in options:
                 raise UsageError(f"{source}: give only one of {[f for f in flags if flags[f].option == flag.option]}")
             options[flag.option] = values.pop(name)
-    paths = {k: root / values[k] for k in ("base", "output") if k in values}
-    job = MergeJob(**{**values, **paths, "tasks": [root / t for t in values["tasks"]], "options": options,
+    def path(value: str) -> Path:  # "~/ft/a.safetensors" in a YAML file means what a shell makes of it
+        return root / Path(value).expanduser()
+
+    paths = {k: path(values[k]) for k in ("base", "output") if k in values}
+    job = MergeJob(**{**values, **paths, "tasks": [path(t) for t in values["tasks"]], "options": options,
                       "output": paths.get("output")})
     if job.alpha is not None and not math.isfinite(job.alpha):
         raise UsageError(f"{source}: field 'alpha': expected a finite number, got {job.alpha!r}")
