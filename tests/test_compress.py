@@ -132,3 +132,17 @@ def test_rank_zero_keys_warn_and_store_nothing(shape, kw):
         rebuilt = task.apply(base)
         torch.testing.assert_close(rebuilt["w"], base["w"], rtol=0, atol=0)  # rank 0: the base
         torch.testing.assert_close(rebuilt["b"], ft["b"])
+
+
+@pytest.mark.parametrize("key", ["w", "b"])
+def test_factors_or_deltas_that_overflow_the_factor_dtype_are_refused(key):
+    """Finite float16 inputs whose singular value (4·30000) or delta (2·60000) passes 65504: an
+    error naming the task and key, never Inf stored (the README's "never written as Inf")."""
+    base = {"w": torch.zeros(4, 4, dtype=torch.float16), "b": torch.full((3,), -60000.0, dtype=torch.float16)}
+    small = {"w": torch.full((4, 4), 0.5, dtype=torch.float16), "b": torch.zeros(3, dtype=torch.float16)}
+    big = {"w": torch.full((4, 4), 30000.0, dtype=torch.float16), "b": torch.full((3,), 60000.0, dtype=torch.float16)}
+    tasks = [small, {**small, key: big[key]}]
+    with pytest.raises(tsv_fast.TSVInputError, match=rf"task 'task1': key '{key}': its (factors|delta) overflow"):
+        tsv_fast.compress(base, tasks, rank=1)
+    wide = tsv_fast.compress(base, tasks, rank=1, factor_dtype=torch.float32)[1]
+    assert all(torch.isfinite(t).all() for t in (*wide.factors["w"], *wide.deltas.values()))
