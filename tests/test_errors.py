@@ -292,3 +292,12 @@ def test_nan_in_several_elementwise_keys_names_the_first_key_as_key_by_key():
     for batch in ("key", "shape"):
         with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task2': key 'a.bias' contains NaN or Inf"):
             tsv_fast.merge_layers(base, tasks, method="mean", batch=batch)
+
+
+def test_task_vectors_refuse_a_delta_that_overflows_its_dtype():
+    """Finite float16 weights 60000 and -60000 apart by 120000, past float16's range: named, never Inf."""
+    base = {"a.weight": torch.full((3, 2), -60000.0, dtype=torch.float16), "a.bias": torch.zeros(3)}
+    ok = {"a.weight": torch.zeros(3, 2, dtype=torch.float16), "a.bias": torch.ones(3)}
+    bad = {**ok, "a.weight": torch.full((3, 2), 60000.0, dtype=torch.float16)}
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
+        tsv_fast.task_vectors(base, [ok, bad])

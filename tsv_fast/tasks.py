@@ -124,6 +124,10 @@ def task_vectors(
         for key, b in base.items():
             if is_mergeable(b):
                 tv[key] = src.delta(key, b).to(src.state[key].dtype)
+        if bad := nonfinite(list(tv.values())):  # finite weights, but a delta past the dtype's range
+            key = list(tv)[bad[0]]
+            raise TSVInputError(f"task {src.name!r}: key {key!r}: its delta from the base overflows "
+                                f"{tv[key].dtype} (NaN or Inf)")
         out.append(tv)
     return out
 
