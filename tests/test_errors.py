@@ -301,3 +301,12 @@ def test_task_vectors_refuse_a_delta_that_overflows_its_dtype():
     bad = {**ok, "a.weight": torch.full((3, 2), 60000.0, dtype=torch.float16)}
     with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
         tsv_fast.task_vectors(base, [ok, bad])
+
+
+def test_task_vectors_of_parameters_that_require_grad_hold_no_graph():
+    """``dict(model.named_parameters())``: the deltas are values (no grad_fn holding both models)."""
+    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8)}
+    params = [{k: torch.nn.Parameter(v.clone()) for k, v in t.items()} for t in [base, finetuned(base)]]
+    (tv,) = tsv_fast.task_vectors(params[0], params[1:])
+    assert all(not d.requires_grad and d.grad_fn is None for d in tv.values())
+    assert all(torch.allclose(tv[k], params[1][k].detach() - base[k]) for k in base)

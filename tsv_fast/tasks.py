@@ -109,6 +109,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@torch.no_grad()
 def task_vectors(
     base: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None
 ) -> list[TaskVector]:
