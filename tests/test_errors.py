@@ -310,3 +310,14 @@ def test_task_vectors_of_parameters_that_require_grad_hold_no_graph():
     (tv,) = tsv_fast.task_vectors(params[0], params[1:])
     assert all(not d.requires_grad and d.grad_fn is None for d in tv.values())
     assert all(torch.allclose(tv[k], params[1][k].detach() - base[k]) for k in base)
+
+
+def test_task_vectors_of_compressed_tasks_or_sparse_task_vectors(base):
+    """A CompressedTask was a bare TypeError ('NoneType' object is not subscriptable); a TaskVector
+    without some key (zero) a KeyError."""
+    compressed = tsv_fast.compress(base, [finetuned(base)], names=["c"])[0]
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'c': task_vectors takes fine-tuned state dicts"):
+        tsv_fast.task_vectors(base, [finetuned(base), compressed])
+    sparse = tsv_fast.TaskVector({"a.weight": torch.ones(6, 4)}, name="s")
+    (tv,) = tsv_fast.task_vectors(base, [sparse])
+    assert tv.name == "s" and list(tv) == ["a.weight"] and torch.equal(tv["a.weight"], sparse["a.weight"])
