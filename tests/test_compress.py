@@ -146,3 +146,13 @@ def test_factors_or_deltas_that_overflow_the_factor_dtype_are_refused(key):
         tsv_fast.compress(base, tasks, rank=1)
     wide = tsv_fast.compress(base, tasks, rank=1, factor_dtype=torch.float32)[1]
     assert all(torch.isfinite(t).all() for t in (*wide.factors["w"], *wide.deltas.values()))
+
+
+@pytest.mark.parametrize("option", [{"rank": -1}, {"rank": "8"}, {"energy": "0.9"}, {"energy": True}])
+def test_bad_rank_or_energy_is_refused_before_any_work(option):
+    """Checked up front, not only when a matrix key is reached (a bias-only selection took rank=-1
+    silently), and as a TSVInputError (energy="0.9" was a TypeError, energy=True meant 1.0)."""
+    base = {"w": torch.randn(6, 4), "b": torch.randn(6)}
+    tasks = [{k: v + 0.1 for k, v in base.items()} for _ in range(2)]
+    with pytest.raises(tsv_fast.TSVInputError, match="rank|energy"):
+        tsv_fast.compress(base, tasks, include="b", **option)

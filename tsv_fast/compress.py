@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import Rank, check_num_tasks, is_matrix_key, is_mergeable, resolve_rank
+from .keys import Rank, check_num_tasks, check_rank, is_matrix_key, is_mergeable, resolve_rank
 from .solvers import get_solver
 from .tasks import (CompressedTask, StateDict, Task, as_sources, checked_base_tensor, nonfinite, select_floating_keys,
                     stack_deltas)
@@ -71,8 +72,9 @@ def compress(
     """
     if rank is not None and energy is not None:
         raise TSVInputError("give either rank or energy, not both")
-    if energy is not None and not 0 < energy <= 1:
-        raise TSVInputError(f"energy must be in (0, 1], got {energy}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1):
+        raise TSVInputError(f"energy must be in (0, 1], got {energy!r}")
+    rank = check_rank(rank)  # before any work, whether or not a matrix key comes
     num_tasks = check_num_tasks(num_tasks)
     if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
         raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
