@@ -42,7 +42,7 @@ def test_apply_rebuilds_the_task(small_base, small_tasks):
 
 @pytest.mark.parametrize("rank,shape,expected", [
     (None, (192, 64), 16), (5, (192, 64), 5), (500, (192, 64), 64), (0.25, (192, 64), 16), (0.1, (17, 64), 1),
-    (1.0, (64, 32), 32),
+    (1.0, (64, 32), 32), (0.29, (100, 300), 29), (0.57, (200, 100), 57), (0.999, (100, 100), 99),
 ])
 def test_rank_choices(rank, shape, expected):
     assert tsv_fast.resolve_rank(shape, rank, num_tasks=4) == expected
