@@ -42,7 +42,7 @@ def test_apply_rebuilds_the_task(small_base, small_tasks):
 
 @pytest.mark.parametrize("rank,shape,expected", [
     (None, (192, 64), 16), (5, (192, 64), 5), (500, (192, 64), 64), (0.25, (192, 64), 16), (0.1, (17, 64), 1),
-    (1.0, (64, 32), 32),
+    (1.0, (64, 32), 32), (0.29, (100, 300), 29), (0.57, (200, 100), 57), (0.999, (100, 100), 99),
 ])
 def test_rank_choices(rank, shape, expected):
     assert tsv_fast.resolve_rank(shape, rank, num_tasks=4) == expected
@@ -132,3 +132,27 @@ def test_rank_zero_keys_warn_and_store_nothing(shape, kw):
         rebuilt = task.apply(base)
         torch.testing.assert_close(rebuilt["w"], base["w"], rtol=0, atol=0)  # rank 0: the base
         torch.testing.assert_close(rebuilt["b"], ft["b"])
+
+
+@pytest.mark.parametrize("key", ["w", "b"])
+def test_factors_or_deltas_that_overflow_the_factor_dtype_are_refused(key):
+    """Finite float16 inputs whose singular value (4·30000) or delta (2·60000) passes 65504: an
+    error naming the task and key, never Inf stored (the README's "never written as Inf")."""
+    base = {"w": torch.zeros(4, 4, dtype=torch.float16), "b": torch.full((3,), -60000.0, dtype=torch.float16)}
+    small = {"w": torch.full((4, 4), 0.5, dtype=torch.float16), "b": torch.zeros(3, dtype=torch.float16)}
+    big = {"w": torch.full((4, 4), 30000.0, dtype=torch.float16), "b": torch.full((3,), 60000.0, dtype=torch.float16)}
+    tasks = [small, {**small, key: big[key]}]
+    with pytest.raises(tsv_fast.TSVInputError, match=rf"task 'task1': key '{key}': its (factors|delta) overflow"):
+        tsv_fast.compress(base, tasks, rank=1)
+    wide = tsv_fast.compress(base, tasks, rank=1, factor_dtype=torch.float32)[1]
+    assert all(torch.isfinite(t).all() for t in (*wide.factors["w"], *wide.deltas.values()))
+
+
+@pytest.mark.parametrize("option", [{"rank": -1}, {"rank": "8"}, {"energy": "0.9"}, {"energy": True}])
+def test_bad_rank_or_energy_is_refused_before_any_work(option):
+    """Checked up front, not only when a matrix key is reached (a bias-only selection took rank=-1
+    silently), and as a TSVInputError (energy="0.9" was a TypeError, energy=True meant 1.0)."""
+    base = {"w": torch.randn(6, 4), "b": torch.randn(6)}
+    tasks = [{k: v + 0.1 for k, v in base.items()} for _ in range(2)]
+    with pytest.raises(tsv_fast.TSVInputError, match="rank|energy"):
+        tsv_fast.compress(base, tasks, include="b", **option)

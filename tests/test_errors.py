@@ -292,3 +292,32 @@ def test_nan_in_several_elementwise_keys_names_the_first_key_as_key_by_key():
     for batch in ("key", "shape"):
         with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task2': key 'a.bias' contains NaN or Inf"):
             tsv_fast.merge_layers(base, tasks, method="mean", batch=batch)
+
+
+def test_task_vectors_refuse_a_delta_that_overflows_its_dtype():
+    """Finite float16 weights 60000 and -60000 apart by 120000, past float16's range: named, never Inf."""
+    base = {"a.weight": torch.full((3, 2), -60000.0, dtype=torch.float16), "a.bias": torch.zeros(3)}
+    ok = {"a.weight": torch.zeros(3, 2, dtype=torch.float16), "a.bias": torch.ones(3)}
+    bad = {**ok, "a.weight": torch.full((3, 2), 60000.0, dtype=torch.float16)}
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
+        tsv_fast.task_vectors(base, [ok, bad])
+
+
+def test_task_vectors_of_parameters_that_require_grad_hold_no_graph():
+    """``dict(model.named_parameters())``: the deltas are values (no grad_fn holding both models)."""
+    base = {"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8)}
+    params = [{k: torch.nn.Parameter(v.clone()) for k, v in t.items()} for t in [base, finetuned(base)]]
+    (tv,) = tsv_fast.task_vectors(params[0], params[1:])
+    assert all(not d.requires_grad and d.grad_fn is None for d in tv.values())
+    assert all(torch.allclose(tv[k], params[1][k].detach() - base[k]) for k in base)
+
+
+def test_task_vectors_of_compressed_tasks_or_sparse_task_vectors(base):
+    """A CompressedTask was a bare TypeError ('NoneType' object is not subscriptable); a TaskVector
+    without some key (zero) a KeyError."""
+    compressed = tsv_fast.compress(base, [finetuned(base)], names=["c"])[0]
+    with pytest.raises(tsv_fast.TSVInputError, match=r"task 'c': task_vectors takes fine-tuned state dicts"):
+        tsv_fast.task_vectors(base, [finetuned(base), compressed])
+    sparse = tsv_fast.TaskVector({"a.weight": torch.ones(6, 4)}, name="s")
+    (tv,) = tsv_fast.task_vectors(base, [sparse])
+    assert tv.name == "s" and list(tv) == ["a.weight"] and torch.equal(tv["a.weight"], sparse["a.weight"])

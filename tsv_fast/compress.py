@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -10,9 +11,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
-from .keys import Rank, check_num_tasks, is_matrix_key, is_mergeable, resolve_rank
+from .keys import Rank, check_num_tasks, check_rank, is_matrix_key, is_mergeable, resolve_rank
 from .solvers import get_solver
-from .tasks import CompressedTask, StateDict, Task, as_sources, checked_base_tensor, select_floating_keys, stack_deltas
+from .tasks import (CompressedTask, StateDict, Task, as_sources, checked_base_tensor, nonfinite, select_floating_keys,
+                    stack_deltas)
 
 def energy_rank(S: Tensor, energy: float) -> int:
     """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
@@ -22,6 +24,16 @@ def energy_rank(S: Tensor, energy: float) -> int:
         return 0
     cumulative = torch.cumsum(power, 0) / total
     return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+
+
+def check_stored(out: list[CompressedTask], key: str, stored: dict, what: str) -> None:
+    """Refuse stored tensors that overflow their dtype (finite inputs, but a float16 singular
+    value above 65504, say), naming the task and key, rather than store Inf."""
+    tensors = [t for i in stored for t in (stored[i] if isinstance(stored[i], tuple) else (stored[i],))]
+    if bad := nonfinite(tensors):
+        i = list(stored)[bad[0] // (3 if what == "factors" else 1)]
+        raise TSVInputError(f"task {out[i].name!r}: key {key!r}: its {what} overflow {tensors[bad[0]].dtype} "
+                            f"(Inf); pass a wider factor_dtype (torch.float32)")
 
 
 @torch.no_grad()
@@ -60,8 +72,9 @@ def compress(
     """
     if rank is not None and energy is not None:
         raise TSVInputError("give either rank or energy, not both")
-    if energy is not None and not 0 < energy <= 1:
-        raise TSVInputError(f"energy must be in (0, 1], got {energy}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1):
+        raise TSVInputError(f"energy must be in (0, 1], got {energy!r}")
+    rank = check_rank(rank)  # before any work, whether or not a matrix key comes
     num_tasks = check_num_tasks(num_tasks)
     if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
         raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
@@ -80,9 +93,10 @@ def compress(
         deltas = stack_deltas(sources, key, b, dev)
         nonzero = deltas.reshape(len(sources), -1).any(1).tolist()  # reshape: 0-d keys (logit_scale) too
         if not is_matrix_key(key, b):
-            for task, d, keep in zip(out, deltas, nonzero):
-                if keep:
-                    task.deltas[key] = d.to(dtype).clone()  # own storage: tasks must not pin each other
+            stored = {i: d.to(dtype).clone() for i, (d, keep) in enumerate(zip(deltas, nonzero)) if keep}
+            check_stored(out, key, stored, "delta")  # own storage: tasks must not pin each other
+            for i, d in stored.items():
+                out[i].deltas[key] = d
             continue
         if not any(nonzero):  # a frozen (or empty) matrix: nothing to factor
             continue
@@ -100,11 +114,12 @@ def compress(
         else:
             U, S, V, _ = solve(deltas, min(b.shape))
             ks = [energy_rank(s, energy) for s in S]
-        for i, (task, keep) in enumerate(zip(out, nonzero)):
-            if keep:
-                k = ks[i]
-                task.factors[key] = tuple(t.to(dtype).clone(memory_format=torch.contiguous_format)
-                                          for t in (U[i, :, :k], S[i, :k], V[i, :, :k]))
+        stored = {i: tuple(t.to(dtype).clone(memory_format=torch.contiguous_format)
+                           for t in (U[i, :, :ks[i]], S[i, :ks[i]], V[i, :, :ks[i]]))
+                  for i, keep in enumerate(nonzero) if keep}
+        check_stored(out, key, stored, "factors")
+        for i, factors in stored.items():
+            out[i].factors[key] = factors
     if zero_rank:
         warnings.warn(f"{len(zero_rank)} matrix key(s) get rank 0 (rank={rank!r}, T = {T}), so no factors are "
                       f"stored for them (delta 0): {zero_rank[:5]}", TSVRankWarning, stacklevel=3)

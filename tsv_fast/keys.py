@@ -70,7 +70,8 @@ def resolve_rank(shape: Sequence[int], rank: Rank, num_tasks: int) -> int:
     rank = check_rank(rank)
     if rank is None:
         return r // num_tasks
-    return min(rank, r) if isinstance(rank, int) else math.floor(rank * r)
+    # round first: 0.29 · 100 is 28.999999999999996 in binary floating point, and floor(f·r) means 29
+    return min(rank, r) if isinstance(rank, int) else math.floor(round(rank * r, 9))
 
 
 def select_keys(

@@ -109,6 +109,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@torch.no_grad()
 def task_vectors(
     base: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None
 ) -> list[TaskVector]:
@@ -118,12 +119,20 @@ def task_vectors(
     are skipped (merges copy them from the base).
     """
     sources = as_sources(base, finetuned if isinstance(finetuned, Mapping) else list(finetuned), names)
+    for src in sources:
+        if src.compressed is not None:
+            raise TSVInputError(f"task {src.name!r}: task_vectors takes fine-tuned state dicts, not a CompressedTask "
+                                f"(merge_layers, compress and interference take it as it is)")
     out = []
     for src in sources:
         tv = TaskVector(name=src.name)
         for key, b in base.items():
-            if is_mergeable(b):
+            if is_mergeable(b) and key in src.state:  # a TaskVector's absent keys stay absent (zero)
                 tv[key] = src.delta(key, b).to(src.state[key].dtype)
+        if bad := nonfinite(list(tv.values())):  # finite weights, but a delta past the dtype's range
+            key = list(tv)[bad[0]]
+            raise TSVInputError(f"task {src.name!r}: key {key!r}: its delta from the base overflows "
+                                f"{tv[key].dtype} (NaN or Inf)")
         out.append(tv)
     return out
 
