@@ -278,6 +278,18 @@ def test_manifest_is_readable_by_others(tmp_path, base):
     assert (tmp_path / "s" / MANIFEST).stat().st_mode & 0o777 == 0o644
 
 
+def _manifest_writes_fail(monkeypatch):
+    """Every later write of the manifest fails as on a full disk; task files still write."""
+    real_write = store_mod._write
+
+    def manifest_fails(path, write):
+        if path.name == MANIFEST:
+            raise OutputError(f"{path}: cannot write: disk full")
+        real_write(path, write)
+
+    monkeypatch.setattr(store_mod, "_write", manifest_fails)
+
+
 def test_a_failed_add_or_remove_writes_nothing_and_keeps_the_store_as_on_disk(tmp_path, base, finetuned,
                                                                             monkeypatch):
     """The task file is written before the manifest: an ``info`` that JSON cannot hold (a Path)
@@ -290,14 +302,7 @@ def test_a_failed_add_or_remove_writes_nothing_and_keeps_the_store_as_on_disk(tm
         store.add("b", finetuned[1], info={"source": tmp_path / "b.safetensors"})
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before and store.names() == ["a"]
 
-    real_write = store_mod._write
-
-    def manifest_fails(path, write):
-        if path.name == MANIFEST:
-            raise OutputError(f"{path}: cannot write: disk full")
-        real_write(path, write)
-
-    monkeypatch.setattr(store_mod, "_write", manifest_fails)
+    _manifest_writes_fail(monkeypatch)
     with pytest.raises(OutputError, match="disk full"):
         store.add("b", finetuned[1])
     with pytest.raises(OutputError, match="disk full"):
@@ -312,14 +317,7 @@ def test_a_failed_overwrite_keeps_the_old_task_file(tmp_path, base, finetuned, m
     store = TaskStore(tmp_path / "s", base=base)
     store.add("a", finetuned[0], rank=2)
     before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
-    real_write = store_mod._write
-
-    def manifest_fails(path, write):
-        if path.name == MANIFEST:
-            raise OutputError(f"{path}: cannot write: disk full")
-        real_write(path, write)
-
-    monkeypatch.setattr(store_mod, "_write", manifest_fails)
+    _manifest_writes_fail(monkeypatch)
     with pytest.raises(OutputError, match="disk full"):
         store.add("a", finetuned[1], rank=4, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
