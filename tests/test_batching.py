@@ -279,6 +279,7 @@ def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_s
     import tsv_fast.tsv as tsv_module
     monkeypatch.setattr(tsv_module, "smallest_eigenvalue_estimate",
                         lambda G, **kwargs: torch.ones(G.shape[:-2], dtype=G.dtype))
+    monkeypatch.setattr(tsv_module, "NEWTON_START", False)  # the estimate schedules every matrix
     gen = torch.Generator().manual_seed(23)
     P = torch.linalg.qr(torch.randn(60, 20, generator=gen, dtype=torch.float64)).Q
     for smallest, converges in [(1e-4, True), (1e-9, False)]:
@@ -288,6 +289,37 @@ def test_newton_schulz_with_a_too_high_lambda_min_estimate_still_converges_and_s
         assert (Y is not None) == converges, smallest
         if converges:
             np.testing.assert_allclose(Y.numpy(), P.numpy(), atol=1e-8)
+
+
+def test_newton_schulz_estimates_lambda_min_only_where_a_matrix_cannot_take_the_newton_start(monkeypatch):
+    """The λmin estimate only schedules matrices without the Newton start's proven bound: a batch
+    that all takes the start skips it; one matrix near the cut (σ = 1e-7·bound, under 2·rcond)
+    brings it back, for that batch, and both batches still match the SVD's polar factor."""
+    import tsv_fast.tsv as tsv_module
+    calls = []
+    real = tsv_module.smallest_eigenvalue_estimate
+    monkeypatch.setattr(tsv_module, "smallest_eigenvalue_estimate",
+                        lambda G, **kwargs: calls.append(G.shape) or real(G, **kwargs))
+    gen = torch.Generator().manual_seed(31)
+    for smallest, estimated in [(1e-3, False), (1e-7, True)]:
+        calls.clear()
+        X = []
+        for i in range(3):
+            P = torch.linalg.qr(torch.randn(40, 16, generator=gen, dtype=torch.float64)).Q
+            Qr = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64)).Q
+            s = torch.logspace(0, -2, 16, dtype=torch.float64)
+            if i == 1:
+                s[-1] = smallest
+            X.append(P * s @ Qr.T)
+        X = torch.stack(X)
+        info = {}
+        W, ok = newton_schulz_whitening(X.mT @ X, 1e-7, 1.0, info=info)
+        assert bool(calls) == estimated and info["newton"] == (2 if estimated else 3)
+        for x, w, good in zip(X, W, ok):
+            if good:
+                P, _, Qh = np.linalg.svd(x.numpy(), full_matrices=False)
+                np.testing.assert_allclose((x @ w).numpy(), P @ Qh, atol=1e-8)
+        assert ok[0] and ok[2]
 
 
 def test_newton_schulz_on_two_batch_dims_with_per_matrix_bounds_and_an_early_stop():

@@ -252,8 +252,10 @@ def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, se
     return torch.where(ok & (rho > 0), 1 / rho, 0.0)
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
+def orthonormalize(Y: Tensor, passes: int = 2) -> Tensor:
     """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down.
+    ``passes=1`` stops after the first: a basis of Y's span orthonormal to a few digits, enough
+    for a block that is only filtered again (the span is what the next filter needs).
 
     The first pass forms the ℓ×ℓ Gram matrix in float64 (tolerating cond(Y) up to ~1e8,
     measured with Y's columns scaled to unit norm: Cholesky is invariant to that scaling, so
@@ -266,7 +268,7 @@ def orthonormalize(Y: Tensor) -> Tensor:
     """
     Q, failed = Y, None
     eye = torch.eye(Y.shape[-1], dtype=torch.float64, device=Y.device)
-    for gram_dtype in (torch.float64, Y.dtype):
+    for gram_dtype in (torch.float64, Y.dtype)[:passes]:
         Qg = Q.to(gram_dtype)
         R, info = torch.linalg.cholesky_ex((Qg.mT @ Qg).double(), upper=True)
         failed = info if failed is None else failed | info
@@ -323,6 +325,10 @@ SUBSPACE_FILTERS = ("chebyshev", "power")
 SUBSPACE_FILTER = "chebyshev"  # subspace_topk's default filter (benchmarks/bench_merge.py compares both)
 # products with G between two Rayleigh–Ritz steps (Chebyshev filter), at least
 CHEBYSHEV_MIN_PRODUCTS = 8
+# CholeskyQR passes between two filters of one round (the block before a Rayleigh–Ritz step
+# always gets two): 1 leaves a basis orthonormal to a few digits, which the next filter only
+# needs to span the same space (bench_merge.py variant ortho1).
+FILTER_QR_PASSES = 2
 # Where the first Chebyshev filter gets the interval it damps. "estimate" (default): λmax of the
 # start block's H = QᵀGQ by power iteration and λmin by Cholesky inverse iteration, small GEMMs;
 # "rayleigh-ritz": a Rayleigh–Ritz step on the random start block (before session 8; nothing
@@ -559,7 +565,7 @@ def _chebyshev_iteration(batch: _Batch, Q: Tensor, max_products: int, min_produc
         Y = chebyshev_filter(batch.G, V, GV, ritz, degree)
         del V, GV
         for _ in range(filters - 1):
-            Q = orthonormalize(Y)
+            Q = orthonormalize(Y, FILTER_QR_PASSES)
             Y = chebyshev_filter(batch.G, Q, batch.G @ Q, ritz, degree)
         products += filters * degree - 1
         Q = orthonormalize(Y)

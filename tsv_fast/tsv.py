@@ -195,8 +195,8 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     X's singular values: the iteration is the polar iteration of X itself at c×c cost, under
     two GEMMs a step (``AᵀA`` from its upper blocks, 5/8 of a GEMM at c ≥ 512: :func:`symmetric_gram`;
     ``A·T``, T formed in ``AᵀA``'s memory; the first ``AᵀA`` is ``G/bound²``), where the coupled
-    Gram-side form (``Y ← YT, Z ← TZ``, ``T`` from ``ZY``) takes three. L and L⁻¹ come from
-    the λmin estimate, which needs them anyway. Returns ``(W, ok)``; ``ok`` (per matrix) says
+    Gram-side form (``Y ← YT, Z ← TZ``, ``T`` from ``ZY``) takes three. L and L⁻¹ serve the
+    Newton start and the λmin estimate. Returns ``(W, ok)``; ``ok`` (per matrix) says
     Cholesky succeeded, the iteration converged (``‖AᵀA − I‖_max ≤ tol``), ``X W`` is
     orthonormal (``‖WGW − I‖_max ≤ check``) and ``WG`` (its ``(XW)ᵀX``) is symmetric; only
     those may be used.
@@ -209,7 +209,8 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     runs on until the check passes or the step budget ends. Where Cholesky's ``L⁻¹`` proves
     ``σmin ≥ 2·rcond·bound``, one scaled Newton step first takes κ to about √κ/2 for the cost
     of one more ``XᵀX`` (:func:`newton_start`), and the cubic steps start from its proven lower
-    bound. Otherwise the budget (product of the
+    bound; when every matrix of the batch takes it, the λmin estimate is skipped (its ~13 small
+    launches per call). Otherwise the budget (product of the
     ``a``'s ≤ ``1/rcond``) proves that a converged matrix has every ``σ(X) ≥ rcond·bound``,
     so the exact path (which zeroes directions below ``rcond`` relative to the largest)
     would keep them all too and both define the same result (conservative: it also declines
@@ -228,11 +229,14 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     Y = G / scale
     factors = cholesky_inverse_factor(Y)
     L, Linv, factored = factors
-    lower = (smallest_eigenvalue_estimate(Y, factors=factors).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
     X1, newton_lower, newton = newton_start(L, Linv, factored, rcond)
-    newton &= (newton_lower > lower) & NEWTON_START  # where it starts closer to convergence than the estimate
-    lower = torch.where(newton, newton_lower, lower)
-    bounds = torch.stack([lower, newton.to(lower.dtype)]).reshape(2, -1).tolist()  # one host sync
+    newton &= NEWTON_START
+    bounds = torch.stack([newton_lower, newton.to(newton_lower.dtype)]).reshape(2, -1).tolist()  # one host sync
+    if not all(bounds[1]):  # some matrix cannot take the Newton start: the λmin estimate schedules those
+        lower = (smallest_eigenvalue_estimate(Y, factors=factors).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
+        newton &= newton_lower > lower  # where it starts closer to convergence than the estimate
+        lower = torch.where(newton, newton_lower, lower)
+        bounds = torch.stack([lower, newton.to(lower.dtype)]).reshape(2, -1).tolist()
     a_rows, b_rows, first_check = scaled_newton_schulz_schedule(bounds[0], rcond, tol)
     shape = (len(a_rows), *G.shape[:-2], 1, 1)
     A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
