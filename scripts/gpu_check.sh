@@ -25,8 +25,10 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 #   jacobi256: 256 threads per Rayleigh–Ritz matrix (before session 11; now 512 above ℓ = 80);
 #   jacobi1024: 1024 threads; batch8g: 8 GiB shape batches; minp4: ≥ 4 products per step;
 #   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts);
-#   cubic-ns: Newton–Schulz without session 12's Newton start (measured on the CPU only so far)
-L14_VARIANTS="${L14_VARIANTS:-d,cubic-ns,jacobi256,jacobi1024,batch8g,minp4,ell-k10}"
+#   cubic-ns: Newton–Schulz without session 12's Newton start (session 13: 1.19 s against 1.13);
+#   ortho2: two CholeskyQR passes between filters (before session 13); ell-k25: ℓ = k + 25 (4% faster
+#   in session 7, its peak fixed since, not timed again)
+L14_VARIANTS="${L14_VARIANTS:-d,ortho2,ell-k25,cubic-ns,jacobi1024,batch8g}"
 # route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
 B32_VARIANTS="${B32_VARIANTS:-d,cubic-ns,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)

@@ -1,5 +1,7 @@
 """Top-k solvers and the whitening step against float64 SVD, on realistic spectra."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,25 @@ def test_orthonormalize_takes_columns_of_very_different_norms_without_falling_ba
     Q = orthonormalize(Y[None])[0]
     torch.testing.assert_close(Q.mT @ Q, torch.eye(20, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(Q @ Q.mT, D @ D.mT, atol=1e-10, rtol=0)  # the same span
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e5])
+def test_orthonormalize_one_pass_keeps_the_span_and_is_orthonormal_to_a_few_digits(cond):
+    """One CholeskyQR pass (between two filters of a round): the span of Y, orthonormal to about
+    cond²·eps after column scaling, where the second pass brings it to rounding; checked against
+    float64 Householder QR's projector on a block whose columns mix (not only scale) directions."""
+    gen = torch.Generator().manual_seed(int(cond))
+    D = torch.linalg.qr(torch.randn(500, 24, generator=gen, dtype=torch.float64)).Q
+    mix = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64)).Q
+    Y = (D * torch.logspace(0, -math.log10(cond), 24, dtype=torch.float64)) @ mix  # cond(Y) = cond
+    want = torch.linalg.qr(Y).Q
+    eye = torch.eye(24, dtype=torch.float64)
+    one, two = orthonormalize(Y[None], passes=1)[0], orthonormalize(Y[None])[0]
+    loss = (one.mT @ one - eye).abs().max()
+    assert loss < 1e2 * cond ** 2 * 2.2e-16 and (cond < 1e4 or loss > 1e-12)  # one pass, not two
+    assert (two.mT @ two - eye).abs().max() < 1e-13
+    for Q in (one, two):
+        assert (Q @ Q.mT - want @ want.mT).abs().max() < 1e3 * cond * 2.2e-16 + 1e-12  # the same span
 
 
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
