@@ -127,6 +127,44 @@ def test_orthonormalize_one_pass_keeps_the_span_and_is_orthonormal_to_a_few_digi
         assert (Q @ Q.mT - want @ want.mT).abs().max() < 1e3 * cond * 2.2e-16 + 1e-12  # the same span
 
 
+@pytest.mark.parametrize("n", [1, 127, 129, 300, 1020])
+def test_lower_triangular_inverse_by_gemms_matches_the_float64_inverse(n):
+    """The block form (halves joined by GEMMs, the GPU's) against numpy's float64 inverse of the
+    same factors, on Cholesky factors of Gram matrices whose condition spans 1 to 1e10 (κ(L) up
+    to 1e5), with two batch dimensions; and the batched triangular solve (the CPU's) alike."""
+    from tsv_fast.solvers import lower_triangular_inverse
+    gen = torch.Generator().manual_seed(n)
+    Ls = []
+    for decades in (0, 4, 10):
+        P = torch.linalg.qr(torch.randn(n + 5, n, generator=gen, dtype=torch.float64)).Q
+        Qr = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+        X = P * torch.logspace(0, -decades / 2, n, dtype=torch.float64) @ Qr.T
+        Ls.append(torch.linalg.cholesky(X.mT @ X))
+    L = torch.stack(Ls + Ls[::-1]).reshape(2, 3, n, n)
+    want = np.linalg.inv(L.numpy())
+    for by_gemms in (True, False):
+        got = lower_triangular_inverse(L, by_gemms=by_gemms)
+        assert got.shape == L.shape and (got.triu(1) == 0).all()
+        kappa = np.linalg.cond(L.numpy())
+        err = np.abs(got.numpy() - want).max((-2, -1)) / np.abs(want).max((-2, -1))
+        assert (err < 1e2 * n * kappa * 2.2e-16).all(), (by_gemms, err, kappa)
+
+
+def test_newton_schulz_with_the_block_triangular_inverse_whitens_like_the_svd(monkeypatch):
+    """The GPU's L⁻¹ (GEMM halves) through the whole Newton–Schulz whitening, on the CPU: the
+    polar factor of an ill-conditioned 300-column concatenation, as the SVD gives it."""
+    from tsv_fast import solvers
+    monkeypatch.setattr(solvers, "TRIANGULAR_INVERSE_BY_GEMMS", ("cpu",))
+    gen = torch.Generator().manual_seed(41)
+    P = torch.linalg.qr(torch.randn(320, 300, generator=gen, dtype=torch.float64)).Q
+    Qr = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64)).Q
+    X = P * torch.logspace(0, -4, 300, dtype=torch.float64) @ Qr.T
+    Y = tsv_fast.tsv.newton_schulz_polar(X, rcond=1e-7)
+    assert Y is not None
+    U, _, Vh = np.linalg.svd(X.numpy(), full_matrices=False)
+    np.testing.assert_allclose(Y.numpy(), U @ Vh, atol=1e-8)
+
+
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
 def test_whitening_gives_the_polar_factor(cond):
     gen = torch.Generator().manual_seed(2)
