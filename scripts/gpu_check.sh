@@ -27,8 +27,8 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 #   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts);
 #   cubic-ns: Newton–Schulz without session 12's Newton start (session 13: 1.19 s against 1.13);
 #   ortho2: two CholeskyQR passes between filters (before session 13); ell-k25: ℓ = k + 25 (4% faster
-#   in session 7, its peak fixed since, not timed again)
-L14_VARIANTS="${L14_VARIANTS:-d,ortho2,ell-k25,cubic-ns,jacobi1024,batch8g}"
+#   in session 7, its peak fixed since, not timed again); trsm-inverse: L⁻¹ by one batched solve (before session 13)
+L14_VARIANTS="${L14_VARIANTS:-d,ortho2,trsm-inverse,ell-k25,cubic-ns,batch8g}"
 # route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
 B32_VARIANTS="${B32_VARIANTS:-d,cubic-ns,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)

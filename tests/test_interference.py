@@ -67,3 +67,14 @@ def test_rank_deficient_and_zero_tasks_add_no_interference_of_their_null_space(s
     assert np.isclose(report.per_pair["w"][0, 3].item(), 0, atol=1e-6)  # task 0 with the zero task
     assert np.isclose(report.per_pair["w"][0, 1].item(), ref.sti(deltas[:2], k), rtol=1e-4)
     assert np.isclose(report.per_pair["w"][1, 2].item(), _sti_of_nonzero_directions(deltas[1:3], k), rtol=1e-4)
+
+
+def test_keys_with_fewer_dimensions_than_tasks_are_skipped_with_a_rank_warning():
+    """A 3×40 key with T = 4 tasks has floor(3/4) = 0 directions per task: no STI for it, and
+    a TSVRankWarning naming it (as compress and merge_layers warn), while the 40×40 key is measured."""
+    gen = torch.Generator().manual_seed(5)
+    base = {"thin": torch.randn(3, 40, generator=gen), "w": torch.randn(40, 40, generator=gen)}
+    tasks = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(4)]
+    with pytest.warns(tsv_fast.TSVRankWarning, match=r"1 matrix key.*T = 4.*'thin'"):
+        report = tsv_fast.interference(base, tasks)
+    assert set(report.per_key) == {"w"}

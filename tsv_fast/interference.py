@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import TSVInputError
+from .errors import TSVInputError, TSVRankWarning
 from .keys import is_matrix_key, is_matrix_meta, rank_per_task
 from .solvers import get_solver
 from .tasks import StateDict, Task, as_sources, checked_base_tensor, compute_dtype, select_floating_keys, tensor_meta
@@ -58,7 +59,7 @@ def interference(
     """STI of every selected matrix key, with the per-task rank floor(r/T) TSV-M uses.
 
     STI is 0 when the tasks' singular vectors are mutually orthogonal and grows with
-    their overlap. Keys with r < T (k = 0) are skipped.
+    their overlap. Keys with r < T (k = 0) are skipped, with a :class:`TSVRankWarning`.
     """
     get_solver(solver)
     sources = as_sources(base, tasks, names)
@@ -67,12 +68,18 @@ def interference(
         raise TSVInputError(f"include={include!r} / exclude={exclude!r} select no matrix key: STI measures "
                             f"only matrix keys (2-D floating, not text_projection)")
     dev = torch.device(device) if device is not None else None
-    per_key, per_pair = {}, {}
+    per_key, per_pair, zero_rank = {}, {}, []
     for key in tqdm(list(base), desc="interference", disable=not progress, unit="key"):
         b = checked_base_tensor(base, key) if dev is None else checked_base_tensor(base, key).to(dev)
-        k = rank_per_task(b.shape, len(sources)) if b.ndim == 2 else 0
-        if key not in selected or not is_matrix_key(key, b) or k == 0:
+        if key not in selected or not is_matrix_key(key, b):
+            continue
+        k = rank_per_task(b.shape, len(sources))
+        if k == 0:
+            zero_rank.append(key)
             continue
         per_key[key], per_pair[key] = singular_task_interference(task_factors(sources, key, b, k, solver, dev),
                                                                  compute_dtype(b))
+    if zero_rank:
+        warnings.warn(f"{len(zero_rank)} matrix key(s) have min(m, n) < T = {len(sources)} (per-task rank "
+                      f"floor(r/T) = 0), so their STI is not measured: {zero_rank[:5]}", TSVRankWarning, stacklevel=2)
     return Interference([s.name for s in sources], per_key, per_pair)
