@@ -71,10 +71,13 @@ def test_rank_deficient_and_zero_tasks_add_no_interference_of_their_null_space(s
 
 def test_keys_with_fewer_dimensions_than_tasks_are_skipped_with_a_rank_warning():
     """A 3×40 key with T = 4 tasks has floor(3/4) = 0 directions per task: no STI for it, and
-    a TSVRankWarning naming it (as compress and merge_layers warn), while the 40×40 key is measured."""
+    a TSVRankWarning naming it (as compress and merge_layers warn), while the 40×40 key is measured.
+    The warning points at the caller's line, not into torch.no_grad's wrapper (which the
+    default warning filter would then show once per process, whoever calls)."""
     gen = torch.Generator().manual_seed(5)
     base = {"thin": torch.randn(3, 40, generator=gen), "w": torch.randn(40, 40, generator=gen)}
     tasks = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(4)]
-    with pytest.warns(tsv_fast.TSVRankWarning, match=r"1 matrix key.*T = 4.*'thin'"):
+    with pytest.warns(tsv_fast.TSVRankWarning, match=r"1 matrix key.*T = 4.*'thin'") as record:
         report = tsv_fast.interference(base, tasks)
     assert set(report.per_key) == {"w"}
+    assert [w.filename for w in record if w.category is tsv_fast.TSVRankWarning] == [__file__]

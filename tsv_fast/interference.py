@@ -79,7 +79,7 @@ def interference(
             continue
         per_key[key], per_pair[key] = singular_task_interference(task_factors(sources, key, b, k, solver, dev),
                                                                  compute_dtype(b))
-    if zero_rank:
+    if zero_rank:  # stacklevel 3: past torch.no_grad's wrapper, to the caller (as compress warns)
         warnings.warn(f"{len(zero_rank)} matrix key(s) have min(m, n) < T = {len(sources)} (per-task rank "
-                      f"floor(r/T) = 0), so their STI is not measured: {zero_rank[:5]}", TSVRankWarning, stacklevel=2)
+                      f"floor(r/T) = 0), so their STI is not measured: {zero_rank[:5]}", TSVRankWarning, stacklevel=3)
     return Interference([s.name for s in sources], per_key, per_pair)
