@@ -231,12 +231,15 @@ def newton_schulz_whitening(G: Tensor, rcond: float, bound_sq: Tensor | float,
     L, Linv, factored = factors
     X1, newton_lower, newton = newton_start(L, Linv, factored, rcond)
     newton &= NEWTON_START
-    bounds = torch.stack([newton_lower, newton.to(newton_lower.dtype)]).reshape(2, -1).tolist()  # one host sync
+
+    def on_host(lower: Tensor) -> list[list[float]]:  # [lower bounds, Newton start taken], one host sync
+        return torch.stack([lower, newton.to(lower.dtype)]).reshape(2, -1).tolist()
+
+    bounds = on_host(newton_lower)
     if not all(bounds[1]):  # some matrix cannot take the Newton start: the λmin estimate schedules those
         lower = (smallest_eigenvalue_estimate(Y, factors=factors).clamp(min=0).sqrt() / 2).clamp(min=rcond, max=1.0)
         newton &= newton_lower > lower  # where it starts closer to convergence than the estimate
-        lower = torch.where(newton, newton_lower, lower)
-        bounds = torch.stack([lower, newton.to(lower.dtype)]).reshape(2, -1).tolist()
+        bounds = on_host(torch.where(newton, newton_lower, lower))
     a_rows, b_rows, first_check = scaled_newton_schulz_schedule(bounds[0], rcond, tol)
     shape = (len(a_rows), *G.shape[:-2], 1, 1)
     A = torch.tensor(a_rows, dtype=G.dtype).reshape(shape).to(G.device)
