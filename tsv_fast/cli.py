@@ -40,7 +40,7 @@ import torch
 from . import __version__
 from .backend import backend
 from .checkpoints import FINGERPRINT_METHOD, Checkpoint, checkpoint_files, fingerprint, open_checkpoint, tensor_nbytes
-from .compress import compress
+from .compress import check_energy, compress
 from .errors import TSVInputError
 from .interference import interference
 from .keys import is_matrix_key, resolve_rank, select_keys
@@ -498,8 +498,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      records=RECORDS, folder=True)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_floating_keys(base, args.include, args.exclude, "compress")
-    if args.energy is not None and not 0 < args.energy <= 1:  # settings too: a dry run that passes must run
-        raise UsageError(f"--energy: expected a share in (0, 1], got {args.energy}")
+    check_energy(args.energy, "--energy")  # settings too: a dry run that passes must run
     solver = args.solver or "exact"
     get_solver(solver)
     device = _device(args.device or "auto")

@@ -26,6 +26,13 @@ def energy_rank(S: Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
 
 
+def check_energy(energy: float | None, name: str = "energy") -> None:
+    """``energy`` is None or a real share in (0, 1] (not a bool or a string); ``name`` is how the
+    caller calls it (``--energy`` in the CLI, whose dry run must refuse what the run refuses)."""
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1):
+        raise TSVInputError(f"{name}: expected a share in (0, 1], got {energy!r}")
+
+
 def check_stored(out: list[CompressedTask], key: str, stored: dict, what: str) -> None:
     """Refuse stored tensors that overflow their dtype (finite inputs, but a float16 singular
     value above 65504, say), naming the task and key, rather than store Inf."""
@@ -72,8 +79,7 @@ def compress(
     """
     if rank is not None and energy is not None:
         raise TSVInputError("give either rank or energy, not both")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1):
-        raise TSVInputError(f"energy must be in (0, 1], got {energy!r}")
+    check_energy(energy)
     rank = check_rank(rank)  # before any work, whether or not a matrix key comes
     num_tasks = check_num_tasks(num_tasks)
     if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
