@@ -7,7 +7,7 @@ import struct
 
 import pytest
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import tsv_fast.store as store_mod
@@ -216,6 +216,8 @@ def test_save_file_error_is_an_output_error_naming_the_file(tmp_path, base, fine
     ({"tasks": [{"name": "a", "file": "a.safetensors"}, {"name": "a", "file": "a.safetensors"}]},
      "tasks[1]: task name 'a' appears twice"),
     ({"tasks": [{"name": 3, "file": "a.safetensors"}]}, "tasks[0] lacks 'name' or 'file'"),
+    ({"tasks": [{"name": "a", "file": "a.safetensors"}, {"name": "b", "file": "a.safetensors"}]},
+     "tasks[1]: file 'a.safetensors' of task 'b' is also the file of task 'a'"),  # remove('b') deleted a's file
 ])
 def test_malformed_manifest_is_refused_naming_the_field(tmp_path, base, finetuned, change, problem):
     TaskStore(tmp_path / "s", base=base).add("a", finetuned[0])
@@ -323,3 +325,97 @@ def test_a_failed_overwrite_keeps_the_old_task_file(tmp_path, base, finetuned, m
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
     reopened = TaskStore(tmp_path / "s")
     assert {k: f[1].shape[0] for k, f in reopened.load("a").factors.items()} == reopened.ranks("a")
+
+
+def _rewrite(path, change):
+    """Rewrite a task file with ``change(flat)``, keeping its metadata (its task name, base)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(change(load_file(path)), path, metadata=meta)
+
+
+_C_FC = "visual.transformer.resblocks.0.mlp.c_fc"
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda flat: {k: t for k, t in flat.items() if k != "logit_scale::delta"},
+     "does not match manifest.json: key 'logit_scale::delta' is missing from the file"),
+    (lambda flat: {**flat, f"{_C_FC}.bias::delta": flat[f"{_C_FC}.bias::delta"][:-1].clone()},
+     f"key '{_C_FC}.bias::delta' has shape (255,), expected (256,)"),
+    (lambda flat: {**flat, f"{_C_FC}.weight::U": flat[f"{_C_FC}.weight::U"][:-1].clone()},
+     f"key '{_C_FC}.weight::U' has shape (255, 8), expected (256, 8)"),
+    (lambda flat: {k: t.double() for k, t in flat.items()}, "has dtype F64, expected float32"),
+    (lambda flat: {**flat, f"{_C_FC}.weight::S": flat[f"{_C_FC}.weight::S"].long()},
+     f"key '{_C_FC}.weight::S' has dtype I64, expected float32"),
+], ids=["missing delta", "delta shape", "factor shape", "other dtype", "integer factor"])
+def test_load_refuses_a_task_file_that_is_not_what_the_manifest_promises(tmp_path, base, finetuned, change, problem):
+    """A task file was checked only for its ranks: a missing delta loaded as a zero one, and wrong
+    shapes or dtypes (integer factors) passed load, to fail later or not at all."""
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    path = tmp_path / "s" / "a.safetensors"
+    _rewrite(path, change)
+    with pytest.raises(TSVInputError, match=re.escape(f"{path}: task 'a'") + ".*" + re.escape(problem)):
+        store.load("a")
+
+
+def test_load_refuses_another_tasks_file_of_the_same_ranks(tmp_path, base, finetuned):
+    """b's file copied over a's (same ranks, same base) was served as task 'a'; its metadata names b."""
+    store = TaskStore(tmp_path / "s", base=base)
+    store.add("a", finetuned[0])
+    store.add("b", finetuned[1])
+    assert store.ranks("a") == store.ranks("b")
+    (tmp_path / "s" / "a.safetensors").write_bytes((tmp_path / "s" / "b.safetensors").read_bytes())
+    with pytest.raises(TSVInputError, match=re.escape(f"{tmp_path / 's' / 'a.safetensors'}: holds task 'b' "
+                                                      f"(its metadata), not task 'a' as manifest.json says")):
+        store.load("a")
+    store.load("b")
+
+
+def test_float16_store_refuses_a_compressed_task_that_overflows(tmp_path, base, finetuned):
+    """A float32 CompressedTask whose singular values exceed float16's 65504 was written as Inf
+    (a later load failed); refused before anything is written, naming the task and key."""
+    store = TaskStore(tmp_path / "s", base=base, dtype="float16")
+    ct = compress(base, [finetuned[0]], rank=2)[0]
+    U, S, V = ct.factors[f"{_C_FC}.weight"]
+    ct.factors[f"{_C_FC}.weight"] = (U, S * 1e6, V)  # finite in float32
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    with pytest.raises(TSVInputError, match=re.escape(f"task 'big': key '{_C_FC}.weight::S' overflows the store's "
+                                                      f"dtype float16")):
+        store.add("big", ct)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before and store.names() == []
+
+
+def test_add_refuses_a_stray_file_of_the_same_name(tmp_path, base, finetuned):
+    """add("x") wrote over an x.safetensors that no manifest entry names (a user's file, a crash's leftover)."""
+    store = TaskStore(tmp_path / "s", base=base)
+    (tmp_path / "s" / "x.safetensors").write_bytes(b"mine")
+    with pytest.raises(TSVInputError, match=re.escape(f"task store {tmp_path / 's'}: file 'x.safetensors' exists "
+                                                      f"but no task of manifest.json names it")):
+        store.add("x", finetuned[0])
+    assert (tmp_path / "s" / "x.safetensors").read_bytes() == b"mine" and store.names() == []
+    store.add("x", finetuned[0], overwrite=True)  # replacing it is asked for explicitly
+    assert store.load("x").factors
+
+
+def test_the_store_base_in_another_dtype_is_the_same_base(tmp_path, base, finetuned):
+    """A store is identified by its base's values, not the dtype they are held in: a float32 base
+    converted to float16 (a model's .half()), or a float16 base loaded as float32, was refused as
+    "a different base". A different base in that dtype still is."""
+    floating = {k: v for k, v in base.items() if v.is_floating_point()}
+    TaskStore(tmp_path / "s", base=base, dtype="float16").add("a", finetuned[0])
+    TaskStore(tmp_path / "s", base={**base, **{k: v.half() for k, v in floating.items()}})
+    TaskStore(tmp_path / "s", base={**base, **{k: v.bfloat16() for k, v in floating.items()}})
+    other = {**base, **{k: (v + 1).half() for k, v in floating.items()}}
+    with pytest.raises(TSVInputError, match="different base"):
+        TaskStore(tmp_path / "s", base=other)
+    half = {**base, **{k: v.half() for k, v in floating.items()}}
+    TaskStore(tmp_path / "h", base=half).add("a", finetuned[0])
+    TaskStore(tmp_path / "h", base={**half, **{k: half[k].float() for k in floating}})  # upcast: exact
+    # a store written before the per-dtype fingerprints: the error says the dtypes differ
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    del manifest["base"]["fingerprints_as"]
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TSVInputError, match=r"different base.*it is held in float16, the store's base in float32 "
+                                            r"\(this store compares the base only in its own dtype"):
+        TaskStore(tmp_path / "s", base=half)

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoints import is_plain_file_name
+from .checkpoints import SAFETENSORS_DTYPES, is_plain_file_name
 from .compress import compress
 from .errors import TSVInputError
 from .keys import Rank, check_num_tasks, check_rank, is_matrix_key
@@ -48,23 +48,32 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "float64": torch.float64}
 
 
-def base_fingerprint(base: StateDict) -> str:
+def base_fingerprint(base: StateDict, as_dtype: torch.dtype | None = None) -> str:
     """Cheap, deterministic identity of a base state dict (see ``FINGERPRINT_METHOD``).
 
     Reads 64 values per tensor rather than hashing every byte, so fingerprinting a
     ViT-B/32 costs milliseconds; device and storage layout do not change it, dtype does.
+    ``as_dtype``: the fingerprint of the base with its floating tensors cast to that dtype
+    (only the sampled values are cast), as a model converted with ``.half()`` gives.
     """
-    h = hashlib.sha256()
+    return _fingerprints(base, [as_dtype])[0]
+
+
+def _fingerprints(base: StateDict, dtypes: list[torch.dtype | None]) -> list[str]:
+    """:func:`base_fingerprint` for each of ``dtypes``, reading each tensor once."""
+    hashes = [hashlib.sha256() for _ in dtypes]
     for key in sorted(base):
         t = base[key]
-        h.update(f"{key}|{tuple(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
         flat = t.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // _SAMPLES)
-            sample = flat[::step][:_SAMPLES].cpu()
-            sample = sample.double() if sample.is_floating_point() else sample.long()
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()
+        sample = flat[::max(1, flat.numel() // _SAMPLES)][:_SAMPLES].cpu() if flat.numel() else None
+        for h, dtype in zip(hashes, dtypes):
+            dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            h.update(f"{key}|{tuple(t.shape)}|{_dtype_name(dtype)}\n".encode())
+            if sample is not None:
+                s = sample.to(dtype)
+                s = s.double() if s.is_floating_point() else s.long()
+                h.update(s.numpy().tobytes())
+    return [h.hexdigest() for h in hashes]
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -132,7 +141,7 @@ class TaskStore:
             self._manifest = self._read_manifest(manifest_path)
             self._check_reopen(default_rank, num_tasks, dtype)
             if base is not None:
-                self._check_base(base)
+                self.check_base(base)
         else:
             if base is None:
                 raise TSVInputError(f"no task store at {self.path} (no {MANIFEST}); give base= to create one")
@@ -160,10 +169,13 @@ class TaskStore:
             shape, dt = tensor_meta(base, key, "base")
             keys[key] = {"shape": list(shape), "dtype": _dtype_name(dt)}
             total += _numel(shape) * dt.itemsize
+        # the base's identity in each floating dtype too: a model converted with .half() (or a
+        # float16 checkpoint loaded as float32) holds the same base
+        fingerprint, *converted = _fingerprints(base, [None, *_DTYPES.values()])
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool": "tsv-fast", "version": __version__,
                 "default_rank": default_rank, "num_tasks": num_tasks, "dtype": _dtype_name(dtype),
-                "base": {"fingerprint": base_fingerprint(base), "fingerprint_method": FINGERPRINT_METHOD,
-                         "nbytes": total, "keys": keys},
+                "base": {"fingerprint": fingerprint, "fingerprint_method": FINGERPRINT_METHOD,
+                         "fingerprints_as": dict(zip(_DTYPES, converted)), "nbytes": total, "keys": keys},
                 "tasks": []}
 
     def _read_manifest(self, path: Path) -> dict:
@@ -177,7 +189,7 @@ class TaskStore:
         if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise TSVInputError(f"{path}: format version {manifest['format_version']} is newer than this "
                                 f"tsv-fast reads ({FORMAT_VERSION}); upgrade tsv-fast")
-        names = set()
+        names, files = set(), {}
         for i, entry in enumerate(manifest["tasks"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
                     or not isinstance(entry.get("file"), str):
@@ -187,7 +199,11 @@ class TaskStore:
                 raise TSVInputError(f"{path}: tasks[{i}]: file {file!r} is not a file name inside the store")
             if entry["name"] in names:
                 raise TSVInputError(f"{path}: tasks[{i}]: task name {entry['name']!r} appears twice")
+            if file in files:  # removing one task would delete the other's file
+                raise TSVInputError(f"{path}: tasks[{i}]: file {file!r} of task {entry['name']!r} is also the file "
+                                    f"of task {files[file]!r}")
             names.add(entry["name"])
+            files[file] = entry["name"]
         manifest.setdefault("num_tasks", 8)
         manifest.setdefault("default_rank", None)
         manifest.setdefault("dtype", None)
@@ -205,17 +221,30 @@ class TaskStore:
                 raise TSVInputError(f"task store {self.path}: {field}={value!r} differs from the store's "
                                     f"{m[field]!r} (fixed when the store was created)")
 
-    def _check_base(self, base: StateDict) -> None:
-        stored = self._manifest.get("base", {}).get("fingerprint")
+    def check_base(self, base: StateDict, what: str = "the given base") -> None:
+        """Refuse a base other than the store's (``what`` names it in the error). The store's
+        base held in another floating dtype (converted with ``.half()``, or a float16 checkpoint
+        loaded as float32) is the same base: its fingerprint is one recorded at creation."""
+        info = self._manifest.get("base", {})
+        stored = info.get("fingerprint")
         if stored is None:
             return
         got = base_fingerprint(base)
-        if got != stored:
-            keys = self._manifest["base"].get("keys", {})
-            diff = [k for k in keys if k not in base] + [k for k in base if k not in keys]
-            hint = f"; keys differ, e.g. {diff[:3]}" if diff else ""
-            raise TSVInputError(f"task store {self.path} was built from a different base: fingerprint "
-                                f"{got[:12]}… of the given base vs {stored[:12]}… in {MANIFEST}{hint}")
+        converted = info.get("fingerprints_as")
+        if got == stored or (isinstance(converted, dict) and got in converted.values()):
+            return
+        keys = info.get("keys", {})
+        diff = [k for k in keys if k not in base] + [k for k in base if k not in keys]
+        hint = f"; keys differ, e.g. {diff[:3]}" if diff else ""
+        held = sorted({_dtype_name(tensor_meta(base, k, "base")[1]) for k in base} & set(_DTYPES))
+        store_held = sorted({v.get("dtype") for v in keys.values() if isinstance(v, dict)} & set(_DTYPES))
+        if not diff and store_held and held != store_held:
+            hint = f"; it is held in {', '.join(held)}, the store's base in {', '.join(store_held)}"
+            if not isinstance(converted, dict):  # a store written before the per-dtype fingerprints
+                hint += (f" (this store compares the base only in its own dtype: give it in that dtype, e.g. "
+                         f"build a MultiTaskModel from the model in {store_held[0]} and convert it afterwards)")
+        raise TSVInputError(f"task store {self.path} was built from a different base: fingerprint "
+                            f"{got[:12]}… of {what} vs {stored[:12]}… in {MANIFEST}{hint}")
 
     def _write_manifest(self, manifest: dict | None = None) -> None:
         """Write ``manifest`` (default: the current one), and only then adopt it, so that a
@@ -281,6 +310,10 @@ class TaskStore:
         if name in self.names() and not overwrite:
             raise TSVInputError(f"task store {self.path}: a task named {name!r} exists; remove it first or "
                                 f"pass overwrite=True")
+        file = f"{name}.safetensors"
+        if name not in self.names() and (self.path / file).exists() and not overwrite:
+            raise TSVInputError(f"task store {self.path}: file {file!r} exists but no task of {MANIFEST} names it "
+                                f"(left by a crash or copied in?); remove it, or pass overwrite=True to replace it")
         try:  # checked before any write: the manifest is written after the task file
             json.dumps(info)
         except (TypeError, ValueError) as e:
@@ -297,7 +330,11 @@ class TaskStore:
             ct = compress(self.base, [task], self.default_rank if rank is None else rank,
                           num_tasks=self.num_tasks, names=[name], solver=solver, factor_dtype=dtype)[0]
         flat = ct.to_state_dict()
-        file = f"{name}.safetensors"
+        if bad := nonfinite(list(flat.values())):  # a finite CompressedTask cast to the store's dtype
+            key = list(flat)[bad[0]]
+            raise TSVInputError(f"task {name!r}: key {key!r} overflows the store's dtype "
+                                f"{_dtype_name(flat[key].dtype)} (Inf after the cast); use a store of a wider "
+                                f"dtype (float32 or bfloat16)")
         meta = {"format": "pt", "tsv_fast_task": name, "base_fingerprint": self.fingerprint or ""}
         # an overwrite is staged beside the old file and moved in only after the manifest: a failed
         # manifest write must leave the old entry with its own file, not with the new task's factors
@@ -329,33 +366,75 @@ class TaskStore:
             pass
 
     def load(self, name: str, device: str | torch.device | None = None) -> CompressedTask:
-        """Read one task's factors and deltas (fresh tensors, nothing shared with other tasks)."""
+        """Read one task's factors and deltas (fresh tensors, nothing shared with other tasks),
+        after checking the file's header against the manifest (:meth:`_check_file`)."""
         entry = self._entry(name)
         path = self.path / entry["file"]
         if not path.exists():
             raise TSVInputError(f"task store {self.path}: file {entry['file']!r} of task {name!r} is missing")
         try:
             with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
-                meta = f.metadata() or {}
+                slices = {k: f.get_slice(k) for k in f.keys()}  # the header: shapes and dtypes only
+                header = {k: (tuple(t.get_shape()), t.get_dtype()) for k, t in slices.items()}
+                self._check_file(path, name, entry, f.metadata() or {}, header)
                 flat = {k: f.get_tensor(k) for k in f.keys()}
+        except TSVInputError:
+            raise
         except Exception as e:  # safetensors raises its own error types
             raise TSVInputError(f"{path}: cannot read task {name!r}: {e}") from None
+        if bad := nonfinite(list(flat.values())):
+            raise TSVInputError(f"{path}: task {name!r}: key {list(flat)[bad[0]]!r} contains NaN or Inf")
+        try:
+            return CompressedTask.from_state_dict(flat, name)
+        except TSVInputError as e:  # a factor missing, where the manifest has no ranks to tell
+            raise TSVInputError(f"{path}: {e}") from None
+
+    def _check_file(self, path: Path, name: str, entry: dict, meta: dict, header: dict) -> None:
+        """Refuse, from the file's metadata and header (no tensor read), a task file that is not
+        what the manifest promises: another task's or another base's file, a missing or extra
+        tensor, a rank, shape or dtype that does not fit the base and the store's dtype."""
+        owner = meta.get("tsv_fast_task")
+        if owner is not None and owner != name:  # a file copied in under this task's name
+            raise TSVInputError(f"{path}: holds task {owner!r} (its metadata), not task {name!r} as {MANIFEST} says")
         stored = meta.get("base_fingerprint")
         if stored and self.fingerprint and stored != self.fingerprint:
             raise TSVInputError(f"{path}: task {name!r} was built from another base (fingerprint {stored[:12]}… "
                                 f"vs the store's {self.fingerprint[:12]}…)")
-        if bad := nonfinite(list(flat.values())):
-            raise TSVInputError(f"{path}: task {name!r}: key {list(flat)[bad[0]]!r} contains NaN or Inf")
-        try:
-            task = CompressedTask.from_state_dict(flat, name)
-        except TSVInputError as e:
-            raise TSVInputError(f"{path}: {e}") from None
-        ranks = {k: task.rank(k) for k in task.factors}
-        if isinstance(entry.get("ranks"), dict) and ranks != entry["ranks"]:  # e.g. a file copied over another
-            key = next(k for k in {*ranks, *entry["ranks"]} if ranks.get(k) != entry["ranks"].get(k))
-            raise TSVInputError(f"{path}: task {name!r} does not match {MANIFEST}: key {key!r} has rank "
-                                f"{ranks.get(key)} in the file, {entry['ranks'].get(key)} in the manifest")
-        return task
+        problem = f"{path}: task {name!r} does not match {MANIFEST}: key"
+        ranks, deltas = entry.get("ranks"), entry.get("deltas")
+        if isinstance(ranks, dict) and isinstance(deltas, list):  # a manifest from another tool may lack them
+            promised = {f"{k}::delta" for k in deltas} | {f"{k}::{p}" for k in ranks for p in "USV"}
+            if missing := sorted(promised - set(header)):
+                raise TSVInputError(f"{problem} {missing[0]!r} is missing from the file")
+            if extra := sorted(set(header) - promised):
+                raise TSVInputError(f"{problem} {extra[0]!r} is in the file, not in the manifest")
+            for key, k in ranks.items():  # e.g. another task's file copied over this one
+                if header[f"{key}::S"][0] != (k,):
+                    raise TSVInputError(f"{problem} {key!r} has rank {_rank_of(header[f'{key}::S'][0])} in the "
+                                        f"file, {k} in the manifest")
+        base_keys = self._manifest.get("base", {}).get("keys", {})
+        for flat_key, (shape, dtype_name) in header.items():
+            key, _, part = flat_key.rpartition("::")
+            if part not in ("U", "S", "V", "delta") or (base_keys and key not in base_keys):
+                raise TSVInputError(f"{path}: task {name!r}: unexpected key {flat_key!r} (not a factor or delta of "
+                                    f"a base key)")
+            base = base_keys.get(key)
+            base = base if isinstance(base, dict) else {}
+            if isinstance(base.get("shape"), list):
+                if part != "delta" and len(base["shape"]) != 2:
+                    raise TSVInputError(f"{path}: task {name!r}: key {flat_key!r}: factors of a key that is not a "
+                                        f"matrix (base shape {tuple(base['shape'])})")
+                m, n = (base["shape"] + [None, None])[:2]
+                k = _rank_of(header.get(f"{key}::S", ((),))[0])
+                want = {"delta": tuple(base["shape"]), "U": (m, k), "S": (k,), "V": (n, k)}[part]
+                if shape != want:
+                    raise TSVInputError(f"{path}: task {name!r}: key {flat_key!r} has shape {shape}, expected "
+                                        f"{want} (base shape {tuple(base['shape'])})")
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
+            want_dtype = self.dtype or _DTYPES.get(base.get("dtype"))  # None: the base's dtype
+            if dtype is None or not dtype.is_floating_point or (want_dtype is not None and dtype != want_dtype):
+                raise TSVInputError(f"{path}: task {name!r}: key {flat_key!r} has dtype {dtype_name}, expected "
+                                    f"{_dtype_name(want_dtype) if want_dtype else 'a floating dtype'}")
 
     def ranks(self, name: str) -> dict[str, int]:
         return dict(self._entry(name).get("ranks", {}))
@@ -414,6 +493,11 @@ def expected_nbytes(base: StateDict, ranks: Mapping[str, int], delta_keys, dtype
     for key in delta_keys:
         total += base[key].numel() * (dtype or base[key].dtype).itemsize
     return total
+
+
+def _rank_of(s_shape: tuple) -> int | tuple | None:
+    """The rank a ``key::S`` shape holds (its length; the shape itself when not 1-D)."""
+    return s_shape[0] if len(s_shape) == 1 else (s_shape or None)
 
 
 def _numel(shape) -> int:
