@@ -616,3 +616,96 @@ def test_default_merge_ids_of_different_tasks_differ():
     by = dict(zip(names, tasks))
     for mid, pair in [(first, ["a+b", "c"]), (second, ["a", "b+c"])]:
         _check_merge(base, mt.state_dict_for(mid), merge64(base, [deltas64(by[n], base) for n in pair]))
+
+
+def test_auto_calibration_leaves_the_global_rng_alone():
+    """The timing input of strategy="auto" came from the global torch.randn, advancing the user's RNG."""
+    model = tiny_clip(seed=22)
+    base, fts = finetune(model, 1, seed=23)
+    mt = MultiTaskModel(model, compress(base, fts, names=["a"]), calibration_batches=(1, 2))
+    x = torch.randn(2, 3, 64, 64)
+    state = torch.get_rng_state()
+    mt.select("a")(x)
+    assert mt.calibration  # it did time the strategies
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_export_refuses_an_existing_file_and_makes_missing_folders(setup, tmp_path):
+    """export() replaced an existing file silently, and a missing folder gave a raw OSError naming
+    a hidden temporary file."""
+    mt, _, _, _ = setup
+    path = tmp_path / "new" / "deeper" / "t1.safetensors"
+    assert mt.export("t1", path) == path and set(load_file(path)) == set(mt.model.state_dict())
+    with pytest.raises(TSVInputError, match=f"{path}: already exists; pass overwrite=True to replace it"):
+        mt.export("t0", path)
+    assert torch.equal(load_file(path)["visual.proj"], mt.state_dict_for("t1")["visual.proj"])  # still t1
+    mt.export("t0", path, overwrite=True)
+    assert torch.equal(load_file(path)["visual.proj"], mt.state_dict_for("t0")["visual.proj"])
+    with pytest.raises(TSVInputError, match=f"{tmp_path}: is a folder"):
+        mt.export("t0", tmp_path, overwrite=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["t1.safetensors"]  # no temporary file left
+
+
+def test_half_refuses_factors_that_overflow_float16():
+    """.half() of a task whose singular values exceed 65504 gave Inf factors and NaN outputs."""
+    model = tiny_clip(seed=24)
+    base, fts = finetune(model, 1, seed=25)
+    task = compress(base, fts, names=["big"])[0]
+    key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    U, S, V = task.factors[key]
+    task.factors[key] = (U, S * 1e6, V)  # finite in float32
+    mt = MultiTaskModel(model, [task], strategy="lowrank")
+    x = torch.randn(2, 3, 64, 64)
+    before = mt.select("big")(x)
+    with pytest.raises(TSVInputError, match=f"task 'big': key '{key}::S' overflows float16 .*left unconverted"):
+        mt.half()
+    assert mt.task("big").factors[key][1].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in mt.model.parameters())
+    torch.testing.assert_close(mt(x), before, rtol=0, atol=0)
+    assert mt.bfloat16() is mt  # in range there
+    assert mt.task("big").factors[key][1].dtype == torch.bfloat16
+
+
+def test_a_float16_store_serves_a_float16_model(tmp_path):
+    """A store (dtype="float16") of a float32 model was refused by the same model converted with
+    .half(): "built from a different base". Now it equals building on float32 and converting."""
+    model = tiny_clip(seed=26)
+    base, fts = finetune(model, 2, seed=27)
+    store = TaskStore(tmp_path / "s", base=base, dtype="float16")
+    for i, ft in enumerate(fts):
+        store.add(f"t{i}", ft)
+    half = MultiTaskModel(copy.deepcopy(model).half(), store, strategy="lowrank")
+    converted = MultiTaskModel(model, store, strategy="lowrank").half()
+    x = torch.randn(2, 3, 64, 64).half()
+    ids = ["t1", "t0"]
+    torch.testing.assert_close(half(x, task_ids=ids), converted(x, task_ids=ids), rtol=0, atol=0)
+    with pytest.raises(TSVInputError, match="different base"):
+        MultiTaskModel(tiny_clip(seed=7).half(), store)
+
+
+def test_merge_name_must_be_a_string(setup):
+    """merge(name=5) made a task id 5, which no store or export can name."""
+    mt, _, _, _ = setup
+    for bad in (5, "", b"m"):
+        with pytest.raises(TSVInputError, match="merge: name must be a non-empty string"):
+            mt.merge(["t0", "t1"], name=bad)
+    assert not [n for n in mt.names() if not isinstance(n, str)]
+
+
+def test_alpha_zero_merge_is_the_base(setup):
+    """alpha=0 kept every factor with zero singular values (the README says they are dropped)."""
+    mt, _, base, x = setup
+    zero = mt.task(mt.merge(["t0", "t1"], 0.0))
+    assert not zero.factors and not zero.deltas  # zero singular values dropped, as the README says
+    assert all(torch.equal(t, base[k]) for k, t in mt.state_dict_for(zero.name).items())
+    torch.testing.assert_close(mt(x, task_ids=[zero.name] * 6), mt.select(None)(x), rtol=0, atol=0)
+
+
+def test_deepcopy_holds_the_base_once(setup):
+    """A copy held the base twice: the model's cloned parameters and a second copy in _base."""
+    mt, _, _, x = setup
+    twin = copy.deepcopy(mt)
+    params = {t.untyped_storage().data_ptr() for t in twin.model.state_dict().values()}
+    assert {t.untyped_storage().data_ptr() for t in twin._base.values()} == params
+    ids = ["t0", "t1", None, "t2", "t0", "t1"]
+    torch.testing.assert_close(twin(x, task_ids=ids), mt(x, task_ids=ids), rtol=0, atol=0)

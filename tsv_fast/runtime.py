@@ -39,10 +39,10 @@ from . import ops
 from .errors import TSVInputError
 from .keys import is_matrix_key, resolve_rank
 from .runtime_ops import group_rows, segmented_lowrank_apply
-from .store import TaskStore, base_fingerprint
-from .tasks import CompressedTask, StateDict, as_sources
+from .store import TaskStore
+from .tasks import CompressedTask, StateDict, as_sources, nonfinite
 from .tsv import task_factors, tsv_merge_factors
-from .writer import atomic_write_file
+from .writer import staged_output
 
 __all__ = ["MultiTaskModel", "OpenCLIPVisionAdapter", "merge_compressed", "STRATEGIES"]
 
@@ -72,6 +72,8 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
     sources = as_sources(base, list(tasks))
     T = len(sources)
     out = CompressedTask(name)
+    if alpha == 0:  # every singular value and delta is zero: dropped, as zero deltas are (the base)
+        return out
     for key, b in base.items():
         if not b.is_floating_point():
             continue
@@ -82,6 +84,8 @@ def merge_compressed(base: StateDict, tasks: Sequence[CompressedTask], alpha: fl
             if k == 0:
                 continue  # merge_layers keeps the base here too (with a TSVRankWarning)
             U, S, V = svd_form(*tsv_merge_factors(task_factors(sources, key, b, k)))
+            if S.numel() == 0:
+                continue  # a zero Δ: nothing to store, as for a key no task touches
             out.factors[key] = (U if alpha >= 0 else -U, S * abs(alpha), V)  # S ≥ 0, as in an SVD
         else:
             present = [t.deltas[key] for t in tasks if key in t.deltas]
@@ -321,7 +325,8 @@ class OpenCLIPVisionAdapter:
         """A representative block (the middle one), its key prefix and an input for it."""
         i = len(self.visual.transformer.resblocks) // 2
         w = self.visual.conv1.weight
-        x = torch.randn(batch, self.tokens, self.width, dtype=w.dtype, device=w.device)
+        gen = torch.Generator(device=w.device).manual_seed(0)  # the user's global RNG is left alone
+        x = torch.randn(batch, self.tokens, self.width, dtype=w.dtype, device=w.device, generator=gen)
         return i, f"{self.prefix}transformer.resblocks.{i}.", x
 
     def block(self, w: _Weights, i: int, x: Tensor) -> Tensor:
@@ -427,13 +432,32 @@ class MultiTaskModel(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.double()``, ``.cuda()``... convert the model, and here also the base
         tensors (``_base`` holds the old ones), every task's factors and deltas, dropping the
-        packed tables and the timings (both depend on dtype and device)."""
+        packed tables and the timings (both depend on dtype and device). Tasks whose factors or
+        deltas overflow the new dtype (``.half()`` of a singular value above 65504) are refused
+        before anything is converted: they would give NaN outputs."""
+        tasks = {name: _converted(task, fn) for name, task in self._tasks.items()}
+        flat = [(name, key, t) for name, task in tasks.items() for key, t in task.to_state_dict().items()]
+        if bad := nonfinite([t for _, _, t in flat]):
+            name, key, t = flat[bad[0]]
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise TSVInputError(f"task {name!r}: key {key!r} overflows {dtype} (Inf after the conversion); the "
+                                f"model is left unconverted: keep it in a wider dtype (float32, or bfloat16 "
+                                f"instead of float16)")
         super()._apply(fn, recurse)
         self._base = dict(self.model.state_dict())
-        self._tasks = {name: _converted(task, fn) for name, task in self._tasks.items()}
+        self._tasks = tasks
         self._packed.clear()
         self.calibration.clear()
         return self
+
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` and pickling leave out ``_base``: it holds the model's own tensors,
+        which a copy would duplicate (parameters are cloned, not shared); rebuilt on load."""
+        return {**super().__getstate__(), "_base": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._base = dict(self.model.state_dict())
 
     # -- tasks ------------------------------------------------------------------------------
     def _check_store_base(self, store: TaskStore) -> None:
@@ -444,9 +468,7 @@ class MultiTaskModel(nn.Module):
         if missing:
             raise TSVInputError(f"task store {store.path}: {len(missing)} base key(s) are not in the model, "
                                 f"e.g. {missing[:3]}")
-        if base_fingerprint({k: self._base[k] for k in keys}) != store.fingerprint:
-            raise TSVInputError(f"task store {store.path} was built from a different base than this model's "
-                                f"weights (fingerprint mismatch)")
+        store.check_base({k: self._base[k] for k in keys}, "this model's weights")
 
     def _add_task(self, name: str, task: CompressedTask, device) -> None:
         if name in self._tasks:
@@ -564,6 +586,8 @@ class MultiTaskModel(nn.Module):
             raise TSVInputError(f"merge: task(s) {twice} named more than once in {list(names)}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise TSVInputError(f"merge: alpha must be a finite number, got {alpha!r}")
+        if name is not None and not (isinstance(name, str) and name):
+            raise TSVInputError(f"merge: name must be a non-empty string (the merge's id), got {name!r}")
         alpha = float(alpha)
         cache_key = (tuple(names), alpha, name)
         if cache_key in self._merges:
@@ -667,14 +691,20 @@ class MultiTaskModel(nn.Module):
             return {k: t.clone() for k, t in self._base.items()}
         return task.apply(self._base)
 
-    def export(self, name: str | None, path: str | os.PathLike) -> Path:
-        """Write ``state_dict_for(name)`` as a safetensors file (atomically)."""
+    def export(self, name: str | None, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``state_dict_for(name)`` as a safetensors file, atomically: an existing ``path``
+        is replaced only with ``overwrite=True``; missing parent folders are created (and
+        removed again if the write fails)."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir():
+            raise TSVInputError(f"{path}: is a folder; give a file path for the exported state dict")
+        if path.exists() and not overwrite:
+            raise TSVInputError(f"{path}: already exists; pass overwrite=True to replace it")
         state = {k: t.contiguous() for k, t in self.state_dict_for(name).items()}
-        atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt",
-                                                                         "tsv_fast_task": name or "base"}))
+        with staged_output(path, folder=False, overwrite=overwrite) as stage:
+            save_file(state, stage / path.name, metadata={"format": "pt", "tsv_fast_task": name or "base"})
         return path
 
     def export_peft(self, name: str, folder: str | os.PathLike, **kwargs):
