@@ -535,3 +535,195 @@ def test_an_output_inside_a_folder_input_is_refused(work, capsys):
     _one_line_error(capsys, "ckpt/merged.safetensors: is inside the input folder ckpt")
     assert os.listdir("ckpt") == ["base.safetensors"]
     run("merge", "ckpt", *TASKS[1:], "-o", "merged.safetensors", "-q")  # beside it: fine
+
+
+# --- review fixes: the output writer -----------------------------------------------------------
+
+
+def test_overwrite_replaces_only_its_own_output_of_the_same_kind(work, capsys):
+    """A file named like a record is not enough (any tool writes a manifest.json): --overwrite
+    replaces only an output tsv-fast wrote, of the same kind (a merge never replaces a store)."""
+    os.mkdir("app")
+    (work / "app" / "manifest.json").write_text('{"name": "my web app"}')
+    (work / "app" / "index.html").write_text("mine")
+    for command in (["merge", *TASKS], ["compress", *TASKS], ["interference", *TASKS]):
+        run(*command, "-o", "app", "--overwrite", "-q", expect=2)
+        _one_line_error(capsys, "app: ", "refusing to replace it, even with --overwrite")
+    (work / "app" / "tsv_fast_merge.json").write_text("{}")
+    run("merge", *TASKS, "-o", "app", "--overwrite", "-q", expect=2)
+    _one_line_error(capsys, "app: its tsv_fast_merge.json is not a record tsv-fast wrote")
+    assert sorted(os.listdir("app")) == ["index.html", "manifest.json", "tsv_fast_merge.json"]
+    run("compress", *TASKS, "-o", "store", "-q")
+    run("interference", *TASKS, "-o", "sti", "-q")
+    run("merge", *TASKS, "-o", "merged", "-q")
+    kinds = {"store": "a task store (its manifest.json)", "sti": "an STI report (its sti.json)",
+             "merged": "a merged model (its tsv_fast_merge.json)"}
+    for command, own in (("merge", "merged"), ("compress", "store"), ("interference", "sti")):
+        for out, holds in kinds.items():
+            before = listing(work / out)
+            run(command, *TASKS, "-o", out, "--overwrite", "-q", expect=0 if out == own else 2)
+            if out != own:
+                _one_line_error(capsys, f"{out}: holds {holds}, and this output is")
+                assert listing(work / out) == before
+    run("merge", *TASKS, "-o", "store", "--overwrite", "--dry-run", expect=2)  # as the real run
+    _one_line_error(capsys, "store: holds a task store")
+
+
+def test_the_record_beside_a_file_output_gets_the_output_checks(work, capsys):
+    """``-o X.safetensors`` also writes X.safetensors.json: it must not replace an input, a
+    user's file or folder of that name, even with --overwrite; only its own earlier record."""
+    (work / "in.safetensors.json").write_bytes((work / "t2.safetensors").read_bytes())  # a task, oddly named
+    run("merge", *TASKS[:3], "in.safetensors.json", "-o", "in.safetensors", "--overwrite", expect=2)
+    _one_line_error(capsys, "in.safetensors.json: is one of the inputs")
+    (work / "notes.safetensors.json").write_text('{"mine": true}')
+    for extra in ([], ["--overwrite"], ["--overwrite", "--dry-run"]):
+        run("merge", *TASKS, "-o", "notes.safetensors", *extra, expect=2)
+        _one_line_error(capsys, "notes.safetensors.json: ", "--overwrite")
+    os.mkdir("dir.safetensors.json")
+    run("merge", *TASKS, "-o", "dir.safetensors", "--overwrite", expect=2)
+    _one_line_error(capsys, "dir.safetensors.json: is a folder, and this output is a file")
+    os.mkdir("folder.safetensors")
+    run("merge", *TASKS, "-o", "folder.safetensors", "--overwrite", expect=2)
+    _one_line_error(capsys, "folder.safetensors: is a folder, and this output is a file")
+    assert (work / "notes.safetensors.json").read_text() == '{"mine": true}'
+    assert (work / "in.safetensors.json").read_bytes() == (work / "t2.safetensors").read_bytes()
+    assert not os.path.exists("in.safetensors") and not os.path.exists("notes.safetensors")
+    run("merge", *TASKS, "-o", "m.safetensors", "-q")
+    run("merge", *TASKS, "-o", "m.safetensors", "-q", "--overwrite", "--method", "mean")  # its own record
+    assert json.loads((work / "m.safetensors.json").read_text())["method"] == "mean"
+
+
+@pytest.mark.parametrize("argv, file", [(["merge", *TASKS, "-o", "m.safetensors"], "m.safetensors.json"),
+                                        (["merge", *TASKS, "-o", "m", "--max-shard-size", "100KB"],
+                                         "m/model.safetensors.index.json"),
+                                        (["merge", *TASKS, "-o", "m", "--method", "mean"], "m/tsv_fast_merge.json"),
+                                        (["interference", *TASKS, "-o", "sti"], "sti/sti.json")])
+def test_a_full_disk_writing_a_json_file_names_it(work, capsys, monkeypatch, argv, file):
+    """ENOSPC carries no file name: it was 'unexpected OSError' (exit 1), naming no file."""
+    real = type(work).write_text
+
+    def disk_full(path, *args, **kwargs):
+        if path.name == os.path.basename(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(work), "write_text", disk_full)
+    before = listing(work)
+    run(*argv, "-q", expect=2)
+    _one_line_error(capsys, f"error: {file}: cannot write: No space left on device")
+    assert listing(work) == before
+
+
+def test_sighup_leaves_nothing_unless_ignored(work, capsys, monkeypatch):
+    """A closed terminal (SIGHUP) unwinds like Ctrl-C; under nohup (SIGHUP ignored) the run goes on."""
+    real = writer._write_tensor
+
+    def hangup_then_write(f, tensor):
+        os.kill(os.getpid(), signal.SIGHUP)
+        real(f, tensor)
+
+    monkeypatch.setattr(writer, "_write_tensor", hangup_then_write)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever runs the tests
+    try:
+        before = listing(work)
+        run("merge", *TASKS, "-o", "m", expect=130)
+        assert "interrupted" in capsys.readouterr().err and listing(work) == before
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored after the command
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        run("merge", *TASKS, "-o", "m", "-q")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert open_checkpoint(work / "m").keys() == load_file(work / "base.safetensors").keys()
+
+
+def test_stale_staging_folders_of_a_killed_run_are_removed(work):
+    """A run killed outright (SIGKILL) leaves its staging folder; the next run of the same output
+    removes it when it is clearly stale: our name, this machine, a process that is gone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = work / (writer._stage_prefix(work / "m.safetensors", gone.pid) + "x1y2z3")
+    alive = work / (writer._stage_prefix(work / "m.safetensors", os.getppid()) + "a1b2c3")
+    old_style = work / ".m.safetensors.tsv-fast-tmp-k3j4h5g6"  # no process in its name: left alone
+    other = work / (writer._stage_prefix(work / "other.safetensors", gone.pid) + "x1y2z3")
+    for folder in (stale, alive, old_style, other):
+        folder.mkdir()
+        (folder / "m.safetensors").write_bytes(b"partial")
+    run("merge", *TASKS, "-o", "m.safetensors", "-q")
+    assert not stale.exists() and alive.exists() and old_style.exists() and other.exists()
+
+
+def test_hard_links_and_a_store_beside_its_source_are_given_twice(work, capsys):
+    (work / "copy.safetensors").write_bytes((work / "t0.safetensors").read_bytes())
+    os.link(work / "copy.safetensors", work / "hard.safetensors")
+    run("merge", "base.safetensors", "copy.safetensors", "t1.safetensors", "hard.safetensors", "-o", "m.safetensors",
+        expect=2)
+    _one_line_error(capsys, "hard.safetensors: given twice (also as copy.safetensors)")
+    run("compress", "base.safetensors", "copy.safetensors", "hard.safetensors", "-o", "s", expect=2)
+    _one_line_error(capsys, "hard.safetensors: given twice")
+    run("compress", *TASKS[:3], "-o", "store", "-q")  # t0 and t1, compressed
+    run("merge", "base.safetensors", "store", "t2.safetensors", "copy.safetensors", "-o", "m.safetensors", expect=2)
+    _one_line_error(capsys, "copy.safetensors: given twice (also as store:t0, compressed from it)")
+    run("compress", "base.safetensors", "t1.safetensors", "t2.safetensors", "-o", "store2", "-q")
+    run("merge", "base.safetensors", "store", "store2", "-o", "m.safetensors", expect=2)
+    _one_line_error(capsys, "store2: task 't1' was compressed from the same checkpoint as store:t1")
+    assert not (work / "m.safetensors").exists()
+
+
+def test_ddp_prefix_follows_the_base_whatever_the_format(work, small_base, small_tasks, capsys):
+    """``module.`` (DistributedDataParallel) was removed from .pt files only: a DDP safetensors
+    task failed with missing keys, and a DDP .pt base renamed the output's keys."""
+    ddp = lambda state: {f"module.{k}": v for k, v in state.items()}  # noqa: E731
+    torch.save(ddp(small_tasks[1]), work / "ddp_t1.pt")
+    save_file(ddp(small_tasks[2]), work / "ddp_t2.safetensors")
+    torch.save({"state_dict": ddp(small_base)}, work / "ddp_base.pt")
+    save_file(ddp(small_tasks[0]), work / "ddp_t0.safetensors")
+    expected = tsv_fast.merge_layers(small_base, small_tasks[:3])
+    run("merge", "base.safetensors", "t0.safetensors", "ddp_t1.pt", "ddp_t2.safetensors", "-o", "a.safetensors", "-q")
+    out = load_file("a.safetensors")
+    assert set(out) == set(small_base) and all(torch.allclose(out[k], expected[k], atol=1e-6) for k in out)
+    run("merge", "ddp_base.pt", "ddp_t0.safetensors", "t1.safetensors", "ddp_t2.safetensors", "-o", "b.safetensors",
+        "-q")
+    out = load_file("b.safetensors")
+    assert set(out) == {f"module.{k}" for k in small_base}
+    assert all(torch.allclose(out[f"module.{k}"], expected[k], atol=1e-6) for k in expected)
+    run("merge", "base.safetensors", "ddp_t0.safetensors", "ddp_t1.pt", "t2.safetensors", "-o", "c.safetensors",
+        "--prefix", "visual.transformer.", "-q")  # --prefix sees past module. in a DDP checkpoint
+    assert set(load_file("c.safetensors")) == {k for k in small_base if k.startswith("visual.transformer.")}
+    run("inspect", "ddp_t2.safetensors", "--base", "base.safetensors", "--num-tasks", "3", "-q")
+    assert "energy on average" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["merge", *TASKS, "-o", "m.safetensors", "--device", "meta"], ["--device meta: not supported here"]),
+    (["merge", *TASKS, "-o", "m.safetensors", "--device", "mps"], ["--device mps: not supported here"]),
+    (["compress", *TASKS, "-o", "s", "--device", "meta"], ["--device meta: not supported here"]),
+    (["merge", *TASKS, "-o", "m.safetensors", "--alpha", "1e39"], ["field 'alpha'", "float32 range", "1e+39"]),
+    (["merge", *TASKS, "-o", "m.safetensors", "--alpha=-1e39"], ["field 'alpha'", "float32 range"])])
+def test_unusable_device_or_alpha_is_a_usage_error(work, capsys, argv, words):
+    """They failed as 'unexpected' errors (exit 1) once the work had begun."""
+    if "mps" in argv and torch.backends.mps.is_available():
+        pytest.skip("mps is available here")
+    run(*argv, expect=2)
+    _one_line_error(capsys, *words)
+    assert listing(work) == sorted(TASKS)
+
+
+def test_inspect_base_with_num_tasks_1(work, capsys):
+    """--num-tasks 1 was refused with 'give --num-tasks T', which it had given."""
+    run("inspect", "t0.safetensors", "--base", "base.safetensors", "--num-tasks", "1", "-q")
+    assert "at k = floor(r/1)" in capsys.readouterr().out
+    run("inspect", "t0.safetensors", "--base", "base.safetensors", expect=2)
+    _one_line_error(capsys, "inspect --base with one file: give --num-tasks T")
+
+
+@pytest.mark.parametrize("argv", [["compress", "base.safetensors", "store", "t2.safetensors", "-o", "s2"],
+                                  ["interference", "base.safetensors", "store", "t2.safetensors", "-o", "r"],
+                                  ["merge", "store", "t1.safetensors", "t2.safetensors", "-o", "m.safetensors"],
+                                  ["inspect", "store"], ["inspect", "t0.safetensors", "--base", "store"]])
+def test_a_task_store_where_a_checkpoint_is_expected_is_named(work, capsys, argv):
+    """A store of one task was read as a checkpoint (its factors as weights); of several, the
+    error spoke of '.safetensors files' and an index."""
+    run("compress", "base.safetensors", "t0.safetensors", "-o", "store", "--rank", "2", "-q")
+    run(*argv, expect=2)
+    _one_line_error(capsys, "store: is a task store (a folder with manifest.json), not a checkpoint")

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import tsv_fast
 from tsv_fast import checkpoints, writer
 from tsv_fast.checkpoints import CheckpointError, SafetensorsCheckpoint, fingerprint, open_checkpoint
-from tsv_fast.writer import Entry, OutputError, check_output, entries_of, parse_size, plan_shards, write_safetensors
+from tsv_fast.writer import (Entry, OutputError, OwnRecord, check_output, entries_of, parse_size, plan_shards,
+                             write_safetensors)
 
 
 def _listing(folder):
@@ -96,10 +97,10 @@ def test_torch_state_dicts(tmp_path, small_base):
     torch.save(small_base, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)  # no mmap possible
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in small_base.items()}}, tmp_path / "open_clip.pt")
     for name in ("flat.pt", "legacy.bin", "open_clip.pt"):
-        ckpt = open_checkpoint(tmp_path / name)
+        ckpt = open_checkpoint(tmp_path / name, base=small_base)  # DDP's module. matched to the base's names
         assert set(ckpt) == set(small_base), name
         assert all(torch.equal(ckpt[k], v) for k, v in small_base.items())
-    assert set(open_checkpoint(tmp_path / "open_clip.pt", prefix="visual.transformer.")) == \
+    assert set(open_checkpoint(tmp_path / "open_clip.pt", prefix="visual.transformer.", base=small_base)) == \
         {k for k in small_base if k.startswith("visual.transformer.")}
     torch.save({"weights": [1, 2], "w": torch.zeros(2)}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="odd.pt: weights: is a list, not a tensor"):
@@ -376,14 +377,32 @@ def test_failed_run_removes_the_parent_folders_it_made(tmp_path, small_base):
     assert _listing(tmp_path) == ["kept"]  # a folder that existed before stays
 
 
+MERGED = OwnRecord("tsv_fast_merge.json", "a merged model", {"tool": "tsv-fast", "command": "merge"})
+STORE = OwnRecord("manifest.json", "a task store", {"tool": "tsv-fast", "format": "tsv-fast task store"})
+
+
 def test_overwrite_never_replaces_a_folder_tsv_fast_did_not_write(tmp_path):
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "notes.txt").write_text("mine")
+    """A record's name is not enough (any tool may write a manifest.json): its content must be
+    tsv-fast's, and of the output's kind."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="results: is a folder tsv-fast did not write"):
-        check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
-    (tmp_path / "results" / "tsv_fast_merge.json").write_text("{}")
-    check_output(tmp_path / "results", [], overwrite=True, records=["tsv_fast_merge.json"])
-    check_output(tmp_path / "empty", [], overwrite=True, records=["tsv_fast_merge.json"])
+        check_output(results, [], overwrite=True, record=MERGED, folder=True)
+    for fake in ("{}", "not json", '{"tool": "other", "command": "merge"}', "[1]", "\xff"):
+        (results / "tsv_fast_merge.json").write_text(fake)
+        with pytest.raises(OutputError, match="results: its tsv_fast_merge.json is not a record tsv-fast wrote"):
+            check_output(results, [], overwrite=True, record=MERGED, folder=True)
+    (results / "tsv_fast_merge.json").write_text('{"tool": "tsv-fast", "command": "merge", "version": "0.1"}')
+    check_output(results, [], overwrite=True, record=MERGED, folder=True)
+    check_output(tmp_path / "empty", [], overwrite=True, record=MERGED, folder=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text('{"tool": "tsv-fast", "format": "tsv-fast task store", "tasks": []}')
+    with pytest.raises(OutputError, match="store: holds a task store \\(its manifest.json\\), and this output is a "
+                                          "merged model; refusing"):
+        check_output(store, [], overwrite=True, record=MERGED, others=[MERGED, STORE], folder=True)
+    check_output(store, [], overwrite=True, record=STORE, others=[MERGED, STORE], folder=True)
 
 
 def test_atomic_write_file_follows_the_umask(tmp_path):

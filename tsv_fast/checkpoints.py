@@ -6,22 +6,26 @@
   tensor is read from disk only when asked for, with no reference kept, so a streaming
   merge holds about one key of every task at a time.
 * PyTorch ``.pt/.bin/.pth/.ckpt`` state dicts load with ``weights_only=True`` (memory
-  mapped when the file allows). Wrappers such as ``{"state_dict": ...}`` and the DDP
-  ``module.`` prefix are removed. Whole pickled models (as the CLIP task-vector
+  mapped when the file allows). Wrappers such as ``{"state_dict": ...}`` are removed.
+  Whole pickled models (as the CLIP task-vector
   checkpoints of the literature are) are refused unless ``unsafe_pickle=True``, because
   unpickling them runs code from the file.
+* Key names are kept as stored, in every format. A checkpoint saved from DistributedDataParallel
+  (every key starts with ``module.``) is matched to a base saved without it, or the other way
+  round, by ``open_checkpoint(..., base=)``: its keys are then named as the base's.
 
 Every failure raises :class:`CheckpointError` naming the file (and key).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -45,6 +49,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items
 _UNREADABLE = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+DDP_PREFIX = "module."  # DistributedDataParallel's name for the wrapped model
 
 
 class CheckpointError(TSVInputError):
@@ -65,21 +70,24 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
         self.files = files
         self._file: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._stored: dict[str, str] = {}  # a renamed key -> its name in the file (see renamed)
+        found = []  # every key first: whether --prefix sees past a DDP prefix depends on all of them
         for path in files:
             with _safe_open(path, label) as handle:
                 names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
                 for key in names:
-                    if weight_map is not None and weight_map.get(key) != path.name:
-                        continue
-                    if prefix and not key.startswith(prefix):
-                        continue
-                    part = handle.get_slice(key)
-                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
-                    _check_dtype(dtype, part.get_dtype(), path, key)
-                    self._file[key] = path
-                    self._meta[key] = (tuple(part.get_shape()), dtype)
+                    if weight_map is None or weight_map.get(key) == path.name:
+                        part = handle.get_slice(key)
+                        found.append((path, key, part.get_dtype(), tuple(part.get_shape())))
+        keep = _prefix_filter(prefix, [key for _, key, _, _ in found])
+        for path, key, dtype_name, shape in found:
+            if keep(key):
+                dtype = SAFETENSORS_DTYPES.get(dtype_name)
+                _check_dtype(dtype, dtype_name, path, key)
+                self._file[key] = path
+                self._meta[key] = (shape, dtype)
         if weight_map is not None:
-            lost = [k for k, f in weight_map.items() if k not in self._file and (not prefix or k.startswith(prefix))]
+            lost = [k for k, f in weight_map.items() if k not in self._file and keep(k)]
             if lost:
                 raise CheckpointError(f"{label}: {lost[0]}: listed in {INDEX_NAME} (in {weight_map[lost[0]]}) "
                                       f"but not found in that shard ({len(lost)} such key(s))")
@@ -91,13 +99,22 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
     def nbytes(self) -> int:
         return sum(tensor_nbytes(*m) for m in self._meta.values())
 
+    def renamed(self, rename: Callable[[str], str]) -> SafetensorsCheckpoint:
+        """The same files with each key ``k`` named ``rename(k)`` (read under its stored name)."""
+        view = copy.copy(self)
+        view._file = {rename(k): f for k, f in self._file.items()}
+        view._meta = {rename(k): m for k, m in self._meta.items()}
+        view._stored = {rename(k): self._stored.get(k, k) for k in self._meta}
+        return view
+
     def __getitem__(self, key: str) -> Tensor:
         path = self._file[key]  # KeyError for unknown keys, as a Mapping should
+        stored = self._stored.get(key, key)
         try:
             with safe_open(path, framework="pt") as handle:
-                return handle.get_tensor(key)
+                return handle.get_tensor(stored)
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: {key}: cannot read the tensor: {exc}") from exc
+            raise CheckpointError(f"{path}: {stored}: cannot read the tensor: {exc}") from exc
 
     def __contains__(self, key: object) -> bool:  # the Mapping default would read the tensor
         return key in self._meta
@@ -140,16 +157,21 @@ def is_plain_file_name(name) -> bool:
     return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..") and "\\" not in name
 
 
-def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickle: bool = False,
+                    base: Mapping[str, object] | None = None) -> Checkpoint:
     """Open a checkpoint file or folder (format from its name, or sniffed from its first bytes).
 
     Args:
         path: a ``.safetensors`` file, a folder or index file of a sharded Hugging Face
             checkpoint, or a PyTorch ``.pt/.bin/.pth/.ckpt`` file.
         prefix: keep only keys starting with this (e.g. ``"visual."`` for the image tower
-            of a full open_clip checkpoint); names are kept as they are.
+            of a full open_clip checkpoint), or with ``module.`` and this when every key of
+            the checkpoint starts with ``module.`` (saved from DDP); names are kept as they are.
         unsafe_pickle: allow whole pickled models (``torch.load(weights_only=False)``);
             only for files you trust, since unpickling can run arbitrary code.
+        base: the base this checkpoint is a fine-tune of: when exactly one of the two was saved
+            from DDP (every key starting with ``module.``), the keys are named as the base's,
+            so that they pair up (and a merge keeps the base's names), whatever the formats.
     """
     label = str(path)
     kind, files, weight_map = _resolve(Path(path))
@@ -157,8 +179,8 @@ def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickl
         ckpt: Checkpoint = SafetensorsCheckpoint(files, label, weight_map, prefix)
     else:
         state = _load_torch(files[0], label, unsafe_pickle)
-        if prefix:
-            state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        keep = _prefix_filter(prefix, state)
+        state = {k: v for k, v in state.items() if keep(k)}
         for key, value in state.items():  # after the prefix, as for safetensors: other towers may hold anything
             _check_dtype(value.dtype if value.dtype in DTYPE_NAMES else None, str(value.dtype).removeprefix("torch."),
                          files[0], key)
@@ -168,7 +190,33 @@ def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickl
             starts = sorted({k.split(".")[0] + "." for k in open_checkpoint(path, unsafe_pickle=unsafe_pickle)})
             raise CheckpointError(f"{label}: no key starts with {prefix!r} (keys start with {', '.join(starts[:8])})")
         raise CheckpointError(f"{label}: the checkpoint holds no tensors")
-    return ckpt
+    return ckpt if base is None else _named_as(ckpt, base)
+
+
+def is_ddp(keys: Iterable[str]) -> bool:
+    """Every key starts with ``module.``: a state dict saved from DistributedDataParallel."""
+    keys = list(keys)
+    return bool(keys) and all(k.startswith(DDP_PREFIX) for k in keys)
+
+
+def _prefix_filter(prefix: str | None, keys: Iterable[str]) -> Callable[[str], bool]:
+    """Which keys ``--prefix`` keeps: those starting with it, and, in a checkpoint saved from DDP,
+    those starting with ``module.`` and it (``visual.`` keeps ``module.visual.*`` there)."""
+    if not prefix:
+        return lambda key: True
+    ddp = is_ddp(keys)
+    return lambda key: key.startswith(prefix) or (ddp and key.startswith(DDP_PREFIX + prefix))
+
+
+def _named_as(ckpt: Checkpoint, base: Mapping[str, object]) -> Checkpoint:
+    """``ckpt`` with its keys named as ``base``'s when exactly one of them is DDP-prefixed."""
+    ddp = is_ddp(ckpt)
+    if ddp == is_ddp(base):
+        return ckpt
+    rename = (lambda k: k[len(DDP_PREFIX):]) if ddp else (lambda k: DDP_PREFIX + k)
+    if isinstance(ckpt, TorchCheckpoint):
+        return TorchCheckpoint({rename(k): v for k, v in ckpt.items()}, ckpt.label, ckpt.files)
+    return ckpt.renamed(rename)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -347,6 +395,4 @@ def _unwrap(obj, path: Path) -> dict[str, Tensor]:
     for key, value in state.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{path}: key {key!r} is not a string (expected a name → tensor dict)")
-    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state

@@ -22,6 +22,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -31,7 +32,7 @@ import time
 import traceback
 import unicodedata
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,18 +49,22 @@ from .merge import BATCH_MODES, iter_merge, plan_shape_batches
 from .methods import METHODS, get_method
 from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
+from .store import FORMAT as STORE_FORMAT
 from .store import MANIFEST, TaskStore
 from .tasks import as_sources, nonfinite, select_floating_keys, tensor_meta
-from .writer import (Entry, OutputError, check_output, human_size, parse_size,
-                     plan_shards, staged_output, write_safetensors)
+from .writer import (Entry, OutputError, OwnRecord, check_output, human_size, parse_size, plan_shards,
+                     record_beside, staged_output, write_safetensors, writing)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "tsv_fast_merge.json"
 STI_RECORD = "sti.json"
-# The files that mark a folder as one tsv-fast wrote, so that --overwrite may replace it.
-RECORDS = (MERGE_RECORD, MANIFEST, STI_RECORD)
+# What marks an output as one tsv-fast wrote, per command (fields every version wrote), so that
+# --overwrite replaces only an output of ours and of the same kind.
+OWN = {"merge": OwnRecord(MERGE_RECORD, "a merged model", {"tool": "tsv-fast", "command": "merge"}),
+       "compress": OwnRecord(MANIFEST, "a task store", {"tool": "tsv-fast", "format": STORE_FORMAT}),
+       "interference": OwnRecord(STI_RECORD, "an STI report", {"tool": "tsv-fast", "command": "interference"})}
 
 
 class UsageError(TSVInputError):
@@ -199,8 +204,10 @@ def merge_job(fields: dict, source: str, root: Path = Path(".")) -> MergeJob:
     paths = {k: path(values[k]) for k in ("base", "output") if k in values}
     job = MergeJob(**{**values, **paths, "tasks": [path(t) for t in values["tasks"]], "options": options,
                       "output": paths.get("output")})
-    if job.alpha is not None and not math.isfinite(job.alpha):
-        raise UsageError(f"{source}: field 'alpha': expected a finite number, got {job.alpha!r}")
+    largest = torch.finfo(torch.float32).max  # the merge scales float32 deltas by alpha
+    if job.alpha is not None and not (math.isfinite(job.alpha) and abs(job.alpha) <= largest):
+        raise UsageError(f"{source}: field 'alpha': expected a finite number within float32 range "
+                         f"(|alpha| <= {largest:.3g}), got {job.alpha!r}")
     get_method(job.method)  # unknown method / option / solver: the library's own errors
     get_solver(job.solver)
     if job.batch not in BATCH_MODES:
@@ -240,32 +247,59 @@ def load_config(path: Path) -> dict:
 def _device(name: str) -> torch.device | None:
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is visible (use --device cpu or auto)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"--device: unknown device {name!r} (auto, cpu or cuda)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: no such GPU ({torch.cuda.device_count()} visible: cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu" and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: not supported here (auto, cpu or cuda)")
+    return device
 
 
 def _open_inputs(base: Path, tasks: Sequence[Path], *, prefix, unsafe_pickle, min_tasks: int, command: str
                  ) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open the base and tasks lazily, refusing too few tasks and repeated paths."""
+    """Open the base and tasks lazily (a task's keys named as the base's: see ``open_checkpoint``),
+    refusing too few tasks, task stores and repeated files."""
     if len(tasks) < min_tasks:
         raise UsageError(f"{command} needs at least {min_tasks} task checkpoints after the base, got {len(tasks)}"
                          + (" (merging a single task is almost surely a mistake)" if command == "merge" else ""))
-    seen: dict[Path, str] = {}
+    _refuse_store(base, "the base must be the pretrained checkpoint")
+    for t in tasks:
+        _refuse_store(t, f"{command} reads fine-tuned checkpoints (`tsv-fast merge` takes a store's tasks)")
+    seen: dict[tuple[int, int], str] = {}
     for p, shown in [(base, f"{base} (the base)"), *((t, str(t)) for t in tasks)]:
-        files = {f.resolve() for f in checkpoint_files(p)}  # a folder, its index or a link: the same files
+        files = {_file_id(f) for f in checkpoint_files(p)}  # a folder, its index, a link or a hard link
         if twice := next((seen[f] for f in files if f in seen), None):
             raise UsageError(f"{p}: given twice (also as {twice})")
         seen.update(dict.fromkeys(files, shown))
-    opened = [open_checkpoint(p, prefix=prefix, unsafe_pickle=unsafe_pickle) for p in (base, *tasks)]
-    return opened[0], opened[1:]
+    opened = open_checkpoint(base, prefix=prefix, unsafe_pickle=unsafe_pickle)
+    return opened, [open_checkpoint(p, prefix=prefix, unsafe_pickle=unsafe_pickle, base=opened) for p in tasks]
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """(device, inode): one file whatever path, symbolic or hard link, leads to it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return st.st_dev, st.st_ino
 
 
 def _is_task_store(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def _refuse_store(path: Path, what: str) -> None:
+    """A task store read as a checkpoint would be 'a folder of several .safetensors' or, holding
+    one task, its factors read as weights: say what it is instead."""
+    if _is_task_store(path):
+        raise UsageError(f"{path}: is a task store (a folder with {MANIFEST}), not a checkpoint: {what}")
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -289,12 +323,12 @@ def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe
     (folders written by ``tsv-fast compress``) expanded into their compressed tasks, named
     ``STORE:task``. A store built from another base is refused (its fingerprint)."""
     stores = [p for p in paths if _is_task_store(p)]
-    if len({p.resolve() for p in stores}) < len(stores):
+    if len({_file_id(p / MANIFEST) for p in stores}) < len(stores):
         raise UsageError(f"a task store is given twice: {[str(p) for p in stores]}")
     base, opened = _open_inputs(base_path, [p for p in paths if p not in stores], prefix=prefix,
                                 unsafe_pickle=unsafe_pickle, min_tasks=0, command="merge")
     checkpoints = iter(opened)
-    tasks, names = [], []
+    tasks, names, sources = [], [], {}
     for p in paths:
         if p not in stores:
             tasks.append(next(checkpoints))
@@ -306,10 +340,38 @@ def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe
         for name in store.names():
             tasks.append(store.load(name))
             names.append(f"{p}:{name}")
+        for name, source in _store_sources(store).items():
+            if twice := sources.get(source):
+                raise UsageError(f"{p}: task {name!r} was compressed from the same checkpoint as {twice}: "
+                                 f"that task would count twice")
+            sources[source] = f"{p}:{name}"
+    if sources:  # a checkpoint given beside the store holding it, compressed: the same task twice
+        for p in paths:
+            if p not in stores and (twice := sources.get(_identity(fingerprint(f) for f in checkpoint_files(p)))):
+                raise UsageError(f"{p}: given twice (also as {twice}, compressed from it): that task would "
+                                 f"count twice")
     if len(tasks) < 2:
         raise UsageError(f"merge needs at least 2 tasks after the base (checkpoints or task-store tasks), got "
                          f"{len(tasks)} (merging a single task is almost surely a mistake)")
     return base, tasks, names
+
+
+def _identity(fingerprints: Iterable[dict]) -> frozenset:
+    """A checkpoint's files as their fingerprints' (size, hash), wherever they lie."""
+    return frozenset((f["size"], f["sha256_head_tail"]) for f in fingerprints)
+
+
+def _store_sources(store: TaskStore) -> dict[str, frozenset]:
+    """Task name -> identity of the checkpoint it was compressed from, as `tsv-fast compress`
+    recorded it (tasks added otherwise, or hand-edited entries, have none)."""
+    found = {}
+    for entry in store.manifest["tasks"]:
+        try:
+            if source := _identity(entry["info"]["source"]["files"]):
+                found[entry["name"]] = source
+        except (KeyError, TypeError):
+            pass
+    return found
 
 
 def _meta_tensor(state, key: str, owner: str = "base") -> torch.Tensor:
@@ -378,9 +440,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                         solver=job.solver, out_dtype=out_dtype, device=device, progress=_progress(args),
                         batch=job.batch, batch_bytes=job.batch_bytes, **job.options)
     if job.output is not None:
-        record_file = [job.output.parent / f"{job.output.name}.json"] if job.output.suffix == ".safetensors" else []
+        record_file = [record_beside(job.output)] if job.output.suffix == ".safetensors" else []
         check_output(job.output, _input_files([job.base, *job.tasks]), overwrite=job.overwrite or job.dry_run,
-                     also=record_file, records=RECORDS, folder=not record_file)
+                     also=record_file, record=OWN["merge"], others=list(OWN.values()), folder=not record_file)
     spec = get_method(job.method)
     alpha = spec.default_alpha if job.alpha is None else job.alpha
     selected = select_keys(base, job.include, job.exclude)
@@ -495,7 +557,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     store = Path(args.output) if args.output else None
     if store is not None:
         check_output(store, _input_files([base_path, *task_paths]), overwrite=args.overwrite or args.dry_run,
-                     records=RECORDS, folder=True)
+                     record=OWN["compress"], others=list(OWN.values()), folder=True)
     as_sources(base, tasks, names)  # keys, shapes, dtypes: from the headers, before any work
     selected = select_floating_keys(base, args.include, args.exclude, "compress")
     check_energy(args.energy, "--energy")  # settings too: a dry run that passes must run
@@ -576,28 +638,33 @@ def cmd_interference(args: argparse.Namespace) -> int:
     base, tasks = _open_inputs(base_path, task_paths, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle,
                                min_tasks=2, command="interference")
     out = Path(args.output)
-    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite, records=RECORDS, folder=True)
+    check_output(out, _input_files([base_path, *task_paths]), overwrite=args.overwrite, record=OWN["interference"],
+                 others=list(OWN.values()), folder=True)
     report = interference(base, tasks, names=[str(p) for p in task_paths], include=args.include,
                           exclude=args.exclude, solver=args.solver or "exact", device=_device(args.device or "auto"),
                           progress=_progress(args))
     report.tasks = _unique_names(task_paths)  # short labels for the tables and plots
     pairs = [(i, j) for i in range(len(report.tasks)) for j in range(i + 1, len(report.tasks))]
+    summary = _record("interference", tasks=report.tasks, per_key=report.per_key, by_block=report.by_block(),
+                      per_pair={k: v.tolist() for k, v in report.per_pair.items()},
+                      inputs={"base": _input_record([base_path])[0], "tasks": _input_record(task_paths)})
+    # a failed write names the report's file (a full disk's OSError names none)
     with staged_output(out, folder=True, overwrite=args.overwrite) as stage:
-        with open(stage / "sti_per_layer.csv", "w", newline="") as f:
+        with writing(out / "sti_per_layer.csv"), open(stage / "sti_per_layer.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", "sti"])
             w.writerows([k, v] for k, v in report.per_key.items())
-        with open(stage / "sti_per_pair.csv", "w", newline="") as f:
+        with writing(out / "sti_per_pair.csv"), open(stage / "sti_per_pair.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", "task_a", "task_b", "sti"])
             for k, grid in report.per_pair.items():
                 w.writerows([k, report.tasks[i], report.tasks[j], grid[i, j].item()] for i, j in pairs)
-        summary = _record("interference", tasks=report.tasks, per_key=report.per_key, by_block=report.by_block(),
-                          per_pair={k: v.tolist() for k, v in report.per_pair.items()},
-                          inputs={"base": _input_record([base_path])[0], "tasks": _input_record(task_paths)})
-        (stage / STI_RECORD).write_text(json.dumps(summary, indent=2))
-        pngs = [plot_sti_heatmap(report, stage / "sti_heatmap.png"),
-                plot_sti_by_depth(report, stage / "sti_by_depth.png")]
+        with writing(out / STI_RECORD):
+            (stage / STI_RECORD).write_text(json.dumps(summary, indent=2))
+        pngs = []
+        for name, plot in (("sti_heatmap.png", plot_sti_heatmap), ("sti_by_depth.png", plot_sti_by_depth)):
+            with writing(out / name):
+                pngs.append(plot(report, stage / name))
     _say(args, f"STI of {len(report.per_key)} matrix keys, {len(pairs)} task pairs: {out}/ "
                f"(sti_per_layer.csv, sti_per_pair.csv, sti.json"
                + "".join(f", {p.name}" for p in pngs if p is not None) + ")")
@@ -614,12 +681,15 @@ def cmd_interference(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.num_tasks is not None and not args.base:
         raise UsageError("inspect --num-tasks sets the rank floor(r/T) of the deltas against --base: give --base too")
+    what = "inspect reads checkpoints (`tsv_fast.TaskStore` opens a store in Python)"
+    for path in ([args.base] if args.base else []) + args.files:
+        _refuse_store(Path(path), what)
     base = open_checkpoint(args.base, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle) if args.base else None
     T = args.num_tasks if args.num_tasks is not None else len(args.files)
-    if base is not None and T < 2:
+    if base is not None and args.num_tasks is None and len(args.files) < 2:  # k = floor(r/1) = r: all energy
         raise UsageError("inspect --base with one file: give --num-tasks T for the rank floor(r/T)")
     for path in args.files:
-        ckpt = open_checkpoint(path, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle)
+        ckpt = open_checkpoint(path, prefix=args.prefix, unsafe_pickle=args.unsafe_pickle, base=base)
         fmt = "safetensors" if hasattr(ckpt, "meta") else "pytorch"
         print(f"{path}: {fmt}, {len(ckpt)} tensors, {human_size(ckpt.nbytes())}, {len(ckpt.files)} file(s)")
         if base is not None:
@@ -843,16 +913,19 @@ def _say(args, message: str) -> None:
 @contextlib.contextmanager
 def _cli_environment() -> Iterator[None]:
     """Warnings as one 'tsv-fast: warning:' line each (even with -q: --unsafe-pickle's must not
-    be hidden); SIGTERM unwinds like Ctrl-C, so staged outputs are removed."""
+    be hidden); SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C, so staged outputs are
+    removed, unless the signal is ignored (``nohup``: the run must go on)."""
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"tsv-fast: warning: {message}", file=sys.stderr)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -860,8 +933,8 @@ def _cli_environment() -> Iterator[None]:
             warnings.showwarning = show
             yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -882,7 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tsv-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("tsv-fast: interrupted; no output was written", file=sys.stderr)
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                print("tsv-fast: interrupted; no output was written", file=sys.stderr)
             return 130
         except Exception as exc:
             if args.verbose:

@@ -2,7 +2,9 @@
 
 Everything is written into a hidden staging folder next to the destination and moved
 into place only once complete; on any error (or Ctrl-C) the staging folder is removed,
-so a failed run leaves nothing behind and never touches an input.
+so a failed run leaves nothing behind and never touches an input. A run killed outright
+(SIGKILL) cannot remove it: the next run of the same output does, when the folder's name
+shows it is from this machine and from a process that no longer exists.
 
 :class:`SafetensorsWriter` streams: every output shape and dtype is known before a
 merge starts, so each shard's header is written first and each tensor's bytes follow
@@ -15,10 +17,12 @@ Hugging Face layout (``model-00001-of-00003.safetensors`` + ``model.safetensors.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -85,35 +89,92 @@ def human_size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+@dataclass(frozen=True)
+class OwnRecord:
+    """The JSON file tsv-fast writes with one kind of output, and the fields that mark it as
+    ours (every version wrote them): ``--overwrite`` replaces an existing output only when its
+    record matches, so it never deletes a user's folder, nor one kind of output for another."""
+
+    name: str                 # its file name in a folder output
+    what: str                 # the output kind, for messages: "a merged model"
+    marks: Mapping[str, str]  # e.g. {"tool": "tsv-fast", "command": "merge"}
+
+    def matches(self, path: Path) -> bool:
+        """Whether ``path`` is a JSON object holding all of ``marks``."""
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+            return False
+        return isinstance(data, dict) and all(data.get(k) == v for k, v in self.marks.items())
+
+
+def record_beside(out: Path) -> Path:
+    """The JSON record written beside a one-file output ``X.safetensors``: ``X.safetensors.json``."""
+    return out.parent / f"{out.name}.json"
+
+
 def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Sequence[Path] = (),
-                 records: Sequence[str] = (), folder: bool = False) -> None:
+                 record: OwnRecord | None = None, others: Sequence[OwnRecord] = (), folder: bool = False) -> None:
     """Refuse, before any work, an output that is an input, contains one or lies in a folder
     given as one, that exists without ``overwrite``, or whose folder cannot be written.
-    ``also``: other paths the output will
-    create (its JSON record). ``records``: file names that mark a folder as written by
-    tsv-fast; with ``records`` given, a non-empty folder holding none of them is never
-    replaced (``-o ~ --overwrite`` must not delete a home folder). A ``folder`` output never
-    replaces a file (``-o notes.txt --overwrite`` must not turn a user's file into a folder)."""
-    target = out.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if p == target:
-            raise OutputError(f"{out}: is one of the inputs ({path}); choose another output path")
-        if target in p.parents:
-            raise OutputError(f"{out}: contains an input ({path}); choose another output path")
-        if p.is_dir() and p in target.parents:  # a folder input's contents define it (one file, shards, a store)
-            raise OutputError(f"{out}: is inside the input folder {path}, whose contents it would change; "
-                              f"choose another output path")
+
+    ``also``: other files the output creates beside it (the record of a one-file output); they
+    get the same checks, and with ``record`` given may replace only such a record of ours.
+    ``record``: what marks a folder output as tsv-fast's, of this kind; with it given, a
+    non-empty folder is replaced only when it holds that record (``-o ~ --overwrite`` must not
+    delete a home folder; a merge must not replace a task store: ``others`` name the kinds it
+    may be instead). A ``folder`` output never replaces a file (``-o notes.txt --overwrite``
+    must not turn a user's file into a folder), and a file output never replaces a folder."""
+    inputs = list(inputs)
     for path in (out, *also):
-        if path.exists() and not overwrite:
+        _check_not_input(path, inputs)
+    for path in (out, *also):
+        if (path.exists() or path.is_symlink()) and not overwrite:
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
     if folder and out.exists() and not out.is_dir():
         raise OutputError(f"{out}: is a file, and this output is a folder; refusing to replace it, even with "
                           f"--overwrite: choose another output or remove it yourself")
-    if records and out.is_dir() and any(out.iterdir()) and not any((out / r).exists() for r in records):
-        raise OutputError(f"{out}: is a folder tsv-fast did not write (no {' or '.join(records)}); refusing to "
-                          f"replace it, even with --overwrite: choose another output or remove it yourself")
+    for path in ([] if folder else [out]) + list(also):
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder, and this output is a file; refusing to replace it, even "
+                              f"with --overwrite: choose another output or remove it yourself")
+    if record is not None:
+        for path in also:
+            if path.exists() and not record.matches(path):
+                raise OutputError(f"{path}: is not a record tsv-fast wrote (expected {record.what}'s JSON "
+                                  f"record); refusing to replace it, even with --overwrite: choose another "
+                                  f"output or remove it yourself")
+        if folder and out.is_dir() and any(out.iterdir()):
+            _check_own_folder(out, record, others)
     _check_writable(out)
+
+
+def _check_not_input(path: Path, inputs: Sequence[Path]) -> None:
+    target = path.resolve()
+    for given in inputs:
+        p = given.resolve()
+        if p == target:
+            raise OutputError(f"{path}: is one of the inputs ({given}); choose another output path")
+        if target in p.parents:
+            raise OutputError(f"{path}: contains an input ({given}); choose another output path")
+        if p.is_dir() and p in target.parents:  # a folder input's contents define it (one file, shards, a store)
+            raise OutputError(f"{path}: is inside the input folder {given}, whose contents it would change; "
+                              f"choose another output path")
+
+
+def _check_own_folder(out: Path, record: OwnRecord, others: Sequence[OwnRecord]) -> None:
+    """Refuse to replace a non-empty folder unless it holds ``record`` (tsv-fast's, this kind)."""
+    if record.matches(out / record.name):
+        return
+    refuse = "refusing to replace it, even with --overwrite: choose another output or remove it yourself"
+    for other in others:
+        if other != record and other.matches(out / other.name):
+            raise OutputError(f"{out}: holds {other.what} (its {other.name}), and this output is {record.what}; "
+                              f"{refuse}")
+    if (out / record.name).exists():
+        raise OutputError(f"{out}: its {record.name} is not a record tsv-fast wrote (no "
+                          f"{', '.join(f'{k!r}: {v!r}' for k, v in record.marks.items())}); {refuse}")
+    raise OutputError(f"{out}: is a folder tsv-fast did not write (no {record.name}); {refuse}")
 
 
 def _check_writable(out: Path) -> None:
@@ -162,6 +223,16 @@ def cannot_write(path, exc: Exception) -> OutputError:
 
 
 @contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An ``OSError`` in the block is a failure to write ``path``, reported as such: a full disk
+    (``ENOSPC``) carries no file name, so it could not otherwise be told from any other error."""
+    try:
+        yield
+    except OSError as exc:
+        raise cannot_write(path, exc) from exc
+
+
+@contextmanager
 def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
     """A fresh staging folder next to ``out``, moved into place when the block succeeds.
 
@@ -176,7 +247,8 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tsv-fast-tmp-", dir=out.parent))
+            _remove_stale_stages(out)
+            stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, os.getpid()), dir=out.parent))
             os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would carry over to a folder output
         except OSError as exc:
             raise cannot_write(out, exc) from exc
@@ -207,6 +279,38 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
                     parent.rmdir()
                 except OSError:
                     break
+
+
+def _stage_prefix(out: Path, pid: int | None) -> str:
+    """The staging folder's name up to its random part (up to the process id for ``pid=None``);
+    it names the machine (hashed) and the process, so that a later run can tell a stage left by
+    a killed run from one in use."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{out.name}.tsv-fast-tmp-{host}-" + ("" if pid is None else f"{pid}-")
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Delete staging folders of ``out`` left by runs killed outright (SIGKILL, a crash): ours by
+    name, from this machine, of a process that no longer exists. Any doubt keeps the folder."""
+    ours = re.compile(re.escape(_stage_prefix(out, None)) + r"(\d+)-\w+")
+    for path in out.parent.iterdir():
+        found = ours.fullmatch(path.name)
+        if found and path.is_dir() and not path.is_symlink() and not _alive(int(found.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may exist (signal 0 checks without sending; on other systems
+    than POSIX, where signal 0 would not be a check, always True)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or a pid out of range
+        return True
+    return True
 
 
 def _is_staged(path: Path, stage: Path, out: Path) -> bool:
@@ -303,7 +407,8 @@ class SafetensorsWriter:
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": sum(e.nbytes for _, s in self.shards for e in s)},
                      "weight_map": {e.key: name for name, s in self.shards for e in s}}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            with writing(self.shown_as / INDEX_NAME):
+                (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:
         """Close the open shard, ignoring errors: closing flushes, which fails again on a full
@@ -369,7 +474,9 @@ def write_safetensors(
         finally:
             writer.abort()
         if record is not None:
-            (stage / (f"{out.name}.json" if single else record_name)).write_text(json.dumps(record, indent=2))
+            name = record_beside(out).name if single else record_name
+            with writing((out.parent if single else out) / name):
+                (stage / name).write_text(json.dumps(record, indent=2))
     if single:
-        return [out] + ([out.parent / f"{out.name}.json"] if record is not None else [])
+        return [out] + ([record_beside(out)] if record is not None else [])
     return sorted(out.iterdir())
