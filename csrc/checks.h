@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <utility>
 
 namespace tsv_fast {
@@ -41,6 +43,14 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
   TORCH_CHECK_VALUE(t.size(d) == expected, op, ": ", name, ".size(", d, ") must equal ", what,
               " = ", expected, ", but ", name, " has shape ", t.sizes(), " and ", ref_name,
               " has shape ", ref.sizes());
+}
+
+// alpha scales float32 (or float64) accumulators on every device: one rule for all of them
+// (the CPU's ATen GEMMs refused an alpha beyond float32 while the kernels turned it into Inf).
+inline void check_alpha(const char* op, double alpha) {
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::fabs(alpha) <= std::numeric_limits<float>::max(), op,
+                    ": alpha must be a finite number within the float32 range "
+                    "(|alpha| <= 3.4028234663852886e+38), got ", alpha);
 }
 
 inline void check_same_device(const char* op, std::initializer_list<NamedTensor> ts) {

@@ -1,6 +1,13 @@
-// Schemas of all tsv_fast ops.  Backend implementations register themselves
-// with TORCH_LIBRARY_IMPL in their own files (cpu/, cuda/).
+// Schemas of all tsv_fast ops, and their one Autograd kernel.  Backend
+// implementations register themselves with TORCH_LIBRARY_IMPL in their own
+// files (cpu/, cuda/).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "kernels/jacobi_eigh.h"
 
@@ -11,9 +18,40 @@ int64_t eigh_shared_order(int64_t smem_bytes, bool float64) {
   const size_t b = static_cast<size_t>(smem_bytes);
   return float64 ? tsv_fast::jacobi::max_shared_order<double>(b) : tsv_fast::jacobi::max_shared_order<float>(b);
 }
+
+// Autograd kernel of every tensor op: none has a derivative.  Autograd's fallback used to let
+// outputs require grad with no gradient behind them, except where a CPU kernel's own ATen calls
+// recorded one (CPU and GPU differed).  Now inputs that require grad are refused while grad mode
+// is on, on every device; otherwise the op runs below autograd, and what it writes in place gets
+// its version bumped (so a stale tensor saved for backward is detected, as for ATen's ops).
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  const bool grad_mode = c10::GradMode::is_enabled();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (!v.isTensor()) continue;
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK_NOT_IMPLEMENTED(!(grad_mode && t.defined() && t.requires_grad()), op.schema().name(),
+                                " is not differentiable, but its argument ", args[i].name(),
+                                " requires grad: call it under torch.no_grad() or on detached tensors, "
+                                "or use the wrappers in tsv_fast.ops, which fall back to PyTorch when "
+                                "gradients are needed");
+    if (args[i].alias_info() && args[i].alias_info()->isWrite()) written.push_back(t);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tsv_fast, m) {
+  // The fake (meta) kernels, for torch.compile, are registered from Python by this module.
+  m.set_python_module("tsv_fast.ops");
   // base + alpha * U @ diag(S) @ V^T, written straight into a fresh output of
   // base's dtype/shape/device; 2-D or batched 3-D (see csrc/reconstruct.h).
   m.def("reconstruct(Tensor base, Tensor U, Tensor S, Tensor V, float alpha) -> Tensor");
@@ -43,4 +81,11 @@ TORCH_LIBRARY(tsv_fast, m) {
   // thread by thread (csrc/cpu/segmented_emulated.cpp).  For testing.
   m.def("segmented_lowrank_apply_emulated(Tensor base, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> Tensor");
   m.def("segmented_lowrank_apply_emulated_(Tensor(a!) out, Tensor x, Tensor offsets, Tensor slots, Tensor U, Tensor S, Tensor V, Tensor ranks, float alpha) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tsv_fast, Autograd, m) {
+  for (const char* name : {"reconstruct", "reconstruct_emulated", "batched_eigh", "batched_eigh_emulated",
+                           "segmented_lowrank_apply", "segmented_lowrank_apply_",
+                           "segmented_lowrank_apply_emulated", "segmented_lowrank_apply_emulated_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
 }

@@ -22,7 +22,7 @@ struct ReconstructArgs {
 // base (m,n) | (B,m,n);  U (m,k) | (B,m,k);  S (k) | (B,k);  V (n,k) | (B,n,k).
 inline ReconstructArgs check_reconstruct_args(const char* op, const at::Tensor& base,
                                               const at::Tensor& U, const at::Tensor& S,
-                                              const at::Tensor& V) {
+                                              const at::Tensor& V, double alpha) {
   using namespace checks;
   check_defined(op, "base", base);
   check_defined(op, "U", U);
@@ -54,6 +54,7 @@ inline ReconstructArgs check_reconstruct_args(const char* op, const at::Tensor& 
   check_size(op, "V", V, off, n, "n (columns of base)", "base", base);
   check_size(op, "S", S, off, k, "k (columns of U)", "U", U);
   check_size(op, "V", V, off + 1, k, "k (columns of U)", "U", U);
+  check_alpha(op, alpha);
 
   return ReconstructArgs{base.contiguous(), U.contiguous(), S.contiguous(), V.contiguous(),
                          batched ? base.size(0) : 1, m, n, k, batched};

@@ -46,12 +46,37 @@ inline void check_index_tensor(const char* op, const char* name, const at::Tenso
                     " must be on the CPU or on x's device");
 }
 
+// No two elements of a 2-D tensor share an address.  ATen answers for dense layouts and
+// zero strides; the rest (MemOverlap::TooHard, e.g. a column slice of a wider tensor) pass when
+// one dim steps over the whole extent of the other.
+inline bool distinct_elements_2d(const at::Tensor& t) {
+  switch (at::has_internal_overlap(t)) {
+    case at::MemOverlap::No: return true;
+    case at::MemOverlap::Yes: return false;
+    case at::MemOverlap::TooHard: break;
+  }
+  if (t.size(0) <= 1 || t.size(1) <= 1) return true;  // one line of non-zero steps
+  const int inner = t.stride(0) <= t.stride(1) ? 0 : 1, outer = 1 - inner;
+  return t.stride(outer) >= t.stride(inner) * t.size(inner);
+}
+
+// Whether a and b may share memory: ATen's answer for dense layouts; for the others
+// (MemOverlapStatus::TooHard) only separate storages rule an overlap out.
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::No: return false;
+    case at::MemOverlapStatus::TooHard: return a.storage().is_alias_of(b.storage());
+    default: return true;  // Full or Partial
+  }
+}
+
 // `out_name` is "base" for the functional op and "out" for the in-place one.
 inline SegmentedArgs check_segmented_args(const char* op, const char* out_name,
                                           const at::Tensor& out, const at::Tensor& x,
                                           const at::Tensor& offsets, const at::Tensor& slots,
                                           const at::Tensor& U, const at::Tensor& S,
-                                          const at::Tensor& V, const at::Tensor& ranks) {
+                                          const at::Tensor& V, const at::Tensor& ranks,
+                                          double alpha) {
   using namespace checks;
   check_defined(op, out_name, out);
   check_defined(op, "x", x);
@@ -72,17 +97,22 @@ inline SegmentedArgs check_segmented_args(const char* op, const char* out_name,
   check_same_dtype(op, {{"U", &U}, {"S", &S}, {"V", &V}});
   check_same_device(op, {{"x", &x}, {out_name, &out}, {"U", &U}, {"S", &S}, {"V", &V}});
 
-  // The CPU op reads x segment by segment and the CUDA kernel all of it first: they agree only
-  // when out is x itself or shares no memory with it, and with nothing else it reads.
-  // (Like ATen's own checks, layouts too irregular to tell, MemOverlapStatus::TooHard, pass.)
-  using at::MemOverlapStatus;
-  TORCH_CHECK_VALUE(at::get_overlap_status(out, x) != MemOverlapStatus::Partial, op, ": ", out_name,
-                    " must be x itself or share no memory with it, but they partly overlap");
+  // The CPU op reads x segment by segment and the CUDA kernel all of it first, and both write
+  // out row by row: they agree only when out's elements are distinct, and out is x itself or
+  // shares no memory with it, nor with anything else the op reads.  Overlaps that cannot be
+  // ruled out are refused.
+  TORCH_CHECK_VALUE(distinct_elements_2d(out), op, ": ", out_name,
+                    " has elements that share memory (an expanded or overlapping strided view, "
+                    "got strides ", out.strides(), " for shape ", out.sizes(),
+                    "); pass a tensor with distinct elements");
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, x) == at::MemOverlapStatus::Full ||
+                        !may_share_memory(out, x),
+                    op, ": ", out_name, " must be x itself or share no memory with it, but they ",
+                    "overlap (or share a storage in layouts too irregular to rule that out)");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"U", &U}, {"S", &S}, {"V", &V},
                                 {"offsets", &offsets}, {"slots", &slots}, {"ranks", &ranks}}) {
-    const auto status = t->defined() ? at::get_overlap_status(out, *t) : MemOverlapStatus::No;
-    TORCH_CHECK_VALUE(status != MemOverlapStatus::Partial && status != MemOverlapStatus::Full, op, ": ",
-                      out_name, " shares memory with ", name, ", which it reads");
+    TORCH_CHECK_VALUE(!t->defined() || !may_share_memory(out, *t), op, ": ", out_name,
+                      " shares memory with ", name, ", which it reads; pass a separate tensor");
   }
 
   const int64_t N = x.size(0), n = x.size(1), m = out.size(1);
@@ -103,6 +133,7 @@ inline SegmentedArgs check_segmented_args(const char* op, const char* out_name,
   check_index_tensor(op, "offsets", offsets, T + 1, "T+1", x);
   check_index_tensor(op, "slots", slots, T, "T (offsets has T+1 entries)", x);
   check_index_tensor(op, "ranks", ranks, P, "P (factor slots, U.size(0))", x);
+  check_alpha(op, alpha);
 
   SegmentedArgs a{x.contiguous(), U.contiguous(), S.contiguous(), V.contiguous(),
                   offsets.contiguous(), slots.contiguous(), ranks.contiguous(),
@@ -136,11 +167,11 @@ inline SegmentedArgs check_segmented_args(const char* op, const char* out_name,
 
 // Functional form of an in-place implementation: a copy of base, updated.
 template <typename InPlace>
-at::Tensor segmented_functional(InPlace&& apply_, const at::Tensor& base, const at::Tensor& x,
-                                const at::Tensor& offsets, const at::Tensor& slots,
-                                const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                const at::Tensor& ranks, double alpha) {
-  checks::check_defined("segmented_lowrank_apply", "base", base);
+at::Tensor segmented_functional(const char* op, InPlace&& apply_, const at::Tensor& base,
+                                const at::Tensor& x, const at::Tensor& offsets,
+                                const at::Tensor& slots, const at::Tensor& U, const at::Tensor& S,
+                                const at::Tensor& V, const at::Tensor& ranks, double alpha) {
+  checks::check_defined(op, "base", base);
   at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
   apply_("base", out, x, offsets, slots, U, S, V, ranks, alpha);
   return out;

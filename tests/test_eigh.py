@@ -371,10 +371,11 @@ def test_tiny_and_huge_matrices_are_solved_like_unit_ones(impl, dtype, powers, k
         check_eigh(A, w / 2.0 ** p, V, work64=impl == "op")
 
 
-@needs_ext
-@pytest.mark.parametrize("impl", ["op", "emulated"])
+@pytest.mark.parametrize("impl", [pytest.param("op", marks=needs_ext), pytest.param("emulated", marks=needs_ext),
+                                  "fallback"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_input_gives_all_nan_at_once(impl, bad):
+    """(The fallback used to raise torch.linalg.eigh's LinAlgError instead.)"""
     A = make("random", 8, B=2)
     A[0, 3, 5] = A[0, 5, 3] = bad
     for sweeps in (0, 1 << 20):  # NaN used to run every sweep allowed, or (0) return a finite diagonal
@@ -421,6 +422,36 @@ def test_public_wrapper_supports_autograd():
     torch.testing.assert_close(A.grad, torch.eye(5, dtype=torch.float64).expand(1, 5, 5))
 
 
+def test_public_wrapper_with_grad_gives_nan_for_nonfinite_matrices():
+    """The autograd path (torch.linalg.eigh) follows the kernels' NaN convention too."""
+    A = make("random", 5, B=2)
+    A[0, 1, 1] = float("inf")
+    A.requires_grad_()
+    w, V = ops.batched_eigh(A)
+    assert w[0].isnan().all() and V[0].isnan().all() and w[1].isfinite().all()
+    w[1].sum().backward()
+    torch.testing.assert_close(A.grad[1], torch.eye(5, dtype=torch.float64))
+    assert torch.equal(A.grad[0], torch.zeros(5, 5, dtype=torch.float64))
+
+
+@needs_ext
+@pytest.mark.parametrize("op_name", ["batched_eigh", "batched_eigh_emulated"])
+def test_ops_refuse_inputs_that_require_grad(op_name):
+    """The ops have no derivative: their outputs used to require grad and get none."""
+    A = make("random", 6, B=2).requires_grad_()
+    op = getattr(torch.ops.tsv_fast, op_name)
+    with pytest.raises(NotImplementedError, match=rf"tsv_fast::{op_name} is not differentiable, but its "
+                                                  r"argument A requires grad"):
+        op(A)
+    checks = torch.library.opcheck(op.default, (A,), raise_exception=False)
+    assert checks.pop("test_autograd_registration") == "SUCCESS"  # an Autograd kernel is registered
+    assert all(isinstance(e, NotImplementedError) and "is not differentiable" in str(e) for e in checks.values())
+    with torch.no_grad():
+        w, V = op(A)
+    assert not w.requires_grad and not V.requires_grad
+    check_eigh(A.detach(), w, V, work64=op_name == "batched_eigh")
+
+
 @needs_ext
 @pytest.mark.parametrize("op_name", ["batched_eigh", "batched_eigh_emulated"])
 @pytest.mark.parametrize("shape,dtype", [((3, 6, 6), torch.float64), ((5, 5), torch.float32)])
@@ -442,6 +473,8 @@ def test_fake_tensor_shape():
         assert w.shape == (4,) and V.shape == (4, 4)
         with pytest.raises(ValueError, match="order n = 46341 are too large"):  # as the real op says
             torch.ops.tsv_fast.batched_eigh(torch.empty(46341, 46341))
+        with pytest.raises(ValueError, match="force_path must be -1 .auto., 0 .global memory. or 1"):
+            torch.ops.tsv_fast.batched_eigh_emulated(torch.empty(4, 4), 30, 0.0, 2)
 
 
 # ---------------------------------------------------------------------------

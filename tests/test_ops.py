@@ -168,6 +168,70 @@ def test_public_wrapper_raises_the_same_errors(desc, build, msg):
         ops.reconstruct(*build(), 1.0)
 
 
+@pytest.mark.parametrize("impl", [
+    pytest.param("op", marks=needs_ext), pytest.param("emulated", marks=needs_ext), "fallback", "public"])
+@pytest.mark.parametrize("alpha", [1e39, -1e39, float("inf"), float("nan")])
+def test_alpha_must_be_finite_within_float32_on_every_path(impl, alpha):
+    """The CPU op raised RuntimeError for |alpha| > float32 max and the kernels returned Inf/NaN."""
+    with pytest.raises(ValueError, match=r"alpha must be a finite number within the float32 range"):
+        run_impl(impl, *make_inputs(6, 5, 3), alpha)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch", [None, 2])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_nonfinite_factors_give_the_same_nan_and_inf_on_every_path(alpha, batch):
+    """With alpha = 0 the CPU op used to return base for 2-D inputs (its GEMM skipped the product)
+    and the kernel NaN (0 * Inf): now every path gives what the kernel computes."""
+    base, U, S, V = make_inputs(6, 5, 3, batch=batch)
+    U[..., 1, 0] = float("inf")  # row 1
+    V[..., 2, 1] = float("nan")  # column 2
+    outs = {impl: run_impl(impl, base, U, S, V, alpha) for impl in ("op", "emulated", "fallback", "public")}
+    want = outs["emulated"]  # the CUDA kernel's arithmetic
+    assert not want[..., 1, :].isfinite().any() and want[..., 2].isnan().all() and want[..., 0, 0].isfinite().all()
+    for impl, out in outs.items():
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(want)), (impl, kind.__name__)
+
+
+@needs_ext
+@pytest.mark.parametrize("op_name", ["reconstruct", "reconstruct_emulated"])
+def test_ops_refuse_inputs_that_require_grad(op_name):
+    """The ops have no derivative: with grad mode on, autograd's fallback used to hand back
+    outputs that required grad, with a real graph on the CPU op (its ATen calls) and none
+    behind the emulated one."""
+    base, U, S, V = make_inputs(6, 5, 3)
+    op = getattr(torch.ops.tsv_fast, op_name)
+    args = (base.requires_grad_(), U, S, V, 0.5)
+    with pytest.raises(NotImplementedError, match=rf"tsv_fast::{op_name} is not differentiable, but its "
+                                                  r"argument base requires grad"):
+        op(*args)
+    checks = torch.library.opcheck(op.default, args, raise_exception=False)
+    assert checks.pop("test_autograd_registration") == "SUCCESS"  # an Autograd kernel is registered
+    assert all(isinstance(e, NotImplementedError) and "is not differentiable" in str(e) for e in checks.values())
+    with torch.no_grad():
+        out = op(*args)
+    assert not out.requires_grad
+    assert_close_to_ref(out, base, U, S, V, 0.5)
+
+
+@needs_ext
+def test_fake_kernels_come_with_the_ops():
+    """The fakes used to be registered only by ops.load_extension(): importing tsv_fast._C (or
+    reaching the ops another way) left torch.compile without them."""
+    import subprocess
+    import sys
+
+    code = ("import torch, tsv_fast._C\n"
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "with FakeTensorMode():\n"
+            "    out = torch.ops.tsv_fast.reconstruct(torch.empty(4, 9), torch.empty(4, 2), torch.empty(2),\n"
+            "                                         torch.empty(9, 2), 1.0)\n"
+            "assert out.shape == (4, 9)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 @needs_ext
 @pytest.mark.parametrize("op_name", ["reconstruct", "reconstruct_emulated"])
 @pytest.mark.parametrize("size,batch,base_dtype,factor_dtype", [
@@ -187,6 +251,10 @@ def test_fake_tensor_shape():
     with FakeTensorMode():
         base, U, S, V = make_inputs(4, 9, 2, batch=3, base_dtype=torch.float16)
         out = torch.ops.tsv_fast.reconstruct(base, U, S, V, 1.0)
+        with pytest.raises(ValueError, match=r"^reconstruct_emulated: U\.size\(1\) must equal m"):  # its own name
+            torch.ops.tsv_fast.reconstruct_emulated(base, U[:, :3], S, V, 1.0)
+        with pytest.raises(ValueError, match="reconstruct: alpha must be a finite number"):
+            torch.ops.tsv_fast.reconstruct(base, U, S, V, float("inf"))
     assert out.shape == (3, 4, 9) and out.dtype == torch.float16
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tsv_fast import ops
+from tsv_fast.errors import TSVInputError
 from tsv_fast.runtime_ops import segmented_lowrank_apply
 
 EXT_OK, EXT_WHY = ops.load_extension()
@@ -171,6 +172,95 @@ def test_out_partly_overlapping_its_inputs_is_refused(name):
     torch.testing.assert_close(x, want)
 
 
+@needs_ext
+@pytest.mark.parametrize("name", ["segmented_lowrank_apply_", "segmented_lowrank_apply_emulated_"])
+def test_out_that_may_overlap_is_refused(name):
+    """Layouts ATen cannot analyse (not dense) used to pass: an out whose rows overlap made the CPU
+    op read rows it had already written (5.97 off the CUDA kernel), and an out slicing the storage
+    of x or U went unchecked. A column slice of a separate tensor stays allowed."""
+    g = torch.Generator().manual_seed(6)
+    N, n, m, k = 8, 4, 5, 2
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(N, n, generator=g, **f64)
+    U, V = torch.randn(1, m, k, generator=g, **f64), torch.randn(1, n, k, generator=g, **f64)
+    S, ranks, offs, slots = torch.ones(1, k, **f64), torch.tensor([k]), torch.tensor([0, N]), torch.tensor([0])
+    op = getattr(torch.ops.tsv_fast, name)
+    for out in (torch.zeros(N + m, **f64).as_strided((N, m), (1, 1)),  # row i starts at element i
+                torch.zeros(1, m, **f64).expand(N, m)):  # one row for all
+        with pytest.raises(ValueError, match=r"out has elements that share memory"):
+            op(out, x, offs, slots, U, S, V, ranks, 1.0)
+    wide = torch.zeros(N, 2 * m, **f64)
+    with pytest.raises(ValueError, match="out shares memory with U, which it reads"):
+        op(wide[:, :m], x, offs, slots, wide.view(-1)[:m * k].view(1, m, k), S, V, ranks, 1.0)
+    store = torch.randn(N, m + n, generator=g, **f64)
+    with pytest.raises(ValueError, match="out must be x itself or share no memory with it"):
+        op(store[:, :m], store[:, m - 1:m - 1 + n], offs, slots, U, S, V, ranks, 1.0)
+    out = wide[:, :m]  # not dense, but its elements are distinct and its storage its own
+    op(out, x, offs, slots, U, S, V, ranks, 1.0)
+    torch.testing.assert_close(out, x @ V[0] @ U[0].T)
+    assert torch.equal(wide[:, m:], torch.zeros(N, m, **f64))
+
+
+IMPL_IDS = {"segmented_lowrank_apply": "op", "segmented_lowrank_apply_": "op_",
+            "segmented_lowrank_apply_emulated": "emulated", "segmented_lowrank_apply_emulated_": "emulated_"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", [1e39, -1e39, float("inf"), float("nan")])
+def test_alpha_must_be_finite_within_float32_on_every_path(impl, alpha):
+    """The CPU op raised RuntimeError for |alpha| > float32 max and the kernels returned Inf/NaN."""
+    case = make_case("small")
+    with pytest.raises(ValueError, match=r"alpha must be a finite number within the float32 range"):
+        run(impl, *case, alpha)
+
+
+@needs_ext
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_nonfinite_factors_give_the_same_nan_and_inf_on_every_path(alpha):
+    """With alpha = 0 the CPU op used to return base (its GEMM skipped the product) and the
+    kernels NaN (0 * Inf): now every path gives what the kernels compute."""
+    x, base, offsets, Us, Ss, Vs = make_case("small")
+    Us[0] = Us[0].clone()
+    Us[0][1, 0] = float("inf")  # segment 0 (rows 0:4), column 1
+    Vs[3] = Vs[3].clone()
+    Vs[3][2, 0] = float("nan")  # segment 3 (rows 9:11)
+    outs = {impl: run(impl, x, base, offsets, Us, Ss, Vs, alpha)
+            for impl in [*IMPL_IDS, "fallback"]}
+    want = outs["segmented_lowrank_apply_emulated"]  # the CUDA kernels' arithmetic
+    assert not want[0:4, 1].isfinite().any() and want[9:11].isnan().all() and want[4:9].isfinite().all()
+    for impl, out in outs.items():
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(want)), (impl, kind.__name__)
+
+
+@needs_ext
+@pytest.mark.parametrize("op_name", list(IMPL_IDS))
+def test_ops_refuse_inputs_that_require_grad(op_name):
+    """The ops have no derivative: with grad mode on, autograd's fallback used to hand back outputs
+    that required grad but got none (or, on the CPU only, a graph of the kernel's ATen calls)."""
+    x, base, offsets, Us, Ss, Vs = make_case("small")
+    offs, slots, U, S, V, ranks = packed_args(x, offsets, Us, Ss, Vs, (base.shape[1], x.shape[1]))
+    op = getattr(torch.ops.tsv_fast, op_name)
+    args = (base.clone(), x, offs, slots, U.requires_grad_(), S, V, ranks, 0.5)
+    with pytest.raises(NotImplementedError, match=rf"tsv_fast::{op_name} is not differentiable, but its "
+                                                  r"argument U requires grad: call it under torch.no_grad"):
+        op(*args)
+    checks = torch.library.opcheck(op.default, args, raise_exception=False)
+    assert checks.pop("test_autograd_registration") == "SUCCESS"  # an Autograd kernel is registered
+    assert all(isinstance(e, NotImplementedError) and "is not differentiable" in str(e) for e in checks.values())
+    with torch.no_grad():
+        res = op(*args)
+    res = args[0] if res is None else res
+    assert not res.requires_grad
+    assert_close_to_ref(res, x, base, offsets, Us, Ss, Vs, 0.5)
+    if op_name.endswith("_"):  # writing out in place bumps its version, so autograd sees stale saves
+        out, w = base.clone(), torch.ones_like(base, requires_grad=True)
+        y = (w * out).sum()
+        op(out, *args[1:4], U.detach(), *args[5:])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
 def test_pack_factors():
     Us = [torch.ones(4, 2), None, torch.ones(4, 3, dtype=torch.bfloat16)]
     Ss = [torch.ones(2), None, torch.ones(3, dtype=torch.bfloat16)]
@@ -187,6 +277,18 @@ def test_pack_factors():
         ops.pack_factors([None], [None], [None])
     with pytest.raises(ValueError, match=r"slot 1: .* do not fit"):
         ops.pack_factors([torch.ones(4, 2), torch.ones(3, 2)], [torch.ones(2)] * 2, [torch.ones(5, 2)] * 2)
+
+
+@pytest.mark.parametrize("which", ["U", "S", "V"])
+def test_list_form_wants_all_three_factors_or_none(which):
+    """A segment with U None but S, V given was silently left without its delta; S or V None
+    failed with an AttributeError."""
+    x, base, offsets, Us, Ss, Vs = make_case("small")
+    factors = {"U": list(Us), "S": list(Ss), "V": list(Vs)}
+    factors[which][3] = None
+    with pytest.raises(TSVInputError, match=r"segmented_lowrank_apply: segment 3: U, S, V must be \(m, k\), "
+                                            r"\(k,\), \(n, k\) or all None, got .*None"):
+        segmented_lowrank_apply(x, offsets, factors["U"], factors["S"], factors["V"], out=base.clone())
 
 
 def test_public_wrapper_autograd_and_default_out():
@@ -264,6 +366,10 @@ def test_fake_tensor_shape():
         out = torch.ops.tsv_fast.segmented_lowrank_apply(torch.empty(11, 5, dtype=torch.float16),
                                                          torch.empty(11, 7, dtype=torch.float16), *args, 1.0)
     assert out.shape == (11, 5) and out.dtype == torch.float16
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the fakes check alpha like the kernels
+        with pytest.raises(ValueError, match="segmented_lowrank_apply_emulated: alpha must be a finite number"):
+            torch.ops.tsv_fast.segmented_lowrank_apply_emulated(torch.empty(11, 5, dtype=torch.float16),
+                                                                torch.empty(11, 7, dtype=torch.float16), *args, 1e39)
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)

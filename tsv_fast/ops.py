@@ -7,6 +7,7 @@ library works (slower, with an extra temporary) without a compiler.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -16,10 +17,14 @@ __all__ = ["load_extension", "has_cuda_kernels", "reconstruct"]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _EXT_STATUS: tuple[bool, str] | None = None
+# |alpha| limit of every op (csrc/checks.h check_alpha): alpha scales float32 accumulators
+_ALPHA_MAX = torch.finfo(torch.float32).max
 
 
 def load_extension() -> tuple[bool, str]:
-    """Import ``tsv_fast._C`` once (registering ``torch.ops.tsv_fast.*``); return (loaded, why)."""
+    """Import ``tsv_fast._C`` once (registering ``torch.ops.tsv_fast.*`` and their fake kernels);
+    return (loaded, why). Runs when this module is imported, so the ops never exist without
+    their fake kernels (torch.compile needs them), however the user reaches the ops."""
     global _EXT_STATUS
     if _EXT_STATUS is None:
         try:
@@ -50,39 +55,50 @@ def has_cuda_kernels() -> bool:
 def _register_fakes() -> None:
     """Shape functions so torch.compile / FakeTensor can trace through the custom ops."""
 
-    def reconstruct_fake(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float) -> Tensor:
-        _check_reconstruct_args(base, U, S, V)
-        return base.new_empty(base.shape)
+    def reconstruct_fake(name):
+        def fake(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float) -> Tensor:
+            _check_reconstruct_args(base, U, S, V, alpha, op=name)
+            return base.new_empty(base.shape)
+        return fake
 
     for name in ("reconstruct", "reconstruct_emulated"):
-        torch.library.register_fake(f"tsv_fast::{name}")(reconstruct_fake)
+        torch.library.register_fake(f"tsv_fast::{name}")(reconstruct_fake(name))
 
     _register_eigh_fakes()
     _register_segmented_fakes()
 
 
-def _check_reconstruct_args(base: Tensor, U: Tensor, S: Tensor, V: Tensor) -> None:
+def _check_alpha(op: str, alpha: float) -> None:
+    """csrc/checks.h check_alpha: one rule on every device (the CPU's GEMMs refused an alpha beyond
+    float32 while the kernels turned it into Inf)."""
+    if not (math.isfinite(alpha) and abs(alpha) <= _ALPHA_MAX):
+        raise ValueError(f"{op}: alpha must be a finite number within the float32 range "
+                         f"(|alpha| <= {_ALPHA_MAX!r}), got {alpha}")
+
+
+def _check_reconstruct_args(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float,
+                            op: str = "reconstruct") -> None:
     """Same checks, in the same order, as csrc/reconstruct.h; raises ValueError."""
     if base.dim() not in (2, 3):
         raise ValueError(
-            f"reconstruct: base must be 2-D (m, n) or 3-D batched (B, m, n), got a {base.dim()}-D "
+            f"{op}: base must be 2-D (m, n) or 3-D batched (B, m, n), got a {base.dim()}-D "
             f"tensor of shape {list(base.shape)}"
         )
     batched = base.dim() == 3
     for name, t, want in (("U", U, base.dim()), ("S", S, base.dim() - 1), ("V", V, base.dim())):
         if t.dim() != want:
-            raise ValueError(f"reconstruct: {name} must be {want}-D, got a {t.dim()}-D tensor of shape {list(t.shape)}")
+            raise ValueError(f"{op}: {name} must be {want}-D, got a {t.dim()}-D tensor of shape {list(t.shape)}")
     for name, t in (("base", base), ("U", U), ("S", S), ("V", V)):
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(
-                f"reconstruct: {name} must have a floating dtype (float32, float64, float16 or bfloat16), got {t.dtype}"
+                f"{op}: {name} must have a floating dtype (float32, float64, float16 or bfloat16), got {t.dtype}"
             )
     for name, t in (("S", S), ("V", V)):
         if t.dtype != U.dtype:
-            raise ValueError(f"reconstruct: {name} has dtype {t.dtype} but U has dtype {U.dtype}; U, S and V must share one dtype")
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but U has dtype {U.dtype}; U, S and V must share one dtype")
     for name, t in (("U", U), ("S", S), ("V", V)):
         if t.device != base.device:
-            raise ValueError(f"reconstruct: {name} is on {t.device} but base is on {base.device}; all inputs must be on the same device")
+            raise ValueError(f"{op}: {name} is on {t.device} but base is on {base.device}; all inputs must be on the same device")
 
     off = 1 if batched else 0
     m, n, k = base.shape[off], base.shape[off + 1], U.shape[off + 1]
@@ -90,7 +106,7 @@ def _check_reconstruct_args(base: Tensor, U: Tensor, S: Tensor, V: Tensor) -> No
     def need(name: str, t: Tensor, d: int, expected: int, what: str, ref_name: str, ref: Tensor) -> None:
         if t.shape[d] != expected:
             raise ValueError(
-                f"reconstruct: {name}.size({d}) must equal {what} = {expected}, but {name} has shape "
+                f"{op}: {name}.size({d}) must equal {what} = {expected}, but {name} has shape "
                 f"{list(t.shape)} and {ref_name} has shape {list(ref.shape)}"
             )
 
@@ -101,17 +117,20 @@ def _check_reconstruct_args(base: Tensor, U: Tensor, S: Tensor, V: Tensor) -> No
     need("V", V, off, n, "n (columns of base)", "base", base)
     need("S", S, off, k, "k (columns of U)", "U", U)
     need("V", V, off + 1, k, "k (columns of U)", "U", U)
+    _check_alpha(op, alpha)
 
 
 def _reconstruct_torch(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.0) -> Tensor:
     """Pure-PyTorch reconstruct: same dtype rules as the kernels (float32/float64 compute, one final cast)."""
-    _check_reconstruct_args(base, U, S, V)
+    _check_reconstruct_args(base, U, S, V, alpha)
     ct = torch.float64 if torch.float64 in (base.dtype, U.dtype) else torch.float32
     b = base.to(ct)
-    US = U.to(ct) * S.to(ct).unsqueeze(-2)  # U @ diag(S) without forming diag(S)
+    # U diag(S) alpha without forming diag(S), in the kernels' order: NaN/Inf factors give NaN/Inf
+    # as they do there, also for alpha = 0 (addmm's own alpha = 0 may skip the product)
+    US = U.to(ct) * S.to(ct).unsqueeze(-2) * alpha
     Vt = V.to(ct).transpose(-1, -2)
     mm = torch.baddbmm if base.dim() == 3 else torch.addmm
-    return mm(b, US, Vt, beta=1, alpha=alpha).to(base.dtype).contiguous()
+    return mm(b, US, Vt).to(base.dtype).contiguous()
 
 
 # From this rank on, reconstruct on a GPU is cuBLAS's addmm: on an H200 the fused kernel took
@@ -184,6 +203,9 @@ def _register_eigh_fakes() -> None:
     def eigh_emulated_fake(A: Tensor, max_sweeps: int = 30, tol: float = 0.0,
                            force_path: int = -1, threads: int = 0) -> tuple[Tensor, Tensor]:
         _check_eigh_args("batched_eigh_emulated", A, max_sweeps, tol, threads)
+        if force_path not in (-1, 0, 1):  # as csrc/cpu/eigh_emulated.cpp
+            raise ValueError("batched_eigh_emulated: force_path must be -1 (auto), 0 (global memory) or "
+                             f"1 (shared memory), got {force_path}")
         return A.new_empty(A.shape[:-1]), A.new_empty(A.shape)
 
     for name, fake in (("batched_eigh", eigh_fake), ("batched_eigh_emulated", eigh_emulated_fake)):
@@ -195,10 +217,14 @@ def _register_eigh_fakes() -> None:
 
 
 def _batched_eigh_torch(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int = 0) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch batched_eigh: torch.linalg.eigh of the symmetrised input (max_sweeps/tol/threads unused)."""
+    """Pure-PyTorch batched_eigh: torch.linalg.eigh of the symmetrised input (max_sweeps/tol/threads unused).
+
+    A matrix holding NaN/Inf gets all-NaN eigenvalues and eigenvectors, as from the kernels
+    (torch.linalg.eigh raises or returns garbage for it); the others are unaffected."""
     _check_eigh_args("batched_eigh", A, max_sweeps, tol, threads)
-    w, V = torch.linalg.eigh((A + A.mT) * 0.5)
-    return w, V
+    bad = ~A.isfinite().all(-1).all(-1)  # () or (B,), without a device sync
+    w, V = torch.linalg.eigh(((A + A.mT) * 0.5).masked_fill(bad[..., None, None], 0))
+    return w.masked_fill(bad[..., None], math.nan), V.masked_fill(bad[..., None, None], math.nan)
 
 
 def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int = 0) -> tuple[Tensor, Tensor]:
@@ -222,9 +248,12 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int
     eigenvalues are an arbitrary orthonormal basis of their eigenspace, and signs
     are arbitrary, as with any eigensolver.
 
-    Falls back to ``torch.linalg.eigh`` (same conventions) when the extension has
-    no kernel for A's device, and when gradients are needed (the compiled op has
-    no autograd formula).
+    A matrix holding NaN or Inf gets all-NaN eigenvalues and eigenvectors (the others of
+    the batch are unaffected).
+
+    Falls back to ``torch.linalg.eigh`` (same conventions, NaN/Inf included) when the
+    extension has no kernel for A's device, and when gradients are needed (the compiled
+    op has no autograd formula: called directly, it refuses inputs that require grad).
     """
     ok, _ = load_extension()
     needs_grad = torch.is_grad_enabled() and A.requires_grad
@@ -269,6 +298,23 @@ def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) 
 __all__ += ["pack_factors", "segmented_lowrank_apply_packed"]
 
 
+def _check_factor_triple(where: str, u, s, v) -> bool:
+    """Whether one (U, S, V) entry holds a delta: all three None (no delta) or tensors of shapes
+    (m, k), (k,), (n, k); anything else (one of them None, a wrong dim) raises TSVInputError
+    naming ``where``, rather than failing later or passing for "no delta"."""
+    from .errors import TSVInputError
+
+    if u is None and s is None and v is None:
+        return False
+    if not all(isinstance(t, Tensor) for t in (u, s, v)) or u.dim() != 2 or s.dim() != 1 or v.dim() != 2:
+        def describe(t):
+            return str(tuple(t.shape)) if isinstance(t, Tensor) else repr(t) if t is None else type(t).__name__
+
+        raise TSVInputError(f"{where}: U, S, V must be (m, k), (k,), (n, k) or all None, got "
+                            f"{', '.join(describe(t) for t in (u, s, v))}")
+    return True
+
+
 def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
                  shape: tuple[int, int] | None = None,
                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -290,13 +336,9 @@ def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
     m, n = shape if shape is not None else (None, None)
     ranks, dtypes = [], []
     for p, (u, s, v) in enumerate(zip(U_list, S_list, V_list)):
-        if u is None and s is None and v is None:
+        if not _check_factor_triple(f"pack_factors: slot {p}", u, s, v):
             ranks.append(0)
             continue
-        if u is None or s is None or v is None or u.dim() != 2 or s.dim() != 1 or v.dim() != 2:
-            raise TSVInputError(f"pack_factors: slot {p}: U, S, V must be (m, k), (k,), (n, k) or all None, got "
-                                f"{None if u is None else tuple(u.shape)}, {None if s is None else tuple(s.shape)}, "
-                                f"{None if v is None else tuple(v.shape)}")
         m = u.shape[0] if m is None else m
         n = v.shape[0] if n is None else n
         if u.shape[0] != m or v.shape[0] != n or not (u.shape[1] == s.shape[0] == v.shape[1]):
@@ -327,7 +369,8 @@ def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
 
 
 def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor,
-                          U: Tensor, S: Tensor, V: Tensor, ranks: Tensor, values: bool = True) -> None:
+                          U: Tensor, S: Tensor, V: Tensor, ranks: Tensor, alpha: float,
+                          values: bool = True) -> None:
     """Same checks, in the same order and words, as csrc/segmented.h; raises ValueError.
     ``values=False`` skips the checks that read index values (fake tensors)."""
     for name, t, want, layout in (("x", x, 2, "(N, n)"), (out_name, out, 2, "(N, m)"), ("U", U, 3, "(P, m, kmax)"),
@@ -375,6 +418,7 @@ def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offset
         if t.device.type != "cpu" and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; {name} must be on the CPU or on "
                              f"x's device")
+    _check_alpha(op, alpha)
     if not values:
         return
     o, sl, rk = (t.tolist() if t.device.type == "cpu" else None for t in (offsets, slots, ranks))
@@ -400,13 +444,13 @@ def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offset
 def _register_segmented_fakes() -> None:
     def functional_fake(name):
         def fake(base, x, offsets, slots, U, S, V, ranks, alpha):
-            _check_segmented_args(name, "base", base, x, offsets, slots, U, S, V, ranks, values=False)
+            _check_segmented_args(name, "base", base, x, offsets, slots, U, S, V, ranks, alpha, values=False)
             return base.new_empty(base.shape)
         return fake
 
     def inplace_fake(name):
         def fake(out, x, offsets, slots, U, S, V, ranks, alpha):
-            _check_segmented_args(name, "out", out, x, offsets, slots, U, S, V, ranks, values=False)
+            _check_segmented_args(name, "out", out, x, offsets, slots, U, S, V, ranks, alpha, values=False)
         return fake
 
     for name in ("segmented_lowrank_apply", "segmented_lowrank_apply_emulated"):
@@ -422,7 +466,7 @@ def _segmented_torch_(out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor, U:
                       ranks: Tensor, alpha: float = 1.0) -> Tensor:
     """Pure-PyTorch in-place segmented apply: same checks and dtype rules as the kernels
     (float32/float64 compute, one rounding of out); autograd works through it."""
-    _check_segmented_args("segmented_lowrank_apply", "out", out, x, offsets, slots, U, S, V, ranks)
+    _check_segmented_args("segmented_lowrank_apply", "out", out, x, offsets, slots, U, S, V, ranks, alpha)
     ct = torch.float64 if torch.float64 in (x.dtype, U.dtype) else torch.float32
     o, sl, rk = offsets.tolist(), slots.tolist(), ranks.tolist()
     for s in range(len(sl)):
@@ -430,13 +474,14 @@ def _segmented_torch_(out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor, U:
         if b == a or p < 0 or rk[p] == 0:
             continue
         k = rk[p]
-        t = (x[a:b].to(ct) @ V[p, :, :k].to(ct)) * S[p, :k].to(ct)  # shrink
+        # shrink, alpha applied as in the kernels (NaN/Inf factors give NaN/Inf also for alpha = 0)
+        t = (x[a:b].to(ct) @ V[p, :, :k].to(ct)) * S[p, :k].to(ct) * alpha
         Ut = U[p, :, :k].to(ct).T
         seg = out[a:b]
         if out.dtype == ct:
-            seg.addmm_(t, Ut, alpha=alpha)  # expand
+            seg.addmm_(t, Ut)  # expand
         else:
-            seg.copy_(torch.addmm(seg.to(ct), t, Ut, alpha=alpha))
+            seg.copy_(torch.addmm(seg.to(ct), t, Ut))
     return out
 
 
@@ -488,3 +533,8 @@ def segmented_lowrank_apply_packed(x: Tensor, offsets, U: Tensor, S: Tensor, V: 
         torch.ops.tsv_fast.segmented_lowrank_apply_(out, x, offsets, slots, U, S, V, ranks, float(alpha))
         return out
     return _segmented_torch_(out, x, offsets, slots, U, S, V, ranks, alpha)
+
+
+# Load the ops with their fake kernels now, not on first use: torch.compile then finds both however
+# the ops are reached (the wrappers here, torch.ops.tsv_fast.* after importing tsv_fast._C).
+load_extension()

@@ -61,10 +61,10 @@ def segmented_lowrank_apply(
         offsets: T+1 non-decreasing row offsets (``offsets[0]`` ≥ 0, ``offsets[-1]`` ≤ N);
             rows outside every segment are left alone.
         U, S, V: per segment, factors (m, k_i), (k_i,), (n, k_i) of the segment's
-            delta ``U diag(S) Vᵀ`` (m×n, the layout of an ``nn.Linear`` weight); None
-            for a segment without a delta. Factors may be in another float dtype than
-            ``x`` (e.g. bfloat16 storage); products accumulate in float32 (float64 if
-            anything is float64) and ``out`` is rounded once.
+            delta ``U diag(S) Vᵀ`` (m×n, the layout of an ``nn.Linear`` weight); all three
+            None for a segment without a delta (one or two None is an error). Factors may
+            be in another float dtype than ``x`` (e.g. bfloat16 storage); products
+            accumulate in float32 (float64 if anything is float64) and ``out`` is rounded once.
         out: (N, m) tensor updated in place (typically ``x W0ᵀ + b`` already); a new
             zero tensor when None.
 
@@ -80,19 +80,17 @@ def segmented_lowrank_apply(
     if any(b < a for a, b in zip(offsets, offsets[1:])) or (T >= 0 and (offsets[0] < 0 or offsets[-1] > x.shape[0])):
         raise TSVInputError(f"segmented_lowrank_apply: offsets {list(offsets)} must be non-decreasing within "
                             f"[0, {x.shape[0]}]")
-    m = next((u.shape[0] for u in U if u is not None), None)
+    present = [i for i in range(T)
+               if ops._check_factor_triple(f"segmented_lowrank_apply: segment {i}", U[i], S[i], V[i])]
     if out is None:
-        if m is None:
+        if not present:
             raise TSVInputError("segmented_lowrank_apply: no segment has factors and no out tensor was given")
-        out = x.new_zeros(x.shape[0], m)
-    for i in range(T):
-        if U[i] is None:
-            continue
+        out = x.new_zeros(x.shape[0], U[present[0]].shape[0])
+    for i in present:
         Ui, Si, Vi = U[i], S[i], V[i]
         if Vi.shape[0] != x.shape[1] or Ui.shape[0] != out.shape[1] or not (Ui.shape[1] == Si.shape[0] == Vi.shape[1]):
             raise TSVInputError(f"segmented_lowrank_apply: segment {i}: U{tuple(Ui.shape)} S{tuple(Si.shape)} "
                                 f"V{tuple(Vi.shape)} do not fit x{tuple(x.shape)} → out{tuple(out.shape)}")
-    present = [i for i in range(T) if U[i] is not None]
     if not present:
         return out
     # The op reads a factor table (P, m, kmax) plus a slot per segment. One segment with

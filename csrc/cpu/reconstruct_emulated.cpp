@@ -43,7 +43,7 @@ void emulate_grid(const tile::Params<base_t, factor_t, acc_t>& p, int64_t batch)
 
 at::Tensor reconstruct_emulated_cpu(const at::Tensor& base, const at::Tensor& U,
                                     const at::Tensor& S, const at::Tensor& V, double alpha) {
-  const ReconstructArgs a = check_reconstruct_args("reconstruct_emulated", base, U, S, V);
+  const ReconstructArgs a = check_reconstruct_args("reconstruct_emulated", base, U, S, V, alpha);
   at::Tensor out = at::empty_like(a.base);
   if (out.numel() == 0) return out;
   TSV_FAST_DISPATCH_BASE_FACTOR(a.base.scalar_type(), a.U.scalar_type(), "reconstruct_emulated",

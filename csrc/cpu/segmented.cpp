@@ -12,7 +12,7 @@ void segmented_apply_cpu_impl(const char* out_name, at::Tensor& out, const at::T
                               const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                               const at::Tensor& ranks, double alpha) {
   const SegmentedArgs a = check_segmented_args("segmented_lowrank_apply", out_name, out, x,
-                                               offsets, slots, U, S, V, ranks);
+                                               offsets, slots, U, S, V, ranks, alpha);
   const at::ScalarType ct = reconstruct_compute_dtype(a.x.scalar_type(), a.U.scalar_type());
   const int64_t* o = a.offsets.data_ptr<int64_t>();
   const int64_t* sl = a.slots.data_ptr<int64_t>();
@@ -26,12 +26,14 @@ void segmented_apply_cpu_impl(const char* out_name, at::Tensor& out, const at::T
     const at::Tensor Vk = a.V[p].narrow(1, 0, k).to(ct);                 // (n, k)
     const at::Tensor Sk = a.S[p].narrow(0, 0, k).to(ct);                 // (k)
     const at::Tensor Ukt = a.U[p].narrow(1, 0, k).to(ct).t();            // (k, m)
-    const at::Tensor t = at::mm(xs, Vk).mul_(Sk);                        // shrink
+    // shrink; alpha scales t as in the kernel, so NaN/Inf factors give NaN/Inf as on the GPU,
+    // also for alpha = 0 (the GEMM's own alpha = 0 would skip the product)
+    const at::Tensor t = at::mm(xs, Vk).mul_(Sk).mul_(alpha);
     at::Tensor os = out.narrow(0, begin, rows);
     if (os.scalar_type() == ct) {
-      os.addmm_(t, Ukt, /*beta=*/1, alpha);                              // expand
+      os.addmm_(t, Ukt);                                                 // expand
     } else {
-      os.copy_(at::addmm(os.to(ct), t, Ukt, /*beta=*/1, alpha));         // one rounding
+      os.copy_(at::addmm(os.to(ct), t, Ukt));                            // one rounding
     }
   }
 }
@@ -48,8 +50,8 @@ at::Tensor segmented_lowrank_apply_cpu(const at::Tensor& base, const at::Tensor&
                                        const at::Tensor& U, const at::Tensor& S,
                                        const at::Tensor& V, const at::Tensor& ranks,
                                        double alpha) {
-  return segmented_functional(segmented_apply_cpu_impl, base, x, offsets, slots, U, S, V, ranks,
-                              alpha);
+  return segmented_functional("segmented_lowrank_apply", segmented_apply_cpu_impl, base, x,
+                              offsets, slots, U, S, V, ranks, alpha);
 }
 
 }  // namespace tsv_fast

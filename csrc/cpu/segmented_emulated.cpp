@@ -56,7 +56,7 @@ void segmented_apply_emulated_impl(const char* out_name, at::Tensor& out, const 
                                    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                    const at::Tensor& ranks, double alpha) {
   const SegmentedArgs a = check_segmented_args("segmented_lowrank_apply_emulated", out_name, out,
-                                               x, offsets, slots, U, S, V, ranks);
+                                               x, offsets, slots, U, S, V, ranks, alpha);
   if (a.T == 0 || a.kmax == 0 || a.N == 0 || a.m == 0) return;
   at::Tensor o = out.is_contiguous() ? out : out.contiguous();
   const at::ScalarType ct = reconstruct_compute_dtype(a.x.scalar_type(), a.U.scalar_type());
@@ -95,8 +95,8 @@ at::Tensor segmented_lowrank_apply_emulated_cpu(const at::Tensor& base, const at
                                                 const at::Tensor& slots, const at::Tensor& U,
                                                 const at::Tensor& S, const at::Tensor& V,
                                                 const at::Tensor& ranks, double alpha) {
-  return segmented_functional(segmented_apply_emulated_impl, base, x, offsets, slots, U, S, V,
-                              ranks, alpha);
+  return segmented_functional("segmented_lowrank_apply_emulated", segmented_apply_emulated_impl,
+                              base, x, offsets, slots, U, S, V, ranks, alpha);
 }
 
 }  // namespace tsv_fast

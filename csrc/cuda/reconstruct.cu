@@ -43,7 +43,7 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 at::Tensor reconstruct_cuda(const at::Tensor& base, const at::Tensor& U, const at::Tensor& S,
                             const at::Tensor& V, double alpha) {
-  const ReconstructArgs a = check_reconstruct_args("reconstruct", base, U, S, V);
+  const ReconstructArgs a = check_reconstruct_args("reconstruct", base, U, S, V, alpha);
   const c10::cuda::CUDAGuard guard(a.base.device());
   at::Tensor out = at::empty_like(a.base);
   if (out.numel() == 0) return out;

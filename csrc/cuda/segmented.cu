@@ -78,7 +78,7 @@ void segmented_apply_cuda_impl(const char* out_name, at::Tensor& out, const at::
                                const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                const at::Tensor& ranks, double alpha) {
   const SegmentedArgs a = check_segmented_args("segmented_lowrank_apply", out_name, out, x,
-                                               offsets, slots, U, S, V, ranks);
+                                               offsets, slots, U, S, V, ranks, alpha);
   TORCH_CHECK_VALUE(a.x.is_cuda(), "segmented_lowrank_apply: x is on ", a.x.device(),
                     "; the CUDA kernel needs x, ", out_name, " and the factors on a CUDA device");
   if (a.T == 0 || a.kmax == 0 || a.N == 0 || a.m == 0) return;
@@ -130,8 +130,8 @@ at::Tensor segmented_lowrank_apply_cuda(const at::Tensor& base, const at::Tensor
                                         const at::Tensor& U, const at::Tensor& S,
                                         const at::Tensor& V, const at::Tensor& ranks,
                                         double alpha) {
-  return segmented_functional(segmented_apply_cuda_impl, base, x, offsets, slots, U, S, V, ranks,
-                              alpha);
+  return segmented_functional("segmented_lowrank_apply", segmented_apply_cuda_impl, base, x,
+                              offsets, slots, U, S, V, ranks, alpha);
 }
 
 }  // namespace tsv_fast

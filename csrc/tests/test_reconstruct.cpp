@@ -105,6 +105,10 @@ int main() {
       op(name).call(at::zeros({5, 6}, at::kInt), at::zeros({5, 3}), at::zeros({3}),
                     at::zeros({6, 3}), 1.0);
     });
+    for (double alpha : {1e39, -HUGE_VAL, std::nan("")})  // one rule on every device
+      expect_value_error("alpha", "alpha must be a finite number within the float32 range", [&] {
+        op(name).call(at::zeros({5, 6}), at::zeros({5, 3}), at::zeros({3}), at::zeros({6, 3}), alpha);
+      });
   }
 
   if (failures) {

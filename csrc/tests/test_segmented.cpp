@@ -159,6 +159,20 @@ int main() {
       auto out = at::zeros({6, 4}, at::kDouble);
       inplace_op(name).call(out, x, ok_off, ok_sl, U, S, V, ok_rk, 1.0);
     });
+    expect_value_error("alpha", "alpha must be a finite number within the float32 range", [&] {
+      f.call(base, x, ok_off, ok_sl, U, S, V, ok_rk, 1e39);
+    });
+    // Overlaps ATen cannot analyse (layouts that are not dense) are refused too.
+    expect_value_error("out rows overlap", "out has elements that share memory", [&] {
+      auto out = at::zeros({9}).as_strided({6, 4}, {1, 1});
+      inplace_op(name).call(out, x, ok_off, ok_sl, U, S, V, ok_rk, 1.0);
+    });
+    expect_value_error("out slices U's storage", "out shares memory with U", [&] {
+      auto wide = at::zeros({6, 8});
+      auto out = wide.narrow(1, 0, 4);
+      inplace_op(name).call(out, x, ok_off, ok_sl, wide.view({-1}).narrow(0, 0, 16).view({2, 4, 2}),
+                            S, V, ok_rk, 1.0);
+    });
   }
 
   if (failures) {
