@@ -146,6 +146,9 @@ def reconstruct(base: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float = 1.
     product separately.  Shapes: base (m, n), U (m, k), S (k,), V (n, k), or the same
     with a leading batch dim B.  Factors may have a different float dtype than base
     (all three the same); accumulation is float32 (float64 if anything is float64).
+    ``alpha`` must be finite and within the float32 range; NaN/Inf in the inputs give
+    NaN/Inf in the outputs they reach, as IEEE arithmetic does (``alpha = 0`` included:
+    0·Inf = NaN), on every path.
     Uses the compiled kernel for base's device when available, else PyTorch (also when
     gradients are needed: the compiled op has no autograd formula, and on a GPU from
     rank 256 on, where cuBLAS is faster).
@@ -511,7 +514,9 @@ def segmented_lowrank_apply_packed(x: Tensor, offsets, U: Tensor, S: Tensor, V: 
             default ``range(T)`` (segment s uses slot s).
 
     Returns ``out``. Accumulates in float32 (float64 if x or the factors are float64)
-    and rounds each output element once. Index tensors may be on the CPU (validated)
+    and rounds each output element once. ``alpha`` and NaN/Inf as in :func:`reconstruct`;
+    ``out`` must not overlap itself, nor share memory with the other inputs unless it is
+    x itself (the compiled op refuses it). Index tensors may be on the CPU (validated)
     or, on CUDA, on the GPU (not validated, no device sync). Uses the compiled op for
     x's device when the extension has one and no gradient is needed, else PyTorch.
     """
