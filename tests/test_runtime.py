@@ -285,18 +285,22 @@ def test_export_peft_adapter(setup, tmp_path):
     # ranks differ between keys (energy-based), so lower ranks are zero-padded up to r
     _, fts = finetune(mt.model, 1, seed=8)
     ct = compress(base, fts, energy=0.6, exclude="logit_scale")[0]  # 0-d keys: see report
-    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+    with pytest.warns(UserWarning, match="cannot be held by a PEFT LoRA.*attention out_proj"):
         report = export_peft(ct, tmp_path / "lora", mt.model)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == report.rank
-    linear_keys = [k for k in ct.factors if k.endswith(("out_proj.weight", "c_fc.weight", "c_proj.weight"))]
-    assert sorted(config["target_modules"]) == sorted(k.removesuffix(".weight") for k in linear_keys)
-    assert any(k.endswith("in_proj_weight") for k in report.skipped_keys)
-    assert len({ct.rank(k) for k in linear_keys}) > 1  # padding exercised
+    # nn.Linear weights under their module, attention in_proj under the attention module (PEFT's names)
+    exported = {k: k.removesuffix(".weight").removesuffix(".in_proj_weight") for k in ct.factors
+                if k.endswith(("in_proj_weight", "c_fc.weight", "c_proj.weight"))}
+    assert sorted(config["target_modules"]) == sorted(exported.values())
+    assert all(k in report.skipped_keys for k in ct.factors if k.endswith("out_proj.weight"))
+    assert len({ct.rank(k) for k in exported}) > 1  # padding exercised
     weights = load_file(tmp_path / "lora" / "adapter_model.safetensors")
-    assert len(weights) == 2 * len(linear_keys)
-    for key in linear_keys:
-        m = key.removesuffix(".weight")
+    attn = [m for m in exported.values() if m.endswith(".attn")]
+    assert len(weights) == 2 * (len(exported) + len(attn))
+    for m in attn:  # PEFT wraps out_proj with the attention module: a zero LoRA there
+        assert not weights[f"base_model.model.{m}.base_layer.out_proj.lora_B.weight"].any()
+    for key, m in exported.items():
         A = weights[f"base_model.model.{m}.lora_A.weight"].double()
         B = weights[f"base_model.model.{m}.lora_B.weight"].double()
         assert A.shape == (report.rank, base[key].shape[1]) and B.shape == (base[key].shape[0], report.rank)
@@ -304,9 +308,9 @@ def test_export_peft_adapter(setup, tmp_path):
         scaling = config["lora_alpha"] / config["r"]
         torch.testing.assert_close(scaling * B @ A, U @ torch.diag(S) @ V.T, rtol=0, atol=1e-6)
     # through the runtime, for a stored task
-    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+    with pytest.warns(UserWarning, match="cannot be held by a PEFT LoRA"):
         out = mt.export_peft("t0", tmp_path / "lora_t0")
-    assert out.rank == max(store.ranks("t0")[m + ".weight"] for m in out.target_modules)
+    assert out.rank == max(r for k, r in store.ranks("t0").items() if k not in out.skipped_keys)
     with pytest.raises(TSVInputError, match="not empty"):
         mt.export_peft("t0", tmp_path / "lora_t0")
 
@@ -368,27 +372,45 @@ def test_export_peft_to_a_file_is_refused_naming_it(tmp_path):
 
 
 def test_peft_loads_the_exported_adapter(setup, tmp_path):
-    """PEFT itself reads the adapter: merged into a base model, it adds exactly U diag(S) Vᵀ to every
-    exported nn.Linear weight and leaves every other weight alone."""
+    """PEFT itself reads the adapter and reproduces the task on every exported weight, unmerged and
+    merged. The attention out_proj was exported as a Linear LoRA, which PEFT ignores unmerged
+    (nn.MultiheadAttention never calls out_proj.forward): the served model was off by 4e-2; and
+    in_proj_weight was not exported at all."""
     peft = pytest.importorskip("peft")
     mt, store, base, x = setup
     task = store.load("t1")
-    with pytest.warns(UserWarning, match="not nn.Linear weights"):
+    with pytest.warns(UserWarning, match="cannot be held by a PEFT LoRA"):
         report = export_peft(task, tmp_path / "lora", mt.model)
+    exported = [k for k in task.factors if k not in report.skipped_keys]
+    assert any(k.endswith("attn.in_proj_weight") for k in exported)
+    want = {k: base[k].double() + task.delta(k).double() if k in exported else base[k].double() for k in base}
+    reference = tiny_clip(seed=5)
+    reference.load_state_dict({k: v.float() for k, v in want.items()})
     model = tiny_clip(seed=3)
     model.load_state_dict(base)
     wrapped = peft.PeftModel.from_pretrained(model, tmp_path / "lora")
     c_fc = report.target_modules[[m.endswith("c_fc") for m in report.target_modules].index(True)]
     assert "lora_A" in dict(wrapped.named_modules())[f"base_model.model.{c_fc}"]._modules  # LoRA wrapped it
+    with torch.no_grad():  # unmerged: how a LoRA server runs it
+        torch.testing.assert_close(wrapped.base_model.model.encode_image(x),
+                                   reference.encode_image(x), rtol=0, atol=1e-5)
     merged = wrapped.merge_and_unload().state_dict()
     assert set(merged) == set(base)
     for key in base:
-        if key.removesuffix(".weight") in report.target_modules:
-            U, S, V = (t.double() for t in task.factors[key])
-            want = base[key].double() + U @ torch.diag(S) @ V.T
-            torch.testing.assert_close(merged[key].double(), want, rtol=0, atol=1e-5)
+        if key in exported:
+            torch.testing.assert_close(merged[key].double(), want[key], rtol=0, atol=1e-5)
         else:
             assert torch.equal(merged[key], base[key]), key
+
+
+def test_export_peft_refuses_another_models_shapes(tmp_path):
+    """An adapter for a model of another width was written, and failed only when PEFT loaded it."""
+    model = tiny_clip()
+    base, fts = finetune(model, 1)
+    ct = compress(base, fts, rank=3)[0]
+    with pytest.raises(TSVInputError, match=r"key 'visual\.transformer\.resblocks\.0\..*not the task's base"):
+        export_peft(ct, tmp_path / "lora", tiny_clip(width=96, head_width=32))
+    assert not (tmp_path / "lora").exists()
 
 
 # -- float64 references, independent of the code under test -----------------------------------

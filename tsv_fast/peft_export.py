@@ -1,11 +1,18 @@
 """Export a compressed task as a PEFT LoRA adapter folder, so LoRA servers can load it.
 
 A TSV-C factor triple is already a LoRA: ``ΔW = U diag(S) Vᵀ = B A`` with
-``B = U diag(S)`` (out×k) and ``A = Vᵀ`` (k×in). PEFT's LoRA wraps ``nn.Linear``
-modules, so only matrix keys that are the ``weight`` of an ``nn.Linear`` are exported;
-the rest of the task (``in_proj_weight`` of ``nn.MultiheadAttention``, which is not a
-Linear; the positional embedding, ``proj``, ``conv1``, biases, LayerNorm) cannot be
-expressed as a PEFT LoRA and is listed in a warning and in the returned report.
+``B = U diag(S)`` (out×k) and ``A = Vᵀ`` (k×in). Two kinds of weight take it, and PEFT
+reproduces them exactly whether the adapter is merged or not:
+
+* an ``nn.Linear``'s ``weight``;
+* an ``nn.MultiheadAttention``'s ``in_proj_weight``, through PEFT's attention layer (the
+  attention module is the target; query, key and value must share one ``in_proj_weight``).
+
+An attention module's ``out_proj.weight`` is left out: ``nn.MultiheadAttention`` never calls
+``out_proj``'s forward, so PEFT ignores a LoRA on ``out_proj`` alone unless merged, and its
+attention layer (PEFT 0.21) adds the ``out_proj`` delta twice (huggingface/peft#3774); the
+adapter holds a zero ``out_proj`` LoRA there. That, the positional embedding, ``proj``,
+``conv1``, embeddings, biases and LayerNorm are listed in a warning and in the returned report.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import TSVInputError
 from .writer import staged_output
@@ -47,47 +54,41 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
 
     Args:
         task: the compressed task (its keys are ``model.state_dict()`` keys).
-        model: the base model, used to tell which keys belong to ``nn.Linear`` modules.
+        model: the base model, used to tell which keys belong to ``nn.Linear`` or
+            ``nn.MultiheadAttention`` modules (and to check the factors' shapes).
         base_model_name_or_path: recorded in the config (None: unknown).
         dtype: dtype of the LoRA tensors (default: the factors' dtype).
 
     PEFT has one rank ``r`` per adapter: it is the largest stored rank, and lower-rank
     layers are zero-padded (the extra rows of A and columns of B are zero, so ΔW is
-    unchanged). ``lora_alpha = r`` makes PEFT's scaling ``alpha / r`` exactly 1.
-
-    Caveat: ``nn.MultiheadAttention`` passes ``out_proj.weight`` straight to its
-    functional forward, so a LoRA layer wrapped around ``attn.out_proj`` only takes
-    effect once the adapter is merged into the weights (e.g. PEFT's ``merge_and_unload``).
+    unchanged). An attention module's out_proj LoRA is zero (see the module docstring).
+    ``lora_alpha = r`` makes PEFT's scaling ``alpha / r`` exactly 1.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TSVInputError(f"{folder}: exists and is not a folder; give a folder for the adapter")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise TSVInputError(f"{folder} exists and is not empty; pass overwrite=True to replace the adapter in it")
-    modules = dict(model.named_modules())
-    targets, skipped = [], []
-    for key in task.factors:
-        module_name, _, param = key.rpartition(".")
-        if param == "weight" and isinstance(modules.get(module_name), nn.Linear):
-            targets.append(module_name)
-        else:
-            skipped.append(key)
-    skipped += sorted(task.deltas)
-    if not targets:
-        raise TSVInputError(f"task {task.name!r} has no factors on nn.Linear weights: nothing PEFT's LoRA can hold")
-    r = max(task.factors[m + ".weight"][1].shape[0] for m in targets)
+    slots, skipped = _lora_slots(task, model)
+    if not slots:
+        raise TSVInputError(f"task {task.name!r} has no factors on nn.Linear or nn.MultiheadAttention weights: "
+                            f"nothing PEFT's LoRA can hold")
+    exported = [key for key, _ in slots.values() if key is not None]
+    r = max(task.rank(key) for key in exported)
     tensors = {}
-    for m in targets:
-        U, S, V = task.factors[m + ".weight"]
-        k = S.shape[0]
-        out_dtype = dtype or U.dtype
-        B = torch.zeros(U.shape[0], r, dtype=out_dtype)
-        A = torch.zeros(r, V.shape[0], dtype=out_dtype)
-        wide = torch.promote_types(compute_dtype(U), compute_dtype(S))  # float64 stays float64
-        B[:, :k] = (U.to(wide) * S.to(wide)).to(out_dtype).cpu()
-        A[:k] = V.T.to(out_dtype).cpu()
-        tensors[f"base_model.model.{m}.lora_A.weight"] = A
-        tensors[f"base_model.model.{m}.lora_B.weight"] = B
+    for prefix, (key, (out_features, in_features)) in slots.items():
+        out_dtype = dtype or task.factors[key or exported[0]][0].dtype
+        B = torch.zeros(out_features, r, dtype=out_dtype)
+        A = torch.zeros(r, in_features, dtype=out_dtype)
+        if key is not None:
+            U, S, V = task.factors[key]
+            k = S.shape[0]
+            wide = torch.promote_types(compute_dtype(U), compute_dtype(S))  # float64 stays float64
+            B[:, :k] = (U.to(wide) * S.to(wide)).to(out_dtype).cpu()
+            A[:k] = V.T.to(out_dtype).cpu()
+        tensors[f"base_model.model.{prefix}.lora_A.weight"] = A
+        tensors[f"base_model.model.{prefix}.lora_B.weight"] = B
+    targets = list(dict.fromkeys(prefix.removesuffix(_OUT_PROJ) for prefix in slots))  # attention: once
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
@@ -101,7 +102,51 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
         save_file(tensors, stage / WEIGHTS, metadata={"format": "pt"})
         (stage / CONFIG).write_text(json.dumps(config, indent=2))
     if skipped:
-        warnings.warn(f"task {task.name!r}: {len(skipped)} key(s) are not nn.Linear weights and are not in the PEFT "
-                      f"adapter (e.g. {skipped[:4]}); serve them with tsv_fast.MultiTaskModel or export the full "
-                      f"state dict instead", stacklevel=2)
+        out_proj = [k for k in skipped if k.endswith(".out_proj.weight")]
+        warnings.warn(f"task {task.name!r}: {len(skipped)} key(s) cannot be held by a PEFT LoRA and are not in the "
+                      f"adapter (e.g. {skipped[:4]})" + (
+                          f", among them {len(out_proj)} attention out_proj weight(s): PEFT ignores a LoRA on "
+                          f"out_proj alone and, in its attention layer, adds it twice" if out_proj else "")
+                      + "; serve them with tsv_fast.MultiTaskModel or export the full state dict instead",
+                      stacklevel=2)
     return PeftExport(folder, r, targets, skipped)
+
+
+# where PEFT's attention layer keeps the LoRA of out_proj, under the attention module's name
+_OUT_PROJ = ".base_layer.out_proj"
+
+
+def _lora_slots(task: CompressedTask, model: nn.Module) -> tuple[dict[str, tuple[str | None, tuple[int, int]]], list[str]]:
+    """``{adapter prefix: (task key, or None for a zero LoRA; (out, in))}`` and the skipped keys."""
+    modules = dict(model.named_modules())
+    slots: dict[str, tuple[str | None, tuple[int, int]]] = {}
+    skipped = []
+    for key in task.factors:
+        owner, _, param = key.rpartition(".")
+        module = modules.get(owner)
+        if param == "in_proj_weight" and _peft_attention(module):
+            slots[owner] = (key, _checked_shape(task, key, module.in_proj_weight))
+            # PEFT wraps out_proj with the attention module and expects its weights: zero ones
+            slots[owner + _OUT_PROJ] = (None, tuple(module.out_proj.weight.shape))
+        elif (param == "weight" and isinstance(module, nn.Linear)
+              and not isinstance(modules.get(owner.rpartition(".")[0]), nn.MultiheadAttention)):
+            slots[owner] = (key, _checked_shape(task, key, module.weight))
+        else:
+            skipped.append(key)
+    return slots, skipped + sorted(task.deltas)
+
+
+def _peft_attention(module) -> bool:
+    """An attention module PEFT's LoRA can wrap (one packed in_proj_weight, a Linear out_proj)."""
+    return (isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+            and isinstance(module.out_proj, nn.Linear))
+
+
+def _checked_shape(task: CompressedTask, key: str, weight: Tensor) -> tuple[int, int]:
+    """The weight's (out, in), after checking the factors fit it: an adapter for another model
+    would only fail when PEFT loads it."""
+    U, _, V = task.factors[key]
+    if (U.shape[0], V.shape[0]) != tuple(weight.shape):
+        raise TSVInputError(f"task {task.name!r}, key {key!r}: factors are for a {U.shape[0]}×{V.shape[0]} matrix "
+                            f"but the model's weight is {tuple(weight.shape)}: the model is not the task's base")
+    return tuple(weight.shape)
