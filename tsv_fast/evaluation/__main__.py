@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TSVInputError
 from . import report
 from .data import CACHE_DIR
 
@@ -127,10 +128,10 @@ def run_benchmark(args) -> dict:
         wanted = [t.strip() for t in args.task_names.split(",") if t.strip()]
         unknown = [t for t in wanted if t not in tasks_all]
         if unknown:
-            sys.exit(f"unknown task(s) {unknown}; choose from {list(tasks_all)}")
+            raise TSVInputError(f"unknown task(s) {unknown}; choose from {list(tasks_all)}")
         repeated = sorted({t for t in wanted if wanted.count(t) > 1})
         if repeated:  # one fine-tune each: "digits,digits" would report a one-task merge
-            sys.exit(f"task(s) named more than once: {repeated}")
+            raise TSVInputError(f"task(s) named more than once: {repeated}")
     else:
         ordered = default_tasks + [t for t in tasks_all if t not in default_tasks]
         wanted = ordered[:getattr(args, "tasks", len(default_tasks))]
@@ -139,7 +140,7 @@ def run_benchmark(args) -> dict:
     for name, why in missing.items():
         print(f"skipping task {name}: {why}", file=sys.stderr)
     if len(tasks) < 2:
-        sys.exit(f"need at least 2 tasks with data, have {tasks}; {bench_spec.data_hint}")
+        raise TSVInputError(f"need at least 2 tasks with data, have {tasks}; {bench_spec.data_hint}")
     load_s = time.perf_counter() - start
     grids = {} if args.grid == "full" else {"ta_grid": (0.2, 0.4, 0.7), "ties_grid": (0.6, 1.0, 1.5),
                                              "tsv_grid": (0.8, 1.0, 1.4)}
@@ -149,8 +150,8 @@ def run_benchmark(args) -> dict:
         s = _settings(module, args, seed)
         try:
             bench = bench_spec.open(tasks, s, args)
-        except FileNotFoundError as e:
-            sys.exit(str(e))
+        except FileNotFoundError as e:  # the pretrained model
+            raise TSVInputError(str(e)) from e
         print(f"{args.benchmark}, seed {seed}: frozen heads of {len(tasks)} tasks", flush=True)
         t0 = time.perf_counter()
         bench.compute_heads()
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m tsv_fast.evaluati
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: set OMP_WAIT_POLICY=PASSIVE on a shared machine (busy-waiting threads slow torch)",
               file=sys.stderr)
-    result = run_benchmark(args)
+    try:
+        result = run_benchmark(args)
+    except TSVInputError as e:  # a usage error (exit 2), printed here: `tsv-fast bench` only sees the code
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print()
     print(f"{result['benchmark']}: test accuracy (%), T = {len(result['tasks'])} tasks, "
           f"{args.seeds} seed(s); norm. = merged / fine-tuned")

@@ -85,7 +85,8 @@ def load_pretrained(path: Path = ASSET) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python -m tsv_fast.evaluation.vision_mini pretrain`")
+        raise FileNotFoundError(f"{path}: pretrained tower not found (the committed one, {ASSET.name}, is "
+                                f"remade by `python -m tsv_fast.evaluation.vision_mini pretrain`)")
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
@@ -335,8 +336,8 @@ class VisionMiniBench:
         self.log = log
         self.cache_dir, self.pretrained_path = cache_dir, Path(pretrained)
         self.cache = Path(cache_dir or CACHE_DIR) / "vision-mini"
+        self.base = load_pretrained(pretrained)  # first: its error says what is missing
         self.pretrained_digest = file_digest(pretrained)
-        self.base = load_pretrained(pretrained)
         self.model = VisionMini()
         self.model.load_state_dict(self.base)
         self.model.eval()
