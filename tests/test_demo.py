@@ -2,7 +2,12 @@
 
 import json
 
+import pytest
+import torch
+
 from tsv_fast import demo
+from tsv_fast.interference import Interference
+from tsv_fast.plots import plot_sti_heatmap
 
 
 def test_demo_writes_summary_and_plot(tmp_path, capsys):
@@ -17,3 +22,48 @@ def test_demo_writes_summary_and_plot(tmp_path, capsys):
     assert set(saved["sti_by_block"]) >= {"visual.transformer.resblocks.0", "visual.transformer.resblocks.1"}
     assert (tmp_path / "demo_sti.png").stat().st_size > 10_000
     assert "STI (singular task interference) per block" in capsys.readouterr().out
+
+
+def test_a_failed_rerun_keeps_the_previous_json(tmp_path, monkeypatch):
+    """demo_synthetic.json was written in place: a failure part-way left a truncated file."""
+    argv = ["--width", "64", "--layers", "1", "--tasks", "2", "--out", str(tmp_path)]
+    demo.main(argv)
+    before = (tmp_path / "demo_synthetic.json").read_bytes()
+    write_text = type(tmp_path).write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        demo.main(argv + ["--seed", "1"])
+    monkeypatch.undo()
+    assert (tmp_path / "demo_synthetic.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_sti.png", "demo_synthetic.json"]  # no temp file
+
+
+def test_a_failed_plot_keeps_the_previous_png(tmp_path, monkeypatch):
+    """PNGs were written in place: a failure part-way left half a file."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    report = Interference(["a", "b"], {"visual.transformer.resblocks.0.attn.in_proj_weight": 1.0},
+                          {"visual.transformer.resblocks.0.attn.in_proj_weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]])})
+    path = tmp_path / "sti.png"
+    assert plot_sti_heatmap(report, path) == path
+    before = path.read_bytes()
+    savefig = Figure.savefig
+
+    def full_disk(self, fname, *args, **kwargs):
+        savefig(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as f:
+            f.truncate(len(before) // 2)
+        raise OSError(28, "No space left on device", str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plot_sti_heatmap(report, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sti.png"]
+    assert matplotlib.pyplot.get_fignums() == []  # the figure was closed anyway

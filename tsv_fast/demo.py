@@ -18,6 +18,7 @@ import tsv_fast
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.plots import plot_sti_summary
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
+from tsv_fast.writer import atomic_write_file
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = _summary(base, tasks, compressed, merged, report, timings, args)
     _print(summary)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_synthetic.json").write_text(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    atomic_write_file(args.out / "demo_synthetic.json", lambda tmp: Path(tmp).write_text(text))
     png = plot_sti_summary(report, args.out / "demo_sti.png")
     print(f"\nwrote {args.out / 'demo_synthetic.json'}" + (f" and {png}" if png else ""))
     return summary

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .interference import Interference, block_of
+from .writer import atomic_write_file
 
 
 def pyplot():
@@ -60,7 +61,7 @@ def plot_sti_heatmap(report: Interference, path: Path) -> Path | None:
     ax.set_yticks(range(len(keys)), [k[len(prefix):] or k for k in keys], fontsize=7)
     ax.set(title="STI per layer and task pair", xlabel="task pair", ylabel=f"{prefix}…" if prefix else "layer")
     fig.colorbar(im, ax=ax, label="STI")
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def plot_sti_by_depth(report: Interference, path: Path) -> Path | None:
@@ -87,7 +88,7 @@ def plot_sti_by_depth(report: Interference, path: Path) -> Path | None:
     ax.set(title="STI by depth", xlabel="block", ylabel="STI (all task pairs)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def plot_sti_summary(report: Interference, path: Path) -> Path | None:
@@ -107,7 +108,7 @@ def plot_sti_summary(report: Interference, path: Path) -> Path | None:
     ax2.set_yticks(range(len(report.tasks)), report.tasks)
     ax2.set_title("STI per task pair (sum over keys)")
     fig.colorbar(im, ax=ax2)
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def _common_prefix(keys: list[str]) -> str:
@@ -123,8 +124,12 @@ def _common_prefix(keys: list[str]) -> str:
     return ".".join(shared) + "." if shared and len(shared) < min(map(len, parts)) else ""
 
 
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+def save_png(plt, fig, path: Path, dpi: int = 110) -> Path:
+    """Write the PNG atomically: an interrupted run leaves the previous figure, not half a file."""
+    path = Path(path)
+    try:
+        fig.tight_layout()
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    return path

@@ -27,7 +27,8 @@ from torch import Tensor
 
 import tsv_fast
 from tsv_fast.interference import Interference
-from tsv_fast.plots import plot_sti_by_depth, plot_sti_heatmap, pyplot
+from tsv_fast.plots import plot_sti_by_depth, plot_sti_heatmap, pyplot, save_png
+from tsv_fast.writer import atomic_write_file
 
 StateDict = Mapping[str, Tensor]
 Evaluate = Callable[[StateDict, Sequence[str], str], dict[str, float]]
@@ -313,9 +314,8 @@ def markdown_table(result: dict) -> str:
 def write_json(result: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    text = json.dumps(result, indent=1, default=float) + "\n"
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -344,10 +344,7 @@ def plot_accuracy(result: dict, path: Path, title: str = "") -> Path | None:
     ax.set_title(title or "accuracy per task and method")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(plt, fig, path, dpi=120)
 
 
 def plot_tsv_c_rank(result: dict, path: Path, title: str = "") -> Path | None:
@@ -372,10 +369,7 @@ def plot_tsv_c_rank(result: dict, path: Path, title: str = "") -> Path | None:
     ax.set_title(title or "TSV-C accuracy vs kept rank")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(plt, fig, path, dpi=120)
 
 
 def write_plots(result: dict, out: Path, prefix: str) -> list[Path]:
