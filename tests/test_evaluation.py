@@ -203,3 +203,33 @@ def test_aggregate_seeds_means_and_spreads():
     assert agg["timings_s"] == {"merge_tsv_m": pytest.approx(0.15), "finetune_cached": False,
                                 "finetune_per_task": {"x": 1.5, "y": 2.0}}
     assert len(agg["per_seed"]) == 2 and "tsv_m_above_task_arithmetic" not in agg["claims"]
+
+
+def test_finetuning_shows_a_bar_on_a_terminal(tmp_path, monkeypatch):
+    """Fine-tuning takes minutes and printed nothing until a task was done: no bar, no ETA."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from tsv_fast.evaluation.finetuning import finetune_all
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Bench:
+        tasks, settings = ["a", "b"], SimpleNamespace(seed=0, steps=3)
+        cached, finetune_seconds = {}, {}
+
+        def cache_path(self, name):
+            return tmp_path / name
+
+        def finetune(self, name):
+            self.cached[name], self.finetune_seconds[name] = False, 0.5
+            return {"w": torch.zeros(1)}
+
+    terminal, logged = Terminal(), []
+    monkeypatch.setattr(sys, "stderr", terminal)
+    out = finetune_all(Bench(), 1, logged.append, worker=None, worker_args=None)
+    assert set(out) == {"a", "b"} and logged == [f"fine-tuned {n} (seed 0, 3 steps): 0.5 s" for n in "ab"]
+    assert "fine-tune: 100%" in terminal.getvalue() and "2/2" in terminal.getvalue()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def finetune_all(bench: Any, jobs: int, log: Callable[[str], None], worker: Callable,
@@ -18,19 +19,29 @@ def finetune_all(bench: Any, jobs: int, log: Callable[[str], None], worker: Call
     todo = [n for n in bench.tasks if not bench.cache_path(n).is_file()]
     s = bench.settings
     trained = {}
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing
+    # minutes of work with one log line per finished task: a bar with the ETA, on a terminal only
+    bar = tqdm(total=len(todo), desc="fine-tune", unit="task", disable=None if todo else True)
 
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
-            for name, seconds in pool.imap_unordered(worker, [worker_args(n) for n in todo]):
-                trained[name] = seconds
-                log(f"fine-tuned {name} (seed {s.seed}, {s.steps} steps): {seconds:.1f} s in a worker")
-    out = {}
-    for name in bench.tasks:
-        out[name] = bench.finetune(name)
-        if name in trained:
-            bench.cached[name], bench.finetune_seconds[name] = False, trained[name]
-        else:
-            how = "cached" if bench.cached[name] else f"{bench.finetune_seconds[name]:.1f} s"
-            log(f"fine-tuned {name} (seed {s.seed}, {s.steps} steps): {how}")
+    def done(message: str) -> None:
+        bar.update()
+        with bar.external_write_mode():
+            log(message)
+
+    with bar:
+        if jobs > 1 and len(todo) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+                for name, seconds in pool.imap_unordered(worker, [worker_args(n) for n in todo]):
+                    trained[name] = seconds
+                    done(f"fine-tuned {name} (seed {s.seed}, {s.steps} steps): {seconds:.1f} s in a worker")
+        out = {}
+        for name in bench.tasks:
+            out[name] = bench.finetune(name)
+            if name in trained:
+                bench.cached[name], bench.finetune_seconds[name] = False, trained[name]
+            elif bench.cached[name]:
+                log(f"fine-tuned {name} (seed {s.seed}, {s.steps} steps): cached")
+            else:
+                done(f"fine-tuned {name} (seed {s.seed}, {s.steps} steps): {bench.finetune_seconds[name]:.1f} s")
     return out
