@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tsv_fast import demo
+from tsv_fast.errors import TSVRankWarning
 from tsv_fast.interference import Interference
 from tsv_fast.plots import plot_sti_heatmap
 
@@ -67,3 +68,19 @@ def test_a_failed_plot_keeps_the_previous_png(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sti.png"]
     assert matplotlib.pyplot.get_fignums() == []  # the figure was closed anyway
+
+
+@pytest.mark.parametrize("width, tasks", [(64, 51), (32, 33)])
+def test_more_tasks_than_a_key_has_rank(tmp_path, width, tasks):
+    """A key with r < T gets k = 0 (a warning, no factors): the summary crashed with a KeyError on its
+    missing factors and, when every key had k = 0, with a ValueError on the empty STI table."""
+    with pytest.warns(TSVRankWarning):
+        summary = demo.main(["--width", str(width), "--layers", "1", "--tasks", str(tasks), "--out", str(tmp_path)])
+    pos = summary["shapes"][f"50x{width}"]
+    assert pos["k_per_task"] == 0 and pos["tsv_c_energy_kept"] == 0.0
+    assert (tmp_path / "demo_synthetic.json").is_file()
+    if width == 64:
+        assert summary["shapes"]["256x64"]["k_per_task"] == 1 and summary["shapes"]["256x64"]["tsv_c_energy_kept"] > 0
+        assert (tmp_path / "demo_sti.png").is_file()
+    else:
+        assert summary["sti_by_block"] == {} and not (tmp_path / "demo_sti.png").exists()

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 
 import tsv_fast
 from tsv_fast.keys import is_matrix_key
@@ -80,8 +81,8 @@ def _summary(base, tasks, compressed, merged, report, timings, args) -> dict:
         shapes[shape]["keys"] += 1
         for task, c in zip(tasks, compressed):
             tau = task[key].float()
-            kept = c.factors[key][1].float().pow(2).sum() / tau.pow(2).sum()
-            energy[shape].append(kept.item())
+            S = c.factors[key][1].float() if key in c.factors else torch.zeros(0)  # none kept when r < T (k = 0)
+            energy[shape].append((S.pow(2).sum() / tau.pow(2).sum()).item())
     for shape, values in energy.items():
         shapes[shape]["tsv_c_energy_kept"] = sum(values) / len(values)
     model_bytes = sum(t.numel() * t.element_size() for t in base.values())
@@ -106,7 +107,7 @@ def _print(s: dict) -> None:
     print(f"\nTSV-C: {s['tsv_c_bytes_per_task'] / 2**20:.1f} MiB per task vs {s['model_bytes'] / 2**20:.1f} MiB "
           f"for the tower ({100 * s['tsv_c_bytes_per_task'] / s['model_bytes']:.1f}%)")
     print("\nSTI (singular task interference) per block")
-    peak = max(s["sti_by_block"].values())
+    peak = max(s["sti_by_block"].values(), default=0.0)  # none when every matrix key has k = 0
     for block, value in s["sti_by_block"].items():
         print(f"  {block:<40} {value:10.4f} {'#' * int(30 * value / peak) if peak else ''}")
     print("\ntimings (s)")

@@ -94,7 +94,7 @@ def plot_sti_by_depth(report: Interference, path: Path) -> Path | None:
 def plot_sti_summary(report: Interference, path: Path) -> Path | None:
     """The demo's figure: STI per block (bars) and per task pair summed over keys (heatmap)."""
     plt = pyplot()
-    if plt is None:
+    if plt is None or not report.per_pair:
         return None
     blocks = report.by_block()
     pairs = sum(report.per_pair.values())
