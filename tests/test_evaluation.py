@@ -233,3 +233,18 @@ def test_finetuning_shows_a_bar_on_a_terminal(tmp_path, monkeypatch):
     out = finetune_all(Bench(), 1, logged.append, worker=None, worker_args=None)
     assert set(out) == {"a", "b"} and logged == [f"fine-tuned {n} (seed 0, 3 steps): 0.5 s" for n in "ab"]
     assert "fine-tune: 100%" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+
+@pytest.mark.parametrize("option", [["--seeds", "0"], ["--batch", "0"], ["--val-size", "0"], ["--lr", "-1"],
+                                    ["--rank-fractions", "1/8,0"], ["--rank-fractions", "2"]])
+def test_bad_options_are_usage_errors_before_any_work(tmp_path, capsys, option):
+    """--seeds 0 crashed with an IndexError, --batch 0 / --val-size 0 / --lr -1 with tracebacks from
+    the workers or the evaluation, --rank-fractions 0 after the fine-tuning and every merge."""
+    from tsv_fast.evaluation.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--benchmark", "vision-mini", "--task-names", "digits,digits_rotation", "--cache", str(tmp_path),
+              "--out", str(tmp_path), "--no-plots", *option])
+    assert exc.value.code == 2
+    assert f"error: argument {option[0]}: expected" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import _positive_int
 from ..errors import TSVInputError
 from . import report
 from .data import CACHE_DIR
@@ -75,6 +76,27 @@ def _defaults(field: str) -> str:
     return ", ".join(f"{name}: {getattr(b.load().Settings(), field)}" for name, b in BENCHMARKS.items())
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _rank_fractions(text: str) -> list[float]:
+    """'1/32,0.5' -> [0.03125, 0.5], each in (0, 1]: checked before minutes of fine-tuning."""
+    try:
+        fractions = [float(Fraction(f.strip())) for f in text.split(",") if f.strip()]
+    except (ValueError, ZeroDivisionError):
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"expected fractions in (0, 1] such as 1/32,0.5, got {text!r}")
+    return fractions
+
+
 def build_parser(prog: str = "python -m tsv_fast.evaluation") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -83,26 +105,26 @@ def build_parser(prog: str = "python -m tsv_fast.evaluation") -> argparse.Argume
                     "text tasks built from Debian packages).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--benchmark", default="vision-mini", choices=list(BENCHMARKS))
-    p.add_argument("--tasks", type=int, default=argparse.SUPPRESS, help="use the first N tasks of the benchmark (default: all 8)")
+    p.add_argument("--tasks", type=_positive_int, default=argparse.SUPPRESS, help="use the first N tasks of the benchmark (default: all 8)")
     p.add_argument("--task-names", default=None, help="comma-separated task names (overrides --tasks)")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"fine-tuning steps per task ({_defaults('steps')})")
-    p.add_argument("--batch", type=int, default=argparse.SUPPRESS, help=f"fine-tuning batch ({_defaults('batch')})")
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"fine-tuning learning rate ({_defaults('lr')})")
-    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (results: mean ± std)")
+    p.add_argument("--steps", type=_positive_int, default=argparse.SUPPRESS, help=f"fine-tuning steps per task ({_defaults('steps')})")
+    p.add_argument("--batch", type=_positive_int, default=argparse.SUPPRESS, help=f"fine-tuning batch ({_defaults('batch')})")
+    p.add_argument("--lr", type=_positive_float, default=argparse.SUPPRESS, help=f"fine-tuning learning rate ({_defaults('lr')})")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="fine-tuning seeds (results: mean ± std)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--head-shots", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--head-shots", type=_positive_int, default=argparse.SUPPRESS,
                    help=f"examples per class for each frozen head ({_defaults('head_shots')})")
-    p.add_argument("--train-size", type=int, default=argparse.SUPPRESS, help="fine-tuning examples per task (default all)")
-    p.add_argument("--val-size", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--train-size", type=_positive_int, default=argparse.SUPPRESS, help="fine-tuning examples per task (default all)")
+    p.add_argument("--val-size", type=_positive_int, default=argparse.SUPPRESS,
                    help=f"validation examples per task, λ/α selection ({_defaults('val_size')})")
-    p.add_argument("--test-size", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--test-size", type=_positive_int, default=argparse.SUPPRESS,
                    help=f"test examples per task, at most ({_defaults('test_size')})")
-    p.add_argument("--rank-fractions", default=",".join(f"{f:g}" for f in report.RANK_FRACTIONS),
+    p.add_argument("--rank-fractions", type=_rank_fractions, default=",".join(f"{f:g}" for f in report.RANK_FRACTIONS),
                    help="TSV-C rank fractions for the accuracy-vs-rank plot")
     p.add_argument("--grid", choices=["full", "small"], default="full",
                    help="λ/α validation grids (small: 3 values each, for smoke runs)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1),
                    help="worker processes for fine-tuning (one thread each)")
     p.add_argument("--pretrained", type=Path, default=None,
                    help="pretrained model: " + "; ".join(f"{n}: {b.pretrained_help}" for n, b in BENCHMARKS.items()))
@@ -144,7 +166,6 @@ def run_benchmark(args) -> dict:
     load_s = time.perf_counter() - start
     grids = {} if args.grid == "full" else {"ta_grid": (0.2, 0.4, 0.7), "ties_grid": (0.6, 1.0, 1.5),
                                              "tsv_grid": (0.8, 1.0, 1.4)}
-    fractions = [float(Fraction(f.strip())) for f in args.rank_fractions.split(",") if f.strip()]  # 1/32 or 0.03125
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
         s = _settings(module, args, seed)
@@ -159,7 +180,7 @@ def run_benchmark(args) -> dict:
         t0 = time.perf_counter()
         finetuned = bench.finetune_all(args.jobs, log=lambda m: print(m, flush=True))
         finetune_s = time.perf_counter() - t0
-        result = report.compare_methods(bench.base, finetuned, bench.evaluate, rank_fractions=fractions,
+        result = report.compare_methods(bench.base, finetuned, bench.evaluate, rank_fractions=args.rank_fractions,
                                         log=lambda m: print(m, flush=True), **grids)
         result["timings_s"] = {"load_data": round(load_s, 3), "heads": round(heads_s, 3),
                                "finetune": round(finetune_s, 3),
