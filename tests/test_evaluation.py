@@ -248,3 +248,18 @@ def test_bad_options_are_usage_errors_before_any_work(tmp_path, capsys, option):
     assert exc.value.code == 2
     assert f"error: argument {option[0]}: expected" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
+    """--out naming a file failed with a FileExistsError traceback only when the JSON was written,
+    after the fine-tuning, every merge and every evaluation."""
+    from tsv_fast.evaluation.__main__ import main
+
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["--benchmark", "vision-mini", "--task-names", "digits,digits_rotation", "--steps", "2",
+              "--head-shots", "2", "--val-size", "20", "--test-size", "20", "--grid", "small", "--rank-fractions",
+              "1/2", "--jobs", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "notes")])
+    assert exc.value.code == 2
+    assert f"error: {tmp_path / 'notes' / 'vision-mini.json'}: cannot write" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "cache").exists()

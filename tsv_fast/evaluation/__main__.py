@@ -23,6 +23,7 @@ import torch
 
 from ..cli import _positive_int
 from ..errors import TSVInputError
+from ..writer import OutputError, check_output
 from . import report
 from .data import CACHE_DIR
 
@@ -223,9 +224,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m tsv_fast.evaluati
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: set OMP_WAIT_POLICY=PASSIVE on a shared machine (busy-waiting threads slow torch)",
               file=sys.stderr)
+    json_path = args.json or args.out / f"{args.benchmark}.json"
     try:
+        # before minutes of work: outputs that cannot be written, or would replace the pretrained model
+        inputs = [args.pretrained] if args.pretrained else []
+        check_output(json_path, inputs, overwrite=True)
+        if not args.no_plots:
+            check_output(args.out / f"{args.benchmark}_accuracy.png", inputs, overwrite=True)
         result = run_benchmark(args)
-    except TSVInputError as e:  # a usage error (exit 2), printed here: `tsv-fast bench` only sees the code
+    except (TSVInputError, OutputError) as e:  # a usage error (exit 2), printed here: `tsv-fast bench` only sees the code
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print()
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m tsv_fast.evaluati
     print("             " + ", ".join(f"{k} {t[k]:.1f}" for k in ("load_data", "heads", "finetune", "evaluation",
                                                                    "total") if k in t)
           + (" (fine-tunes from cache)" if t.get("finetune_cached") else ""))
-    path = report.write_json(result, args.json or args.out / f"{result['benchmark']}.json")
+    path = report.write_json(result, json_path)
     print(f"wrote {path}")
     if not args.no_plots:
         for p in report.write_plots(result, args.out, result["benchmark"]):
