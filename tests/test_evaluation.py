@@ -263,3 +263,30 @@ def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"error: {tmp_path / 'notes' / 'vision-mini.json'}: cannot write" in capsys.readouterr().err
     assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "cache").exists()
+
+
+def test_an_interrupted_finetune_write_leaves_no_cache_entry(tmp_path, monkeypatch):
+    """The fine-tune was written to <key>/<task>.tmp and renamed: a failure part-way left the .tmp
+    behind, and two runs filling the same entry wrote into one temporary file."""
+    pytest.importorskip("sklearn", reason="scikit-learn (the digits data source) is not installed")
+    import safetensors.torch
+
+    from tsv_fast.evaluation.vision_mini import Settings, VisionMiniBench
+
+    bench = VisionMiniBench(["digits"], Settings(steps=1, head_shots=2), cache_dir=tmp_path)
+    bench.compute_heads()
+    save_file = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        bench.finetune("digits")
+    monkeypatch.undo()
+    assert [p.name for p in bench.cache_path("digits").parent.iterdir()] == []
+    state = bench.finetune("digits")
+    assert bench.finetune("digits").keys() == state.keys() and bench.cached["digits"]

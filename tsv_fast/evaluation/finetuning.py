@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from ..writer import atomic_write_file
+
+
+def save_state(state: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (a unique temporary name, then a rename): an interrupted
+    write, or two runs filling the same cache entry, never leave half a file under ``path``."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(Path(path), lambda tmp: save_file(dict(state), tmp, metadata=metadata))
 
 
 def finetune_all(bench: Any, jobs: int, log: Callable[[str], None], worker: Callable,

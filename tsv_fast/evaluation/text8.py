@@ -345,7 +345,7 @@ class Text8Bench:
 
     def finetune(self, name: str) -> dict[str, Tensor]:
         """Fine-tuned state dict of task ``name`` (from the cache when the same settings ran before)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         s = self.settings
         path = self.cache_path(name)
@@ -363,10 +363,7 @@ class Text8Bench:
         self.finetune_seconds[name] = time.perf_counter() - start
         self.cached[name] = False
         state = {k: v.detach().contiguous() for k, v in model.bert.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"task": name, "seconds": f"{self.finetune_seconds[name]:.2f}"})
-        os.replace(tmp, path)
+        finetuning.save_state(state, path, {"task": name, "seconds": f"{self.finetune_seconds[name]:.2f}"})
         return state
 
     # evaluation

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -258,8 +257,6 @@ def pretrain(steps: int = 2000, batch: int = 128, lr: float = 1e-3, seed: int = 
              out: Path = ASSET) -> Path:
     """Pretrain the tower (20-way cosine classifier on MNIST + Fashion-MNIST pretrain splits)
     and write it in float16 safetensors with its settings as metadata."""
-    from safetensors.torch import save_file
-
     mnist, fashion = source_split("mnist", "pretrain"), source_split("fashion", "pretrain")
     data = Images(torch.cat([mnist.images, fashion.images]), torch.cat([mnist.labels, fashion.labels + 10]))
     torch.manual_seed(seed)
@@ -277,13 +274,12 @@ def pretrain(steps: int = 2000, batch: int = 128, lr: float = 1e-3, seed: int = 
             accs[source] = (pred == test.labels + offset).float().mean().item()
     print(f"pretrained in {seconds:.0f} s; 20-way test accuracy {accs}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model_cfg": MODEL_CFG, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "data": "MNIST train[:40000] + Fashion-MNIST train[:40000], 20-way cosine classifier",
             "test_accuracy_20way": accs, "seconds": round(seconds, 1),
             "command": f"python -m tsv_fast.evaluation.vision_mini pretrain --steps {steps} --seed {seed}"}
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(out),
-              metadata={"tsv_fast_vision_mini": json.dumps(meta)})
+    finetuning.save_state({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out,
+                          {"tsv_fast_vision_mini": json.dumps(meta)})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return out
 
@@ -362,7 +358,7 @@ class VisionMiniBench:
 
     def finetune(self, name: str) -> dict[str, Tensor]:
         """Fine-tuned state dict of task ``name`` (from the cache when the same settings ran before)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         s = self.settings
         path = self.cache_path(name)
@@ -380,10 +376,7 @@ class VisionMiniBench:
         self.finetune_seconds[name] = time.perf_counter() - start
         self.cached[name] = False
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"task": name, "seconds": f"{self.finetune_seconds[name]:.2f}"})
-        os.replace(tmp, path)
+        finetuning.save_state(state, path, {"task": name, "seconds": f"{self.finetune_seconds[name]:.2f}"})
         return state
 
     @torch.inference_mode()
