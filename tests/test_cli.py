@@ -727,3 +727,50 @@ def test_a_task_store_where_a_checkpoint_is_expected_is_named(work, capsys, argv
     run("compress", "base.safetensors", "t0.safetensors", "-o", "store", "--rank", "2", "-q")
     run(*argv, expect=2)
     _one_line_error(capsys, "store: is a task store (a folder with manifest.json), not a checkpoint")
+
+
+# --- review 2: duplicate inputs told apart from distinct ones ------------------------------------
+
+
+def test_files_are_told_apart_where_inode_numbers_are_zero(work, capsys, monkeypatch):
+    """Where st_ino is 0 (some FUSE, network or Windows file systems) every file had the same
+    (device, inode): any two inputs were 'given twice'. The real path tells them apart there."""
+    class NoInodes:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def stat(path, *args, **kwargs):
+            st = os.stat(path, *args, **kwargs)
+            return type("Stat", (), {"st_dev": st.st_dev, "st_ino": 0})()
+
+    run("compress", *TASKS[:3], "-o", "store", "-q")
+    run("compress", "base.safetensors", "t2.safetensors", "-o", "store2", "--rank", "2", "-q")
+    monkeypatch.setattr(cli, "os", NoInodes())
+    run("merge", *TASKS, "-o", "m.safetensors", "-q")
+    run("merge", "base.safetensors", "store", "store2", "-o", "s.safetensors", "-q")
+    os.symlink("t0.safetensors", "again.safetensors")  # the same file by another path: still refused
+    run("merge", *TASKS, "again.safetensors", "-o", "m2.safetensors", expect=2)
+    _one_line_error(capsys, "again.safetensors: given twice (also as t0.safetensors)")
+
+
+def test_checkpoints_sharing_their_first_and_last_mib_are_distinct_tasks(work, small_base, small_tasks, capsys):
+    """A store's source is recorded by a fingerprint of each file's first and last MiB, which
+    fine-tunes that left those weights frozen share: two such tasks compressed into one store
+    could not be merged at all ('compressed from the same checkpoint'). Their deltas tell them
+    apart; a real duplicate is still refused."""
+    frozen = {"aaa.frozen": torch.zeros(300_000), "zzz.frozen": torch.ones(300_000)}  # first, last in the file
+    save_file({**small_base, **frozen}, "fbase.safetensors")
+    for i in range(3):
+        save_file({**small_tasks[i], **frozen}, f"f{i}.safetensors")
+    same = {tsv_fast.checkpoints.fingerprint(f"f{i}.safetensors")["sha256_head_tail"] for i in range(3)}
+    assert len(same) == 1  # what made them 'the same checkpoint'
+    run("compress", "fbase.safetensors", "f0.safetensors", "f1.safetensors", "-o", "store", "-q")
+    run("merge", "fbase.safetensors", "store", "-o", "a.safetensors", "-q")
+    run("merge", "fbase.safetensors", "store", "f2.safetensors", "-o", "b.safetensors", "-q")
+    (work / "copy.safetensors").write_bytes((work / "f1.safetensors").read_bytes())
+    run("merge", "fbase.safetensors", "store", "copy.safetensors", "-o", "c.safetensors", expect=2)
+    _one_line_error(capsys, "copy.safetensors: given twice (also as store:f1, compressed from it)")
+    run("compress", "fbase.safetensors", "f1.safetensors", "f2.safetensors", "-o", "store2", "-q", "--dtype", "bf16")
+    run("merge", "fbase.safetensors", "store", "store2", "-o", "c.safetensors", expect=2)
+    _one_line_error(capsys, "store2: task 'f1' was compressed from the same checkpoint as store:f1")

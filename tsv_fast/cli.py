@@ -51,7 +51,7 @@ from .plots import plot_sti_by_depth, plot_sti_heatmap
 from .solvers import SOLVERS, get_solver
 from .store import FORMAT as STORE_FORMAT
 from .store import MANIFEST, TaskStore
-from .tasks import as_sources, nonfinite, select_floating_keys, tensor_meta
+from .tasks import CompressedTask, as_sources, nonfinite, select_floating_keys, tensor_meta
 from .writer import (Entry, OutputError, OwnRecord, check_output, human_size, parse_size, plan_shards,
                      record_beside, staged_output, write_safetensors, writing)
 
@@ -272,7 +272,7 @@ def _open_inputs(base: Path, tasks: Sequence[Path], *, prefix, unsafe_pickle, mi
     _refuse_store(base, "the base must be the pretrained checkpoint")
     for t in tasks:
         _refuse_store(t, f"{command} reads fine-tuned checkpoints (`tsv-fast merge` takes a store's tasks)")
-    seen: dict[tuple[int, int], str] = {}
+    seen: dict[tuple[int, int | str], str] = {}
     for p, shown in [(base, f"{base} (the base)"), *((t, str(t)) for t in tasks)]:
         files = {_file_id(f) for f in checkpoint_files(p)}  # a folder, its index, a link or a hard link
         if twice := next((seen[f] for f in files if f in seen), None):
@@ -282,13 +282,14 @@ def _open_inputs(base: Path, tasks: Sequence[Path], *, prefix, unsafe_pickle, mi
     return opened, [open_checkpoint(p, prefix=prefix, unsafe_pickle=unsafe_pickle, base=opened) for p in tasks]
 
 
-def _file_id(path: Path) -> tuple[int, int]:
-    """(device, inode): one file whatever path, symbolic or hard link, leads to it."""
+def _file_id(path: Path) -> tuple[int, int | str]:
+    """(device, inode): one file whatever path, symbolic or hard link, leads to it. A file system
+    without inode numbers (st_ino 0: some FUSE, network or Windows ones) has only the real path."""
     try:
         st = os.stat(path)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return st.st_dev, st.st_ino
+    return (st.st_dev, st.st_ino) if st.st_ino else (st.st_dev, str(Path(path).resolve()))
 
 
 def _is_task_store(path: Path) -> bool:
@@ -328,7 +329,8 @@ def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe
     base, opened = _open_inputs(base_path, [p for p in paths if p not in stores], prefix=prefix,
                                 unsafe_pickle=unsafe_pickle, min_tasks=0, command="merge")
     checkpoints = iter(opened)
-    tasks, names, sources = [], [], {}
+    tasks, names = [], []
+    sources: dict[frozenset, list[tuple[str, CompressedTask]]] = {}  # source identity -> store tasks
     for p in paths:
         if p not in stores:
             tasks.append(next(checkpoints))
@@ -337,17 +339,19 @@ def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe
         store = TaskStore(p, base=base)
         if not store.names():
             raise UsageError(f"{p}: the task store holds no tasks")
-        for name in store.names():
-            tasks.append(store.load(name))
-            names.append(f"{p}:{name}")
+        loaded = {name: store.load(name) for name in store.names()}
+        tasks += loaded.values()
+        names += [f"{p}:{name}" for name in loaded]
         for name, source in _store_sources(store).items():
-            if twice := sources.get(source):
+            task = loaded[name]
+            if twice := next((s for s, t in sources.get(source, []) if _same_deltas(t, task, base)), None):
                 raise UsageError(f"{p}: task {name!r} was compressed from the same checkpoint as {twice}: "
                                  f"that task would count twice")
-            sources[source] = f"{p}:{name}"
+            sources.setdefault(source, []).append((f"{p}:{name}", task))
     if sources:  # a checkpoint given beside the store holding it, compressed: the same task twice
-        for p in paths:
-            if p not in stores and (twice := sources.get(_identity(fingerprint(f) for f in checkpoint_files(p)))):
+        for p, task in zip((p for p in paths if p not in stores), opened):
+            held = sources.get(_identity(fingerprint(f) for f in checkpoint_files(p)), [])
+            if twice := next((s for s, t in held if _same_deltas(t, task, base)), None):
                 raise UsageError(f"{p}: given twice (also as {twice}, compressed from it): that task would "
                                  f"count twice")
     if len(tasks) < 2:
@@ -359,6 +363,29 @@ def _open_merge_inputs(base_path: Path, paths: Sequence[Path], *, prefix, unsafe
 def _identity(fingerprints: Iterable[dict]) -> frozenset:
     """A checkpoint's files as their fingerprints' (size, hash), wherever they lie."""
     return frozenset((f["size"], f["sha256_head_tail"]) for f in fingerprints)
+
+
+def _same_deltas(stored: CompressedTask, other: CompressedTask | Checkpoint, base: Checkpoint) -> bool:
+    """Whether a store's task and another task (stored, or a checkpoint) whose sources have one
+    fingerprint hold the same deltas: the leading singular values of their common matrix keys
+    agree (a checkpoint's from one SVD, of its smallest such key). The fingerprint reads a file's
+    first and last MiB only, which different fine-tunes share when those bytes are weights they
+    both left frozen (embeddings, the last blocks, an adapter merged elsewhere)."""
+    def spectrum(task, key: str) -> torch.Tensor:
+        if isinstance(task, CompressedTask):
+            return task.factors[key][1].double().cpu()
+        return torch.linalg.svdvals(task[key].double() - base[key].double())
+
+    keys = sorted((k for k in stored.factors if k in (other.factors if isinstance(other, CompressedTask) else other)),
+                  key=lambda k: math.prod(tensor_meta(base, k, "base")[0]))
+    if not isinstance(other, CompressedTask):
+        keys = keys[:1]
+    for key in keys:
+        a, b = spectrum(stored, key), spectrum(other, key)
+        n = min(4, len(a), len(b))  # ranks may differ; a float16 store or a randomized solver: 1e-2
+        if n == 0 or not torch.allclose(a[:n], b[:n], rtol=1e-2, atol=0):
+            return False
+    return bool(keys)
 
 
 def _store_sources(store: TaskStore) -> dict[str, frozenset]:
