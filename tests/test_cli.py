@@ -774,3 +774,26 @@ def test_checkpoints_sharing_their_first_and_last_mib_are_distinct_tasks(work, s
     run("compress", "fbase.safetensors", "f1.safetensors", "f2.safetensors", "-o", "store2", "-q", "--dtype", "bf16")
     run("merge", "fbase.safetensors", "store", "store2", "-o", "c.safetensors", expect=2)
     _one_line_error(capsys, "store2: task 'f1' was compressed from the same checkpoint as store:f1")
+
+
+# --- review 2: the staging folder of a run in progress ------------------------------------------
+
+
+@pytest.mark.parametrize("name, folder", [("m.safetensors", False), ("m", True)])
+def test_a_staging_folder_in_use_is_kept_whatever_its_process_id_says(tmp_path, monkeypatch, name, folder):
+    """A process id is no proof a run is gone: in another PID namespace (containers sharing the
+    output folder and the host name) it names another process, or none. A concurrent run of the
+    same output deleted the staging folder of a run in progress; its lock now keeps it."""
+    out = tmp_path / name
+    with writer.staged_output(out, folder=folder, overwrite=False) as stage:
+        (stage / "model.safetensors").write_bytes(b"partial")
+        with monkeypatch.context() as m:
+            m.setattr(writer, "_alive", lambda pid: False)  # as another PID namespace sees it
+            writer._remove_stale_stages(out)
+        assert (stage / "model.safetensors").exists()
+    assert (out / "model.safetensors" if folder else tmp_path / "model.safetensors").read_bytes() == b"partial"
+    killed = tmp_path / (writer._stage_prefix(out, 999_999_999) + "abc123")  # no lock, no process: stale
+    killed.mkdir()
+    monkeypatch.setattr(writer, "_alive", lambda pid: False)
+    writer._remove_stale_stages(out)
+    assert not killed.exists()

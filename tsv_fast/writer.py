@@ -4,7 +4,8 @@ Everything is written into a hidden staging folder next to the destination and m
 into place only once complete; on any error (or Ctrl-C) the staging folder is removed,
 so a failed run leaves nothing behind and never touches an input. A run killed outright
 (SIGKILL) cannot remove it: the next run of the same output does, when the folder's name
-shows it is from this machine and from a process that no longer exists.
+shows it is from this machine and from a process that no longer exists, and no process
+holds its lock.
 
 :class:`SafetensorsWriter` streams: every output shape and dtype is known before a
 merge starts, so each shard's header is written first and each tensor's bytes follow
@@ -34,6 +35,11 @@ import torch
 from torch import Tensor
 
 from .checkpoints import DTYPE_NAMES, INDEX_NAME, tensor_nbytes
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks (and no stale staging folder is ever removed)
+    fcntl = None
 
 if sys.byteorder != "little":  # safetensors stores little-endian; we write the raw bytes
     raise ImportError("tsv_fast.writer needs a little-endian machine")
@@ -243,12 +249,13 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
     """
     out = Path(out)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    stage, done = None, False
+    stage, lock, done = None, None, False
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_stages(out)
             stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, os.getpid()), dir=out.parent))
+            lock = _lock(stage)
             os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would carry over to a folder output
         except OSError as exc:
             raise cannot_write(out, exc) from exc
@@ -273,6 +280,8 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
         if not done:
             for parent in created:  # a folder something else has written into stays
                 try:
@@ -291,12 +300,40 @@ def _stage_prefix(out: Path, pid: int | None) -> str:
 
 def _remove_stale_stages(out: Path) -> None:
     """Delete staging folders of ``out`` left by runs killed outright (SIGKILL, a crash): ours by
-    name, from this machine, of a process that no longer exists. Any doubt keeps the folder."""
+    name, from this machine, of a process that no longer exists, unlocked. Any doubt keeps the
+    folder."""
     ours = re.compile(re.escape(_stage_prefix(out, None)) + r"(\d+)-\w+")
     for path in out.parent.iterdir():
         found = ours.fullmatch(path.name)
         if found and path.is_dir() and not path.is_symlink() and not _alive(int(found.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+            lock = _lock(path)
+            if lock is not None:
+                try:
+                    shutil.rmtree(path, ignore_errors=True)
+                finally:
+                    os.close(lock)
+
+
+def _lock(stage: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on the staging folder ``stage``, None when
+    another process holds it. A process id alone is no proof that a run is gone: in another
+    PID namespace (containers sharing the folder and the host name) it names another process.
+    The kernel releases the lock of a killed run. Where locks are unsupported (some network
+    file systems), the descriptor holds none and the process id decides, as before."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(stage, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: a run in progress
+        os.close(fd)
+        return None
+    except OSError:  # no flock on this file system
+        pass
+    return fd
 
 
 def _alive(pid: int) -> bool:
