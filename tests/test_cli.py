@@ -797,3 +797,18 @@ def test_a_staging_folder_in_use_is_kept_whatever_its_process_id_says(tmp_path, 
     monkeypatch.setattr(writer, "_alive", lambda pid: False)
     writer._remove_stale_stages(out)
     assert not killed.exists()
+
+
+def test_a_ddp_save_of_a_model_whose_keys_start_with_module_pairs_with_it(work, small_base, small_tasks):
+    """A wrapper model's own keys may all start with ``module.``; saved from DDP they read
+    ``module.module.*``. Both sides looked 'DDP', so nothing was renamed and every key was missing."""
+    wrap = lambda state, prefix: {prefix + k: v for k, v in state.items()}  # noqa: E731
+    save_file(wrap(small_base, "module."), "wbase.safetensors")
+    save_file(wrap(small_tasks[0], "module."), "w0.safetensors")
+    save_file(wrap(small_tasks[1], "module.module."), "w1.safetensors")
+    torch.save(wrap(small_tasks[2], "module.module."), "w2.pt")
+    run("merge", "wbase.safetensors", "w0.safetensors", "w1.safetensors", "w2.pt", "-o", "m.safetensors", "-q")
+    out = load_file("m.safetensors")
+    expected = tsv_fast.merge_layers(small_base, small_tasks[:3])
+    assert set(out) == {f"module.{k}" for k in small_base}
+    assert all(torch.allclose(out[f"module.{k}"], expected[k], atol=1e-6) for k in expected)

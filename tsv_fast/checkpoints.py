@@ -169,9 +169,10 @@ def open_checkpoint(path: str | Path, *, prefix: str | None = None, unsafe_pickl
             the checkpoint starts with ``module.`` (saved from DDP); names are kept as they are.
         unsafe_pickle: allow whole pickled models (``torch.load(weights_only=False)``);
             only for files you trust, since unpickling can run arbitrary code.
-        base: the base this checkpoint is a fine-tune of: when exactly one of the two was saved
-            from DDP (every key starting with ``module.``), the keys are named as the base's,
-            so that they pair up (and a merge keeps the base's names), whatever the formats.
+        base: the base this checkpoint is a fine-tune of: when one of the two was saved from DDP
+            (every key starting with ``module.``), the keys are named as the base's (``module.``
+            removed or added, whichever names more of the base's keys), so that they pair up
+            (and a merge keeps the base's names), whatever the formats.
     """
     label = str(path)
     kind, files, weight_map = _resolve(Path(path))
@@ -209,11 +210,16 @@ def _prefix_filter(prefix: str | None, keys: Iterable[str]) -> Callable[[str], b
 
 
 def _named_as(ckpt: Checkpoint, base: Mapping[str, object]) -> Checkpoint:
-    """``ckpt`` with its keys named as ``base``'s when exactly one of them is DDP-prefixed."""
-    ddp = is_ddp(ckpt)
-    if ddp == is_ddp(base):
+    """``ckpt`` with its keys named as ``base``'s when one of them was saved from DDP: ``module.``
+    removed from or added to every key, whichever names more of the base's keys. Comparing the
+    names, not just whether each side is all ``module.``, also pairs a model whose own keys start
+    with ``module.`` (a wrapper) with a DDP save of it (``module.module.*``)."""
+    keys, wanted = list(ckpt), set(base)
+    renames = [None, lambda k: DDP_PREFIX + k] + ([lambda k: k[len(DDP_PREFIX):]] if is_ddp(keys) else [])
+    hits = [sum((k if r is None else r(k)) in wanted for k in keys) for r in renames]
+    rename = renames[hits.index(max(hits))]  # the names as stored on a tie
+    if rename is None:
         return ckpt
-    rename = (lambda k: k[len(DDP_PREFIX):]) if ddp else (lambda k: DDP_PREFIX + k)
     if isinstance(ckpt, TorchCheckpoint):
         return TorchCheckpoint({rename(k): v for k, v in ckpt.items()}, ckpt.label, ckpt.files)
     return ckpt.renamed(rename)
