@@ -18,6 +18,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <utility>
 #include <string>
 
 #include "checks.h"
@@ -60,14 +61,26 @@ inline bool distinct_elements_2d(const at::Tensor& t) {
   return t.stride(outer) >= t.stride(inner) * t.size(inner);
 }
 
+// The bytes [first, end) of its storage that a tensor's elements lie in (strides are >= 0).
+inline std::pair<int64_t, int64_t> storage_bytes(const at::Tensor& t) {
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {t.storage_offset() * t.element_size(), (last + 1) * t.element_size()};
+}
+
 // Whether a and b may share memory: ATen's answer for dense layouts; for the others
-// (MemOverlapStatus::TooHard) only separate storages rule an overlap out.
+// (MemOverlapStatus::TooHard) only separate storages, or disjoint byte ranges of one storage
+// (slices of one preallocated buffer), rule an overlap out.
 inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   switch (at::get_overlap_status(a, b)) {
     case at::MemOverlapStatus::No: return false;
-    case at::MemOverlapStatus::TooHard: return a.storage().is_alias_of(b.storage());
+    case at::MemOverlapStatus::TooHard: break;
     default: return true;  // Full or Partial
   }
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const auto [a_first, a_end] = storage_bytes(a);
+  const auto [b_first, b_end] = storage_bytes(b);
+  return a_first < b_end && b_first < a_end;
 }
 
 // `out_name` is "base" for the functional op and "out" for the in-place one.

@@ -201,6 +201,27 @@ def test_out_that_may_overlap_is_refused(name):
     assert torch.equal(wide[:, m:], torch.zeros(N, m, **f64))
 
 
+@needs_ext
+@pytest.mark.parametrize("name", ["segmented_lowrank_apply_", "segmented_lowrank_apply_emulated_"])
+def test_disjoint_slices_of_one_buffer_are_accepted(name):
+    """x and out carved from one preallocated buffer, not dense (ATen cannot analyse them), were
+    refused as sharing a storage although no byte of one lies in the other's range."""
+    g = torch.Generator().manual_seed(7)
+    N, n, m, k = 8, 4, 5, 2
+    f64 = dict(dtype=torch.float64)
+    U, V = torch.randn(1, m, k, generator=g, **f64), torch.randn(1, n, k, generator=g, **f64)
+    S, ranks, offs, slots = torch.ones(1, k, **f64), torch.tensor([k]), torch.tensor([0, N]), torch.tensor([0])
+    op = getattr(torch.ops.tsv_fast, name)
+    buf = torch.zeros(2 * N, 8, **f64)  # rows 0..N-1: x, rows N..: out, each in its first columns
+    x, out = buf[:N, :n], buf[N:, :m]
+    x.copy_(torch.randn(N, n, generator=g, **f64))
+    op(out, x, offs, slots, U, S, V, ranks, 1.0)
+    torch.testing.assert_close(out, x @ V[0] @ U[0].T)
+    assert torch.equal(buf[:N, n:], torch.zeros(N, 8 - n, **f64)) and torch.equal(buf[N:, m:], torch.zeros(N, 8 - m, **f64))
+    with pytest.raises(ValueError, match="out must be x itself or share no memory with it"):  # column m - 1
+        op(buf[:N, :m], buf[:N, m - 1:m - 1 + n], offs, slots, U, S, V, ranks, 1.0)
+
+
 IMPL_IDS = {"segmented_lowrank_apply": "op", "segmented_lowrank_apply_": "op_",
             "segmented_lowrank_apply_emulated": "emulated", "segmented_lowrank_apply_emulated_": "emulated_"}
 
