@@ -217,7 +217,8 @@ def test_disjoint_slices_of_one_buffer_are_accepted(name):
     x.copy_(torch.randn(N, n, generator=g, **f64))
     op(out, x, offs, slots, U, S, V, ranks, 1.0)
     torch.testing.assert_close(out, x @ V[0] @ U[0].T)
-    assert torch.equal(buf[:N, n:], torch.zeros(N, 8 - n, **f64)) and torch.equal(buf[N:, m:], torch.zeros(N, 8 - m, **f64))
+    assert torch.equal(buf[:N, n:], torch.zeros(N, 8 - n, **f64))  # nothing written beside them
+    assert torch.equal(buf[N:, m:], torch.zeros(N, 8 - m, **f64))
     with pytest.raises(ValueError, match="out must be x itself or share no memory with it"):  # column m - 1
         op(buf[:N, :m], buf[:N, m - 1:m - 1 + n], offs, slots, U, S, V, ranks, 1.0)
 

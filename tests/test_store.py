@@ -380,8 +380,8 @@ def test_float16_store_refuses_a_compressed_task_that_overflows(tmp_path, base, 
     U, S, V = ct.factors[f"{_C_FC}.weight"]
     ct.factors[f"{_C_FC}.weight"] = (U, S * 1e6, V)  # finite in float32
     before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
-    with pytest.raises(TSVInputError, match=re.escape(f"task 'big': key '{_C_FC}.weight::S' overflows the store's "
-                                                      f"dtype float16")):
+    with pytest.raises(TSVInputError, match=re.escape(f"task store {tmp_path / 's'}: task 'big': key "
+                                                      f"'{_C_FC}.weight::S' overflows the store's dtype float16")):
         store.add("big", ct)
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before and store.names() == []
 

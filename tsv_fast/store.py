@@ -332,7 +332,7 @@ class TaskStore:
         flat = ct.to_state_dict()
         if bad := nonfinite(list(flat.values())):  # a finite CompressedTask cast to the store's dtype
             key = list(flat)[bad[0]]
-            raise TSVInputError(f"task {name!r}: key {key!r} overflows the store's dtype "
+            raise TSVInputError(f"task store {self.path}: task {name!r}: key {key!r} overflows the store's dtype "
                                 f"{_dtype_name(flat[key].dtype)} (Inf after the cast); use a store of a wider "
                                 f"dtype (float32 or bfloat16)")
         meta = {"format": "pt", "tsv_fast_task": name, "base_fingerprint": self.fingerprint or ""}
