@@ -9,6 +9,7 @@ import torch
 
 import reference as ref
 import tsv_fast
+from tsv_fast import solvers
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.merge import ELEMENTWISE_SETS, _plan, plan_shape_batches, stacked_bytes
 from tsv_fast.methods import get_method
@@ -451,6 +452,23 @@ def test_shape_batches_give_the_per_key_result(deep_base, solver):
         for key, want in expected.items():
             b = ref.np64(deep_base[key])
             assert ref.rel_err(ref.np64(by_shape[key]) - b, want - b) < 2e-5, key
+
+
+def test_randomized_shape_batches_give_the_per_key_result_where_it_samples(monkeypatch):
+    """Width 64 and T = 8: k = 8, ℓ = 18 ≤ 64/3, so every key is sampled (at width 48 and T = 5,
+    above, ℓ = 19 > 48/3 hands every key to the exact fallback). Each matrix sketched with the
+    test matrix of its batch position: the two merges differed by tens of percent."""
+    base = {k: v for k, v in clip_vit_base(width=64, layers=2, patch_size=16, image_size=32, embed_dim=32,
+                                           seed=2).items() if ".resblocks." in k}  # short sides all 64
+    tasks = synthetic_finetuned(base, 8, seed=3)
+    fallbacks = []
+    monkeypatch.setattr(solvers, "exact_topk", lambda *a, **kw: fallbacks.append(a[0].shape) or exact_topk(*a, **kw))
+    stats = {}
+    by_shape = tsv_fast.merge_layers(base, tasks, solver="randomized", batch="shape", stats=stats)
+    by_key = tsv_fast.merge_layers(base, tasks, solver="randomized", batch="key")
+    assert stats["shape_batches"] == 4 and not fallbacks
+    for key in by_key:
+        torch.testing.assert_close(by_shape[key], by_key[key], atol=1e-6, rtol=1e-5)
 
 
 def test_shape_batches_with_newton_schulz_polar_give_the_per_key_result(deep_base):

@@ -70,6 +70,25 @@ def test_randomized_on_a_steep_spectrum_and_low_rank_input():
     assert (rank_k_errors(low, U, S, V) / low.flatten(1).norm(dim=1) < 1e-5).all()
 
 
+@pytest.mark.parametrize("m,n", [(512, 128), (128, 512)])
+def test_randomized_factors_of_a_matrix_do_not_depend_on_its_batch(m, n):
+    """One Gaussian test matrix per batch position made a matrix's factors depend on where it sat
+    in the batch (merges with batch="shape" and "key" differed by 57%). k = 16: ℓ = 26 ≤ 128/3,
+    so the matrices are sampled, not handed to the exact fallback."""
+    A = task_batch(m, n, 4, seed=5)
+    k = 16
+
+    def rank_k(f, i):
+        return (f.U[i].double() * f.S[i].double()) @ f.V[i].double().mT
+
+    whole, reversed_ = randomized_topk(A, k), randomized_topk(A.flip(0), k)
+    for i in range(4):
+        alone = randomized_topk(A[i:i + 1], k)
+        for other in (rank_k(whole, i), rank_k(reversed_, 3 - i)):
+            assert (other - rank_k(alone, 0)).norm() <= 1e-5 * other.norm()
+        torch.testing.assert_close(alone.residual[0], whole.residual[i], rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 @pytest.mark.parametrize("shape", [(3, 80, 70), (2, 40, 96)])
 def test_rank_zero_gives_empty_factors(solver, shape):
