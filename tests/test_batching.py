@@ -87,6 +87,20 @@ def test_whitening_keeps_directions_float64_resolves_and_zeroes_those_under_the_
     np.testing.assert_allclose(cut, svd_polar - part, atol=1e-6)
 
 
+@pytest.mark.parametrize("ratio", [1e-4, 1e-6, 1.5e-7])
+@pytest.mark.parametrize("blocks", [True, False])
+def test_whitening_above_the_cut_is_the_svd_polar_factor_to_the_gram_matrix_rounding(ratio, blocks):
+    """README: above the cut the whitening is the SVD polar factor up to the float64 Gram matrix's
+    rounding, which squares κ = σmax/σmin: within 4·u·κ² (u = 2⁻⁵³; measured up to 2.8·u·κ²),
+    3e-8 at σmin/σmax = 1e-4 but a few percent just above the cut, not "equal"."""
+    X = two_blocks_at_angle(200, 50, ratio * math.sqrt(2), torch.Generator().manual_seed(1))
+    P, s, Qh = torch.linalg.svd(X, full_matrices=False)
+    kappa = float(s[0] / s[-1])
+    assert 0.5 / ratio < kappa < 2 / ratio
+    err = torch.linalg.matrix_norm(polar_from_blocks(X, [50, 50] if blocks else None, "eigh") - P @ Qh, 2)
+    assert err <= 4 * 2.0 ** -53 * kappa ** 2
+
+
 @pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
 def test_directions_under_the_gram_resolution_are_zeroed_not_whitened_from_noise(method):
     """σmin/σmax = 1e-9 (float64 factors): a float64 Gram matrix holds σmin² = 1e-18 only as

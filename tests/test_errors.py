@@ -295,12 +295,16 @@ def test_nan_in_several_elementwise_keys_names_the_first_key_as_key_by_key():
 
 
 def test_task_vectors_refuse_a_delta_that_overflows_its_dtype():
-    """Finite float16 weights 60000 and -60000 apart by 120000, past float16's range: named, never Inf."""
-    base = {"a.weight": torch.full((3, 2), -60000.0, dtype=torch.float16), "a.bias": torch.zeros(3)}
-    ok = {"a.weight": torch.zeros(3, 2, dtype=torch.float16), "a.bias": torch.ones(3)}
-    bad = {**ok, "a.weight": torch.full((3, 2), 60000.0, dtype=torch.float16)}
+    """Finite bfloat16 weights 3e38 and -3e38 apart by 6e38, past float32's range: named, never Inf.
+    float16 weights 60000 and -60000 apart (past float16's range) are kept: deltas are float32."""
+    base = {"a.weight": torch.full((3, 2), -3e38, dtype=torch.bfloat16), "a.bias": torch.zeros(3)}
+    ok = {"a.weight": torch.zeros(3, 2, dtype=torch.bfloat16), "a.bias": torch.ones(3)}
+    bad = {**ok, "a.weight": torch.full((3, 2), 3e38, dtype=torch.bfloat16)}
     with pytest.raises(tsv_fast.TSVInputError, match=r"task 'task1': key 'a.weight': its delta from the base overflows"):
         tsv_fast.task_vectors(base, [ok, bad])
+    half = {"a.weight": torch.full((3, 2), -60000.0, dtype=torch.float16), "a.bias": torch.zeros(3)}
+    (tv,) = tsv_fast.task_vectors(half, [{**ok, "a.weight": torch.full((3, 2), 60000.0, dtype=torch.float16)}])
+    assert tv["a.weight"].dtype == torch.float32 and (tv["a.weight"] == 120000).all()
 
 
 def test_task_vectors_of_parameters_that_require_grad_hold_no_graph():
@@ -321,3 +325,44 @@ def test_task_vectors_of_compressed_tasks_or_sparse_task_vectors(base):
     sparse = tsv_fast.TaskVector({"a.weight": torch.ones(6, 4)}, name="s")
     (tv,) = tsv_fast.task_vectors(base, [sparse])
     assert tv.name == "s" and list(tv) == ["a.weight"] and torch.equal(tv["a.weight"], sparse["a.weight"])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int32, torch.bool, torch.complex64, "float16"])
+def test_merge_refuses_a_non_floating_out_dtype(base, out_dtype):
+    """uint8 merged weights wrapped modulo 256, bool ones became 0/1, without a word; refused
+    before any work, by iter_merge too, as compress refuses such a factor_dtype."""
+    with pytest.raises(tsv_fast.TSVInputError, match="out_dtype must be a floating torch.dtype"):
+        tsv_fast.merge_layers(base, [finetuned(base)], out_dtype=out_dtype)
+    with pytest.raises(tsv_fast.TSVInputError, match="out_dtype must be a floating torch.dtype"):
+        tsv_fast.iter_merge(base, [finetuned(base)], out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), "0.5", True, None])
+def test_merge_refuses_an_alpha_that_is_not_a_finite_number(base, alpha):
+    """α = NaN made every merged weight NaN, then blamed on the tasks' deltas ("overflow")."""
+    if alpha is None:  # None takes the method's default
+        tsv_fast.merge_layers(base, [finetuned(base)], alpha=alpha)
+        return
+    with pytest.raises(tsv_fast.TSVInputError, match="alpha must be a finite number"):
+        tsv_fast.merge_layers(base, [finetuned(base)], method="mean", alpha=alpha)
+
+
+@pytest.mark.parametrize("where,call", [(w, c) for w in ("base", "task", "compressed")
+                                         for c in ("merge", "compress", "task_vectors")
+                                         if (w, c) != ("compressed", "task_vectors")])  # takes none
+def test_meta_tensors_are_refused_naming_the_key(base, where, call):
+    """A model built on the meta device (shapes, no data) failed as a bare RuntimeError of the
+    NaN check ("cannot be called on meta tensors") or a NotImplementedError of a copy."""
+    meta = {k: v.to("meta") for k, v in base.items()}
+    if where == "base":
+        args, owner = (meta, [finetuned(base)]), "base"
+    elif where == "task":
+        args, owner = (base, [finetuned(base), finetuned(meta)]), "task 'task1'"
+    else:
+        c = tsv_fast.compress(base, [finetuned(base)])[0]
+        c.factors = {k: tuple(t.to("meta") for t in f) for k, f in c.factors.items()}
+        args, owner = (base, [c]), "task 'task0'"
+    fn = {"merge": tsv_fast.merge_layers, "compress": tsv_fast.compress, "task_vectors": tsv_fast.task_vectors}[call]
+    with pytest.raises(tsv_fast.TSVInputError, match=rf"{owner}: key 'a\.weight.*' is on the meta device: "
+                                                     r"meta tensors have no data"):
+        fn(*args)

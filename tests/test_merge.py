@@ -161,6 +161,22 @@ def test_zero_rank_warns_and_keeps_base():
     assert not torch.equal(merged["big"], base["big"])
 
 
+@pytest.mark.parametrize("call", ["merge_layers", "iter_merge"])
+def test_zero_rank_warning_points_at_the_callers_line(call):
+    """merge_layers' warning pointed into merge.py (one frame short: it is raised in the generator
+    iter_merge returns, below torch.no_grad's wrapper), which the default filter shows once per
+    process whoever calls."""
+    base = {"small": torch.randn(3, 5), "big": torch.randn(40, 40)}
+    tasks = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(4)]
+    with pytest.warns(tsv_fast.TSVRankWarning, match="small") as record:
+        if call == "merge_layers":
+            tsv_fast.merge_layers(base, tasks)
+        else:
+            for _ in tsv_fast.iter_merge(base, tasks):
+                pass
+    assert [w.filename for w in record if w.category is tsv_fast.TSVRankWarning] == [__file__]
+
+
 def _tsv_m_of_nonzero_directions(taus, k, dtype=torch.float32):
     """TSV-M over each task's top-k triplets whose s is not zero to the inputs' precision (README:
     s > max(1e-7, 4·eps·√max(m, n))·s1): such a triplet carries nothing, and its singular
@@ -368,3 +384,47 @@ def test_square_concatenation_below_float32_rounding_is_whitened_as_the_svd_defi
     for polar in ("eigh", "newton-schulz"):
         merged = tsv_fast.merge_layers(base, [{"w": t} for t in taus], polar=polar)
         assert ref.rel_err(ref.np64(merged["w"]), want) < 1e-4, polar
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["tsv", "task_arithmetic"])
+def test_task_vectors_of_16_bit_checkpoints_merge_exactly_like_the_checkpoints(dtype, method):
+    """Deltas rounded back to the checkpoints' 16 bits lost bits wherever a weight crossed zero
+    (Sterbenz's exact subtraction needs both within 2× of each other): those task vectors
+    merged to other weights than the checkpoints did. Kept in float32, they merge identically."""
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": (0.02 * torch.randn(48, 16, generator=gen)).to(dtype), "b": torch.randn(48, generator=gen).to(dtype)}
+    tasks = [{k: (v.float() + 0.02 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+             for _ in range(3)]
+    tvs = tsv_fast.task_vectors(base, tasks)
+    for tv, t in zip(tvs, tasks):
+        for key, d in tv.items():
+            assert d.dtype == torch.float32 and torch.equal(d, t[key].float() - base[key].float())
+    from_tv = tsv_fast.merge_layers(base, tvs, method=method, out_dtype=torch.float32)
+    from_ft = tsv_fast.merge_layers(base, tasks, method=method, out_dtype=torch.float32)
+    for key in base:
+        assert torch.equal(from_tv[key], from_ft[key]), key
+
+
+@pytest.mark.parametrize("gpu_route", [False, True])
+def test_one_task_merge_peak_is_bounded_by_one_keys_work(monkeypatch, gpu_route):
+    """README (Memory): a key cannot be split, and at T = 1 its float64 factors and whitening take
+    about 7× (CPU route) / 10× (GPU route: subspace, Newton–Schulz) its stacked deltas, so
+    the 2× bound needs 4 / 5 keys of a shape: 3 blocks exceed it, 6 keep it."""
+    from tsv_fast import solvers
+    from tsv_fast.memory import peak_tensor_bytes
+    from tsv_fast.synthetic import clip_vit_base, synthetic_task_vectors
+
+    options = {}
+    if gpu_route:
+        monkeypatch.setitem(solvers.EXACT_ROUTE, "cpu", "subspace")
+        monkeypatch.setattr(solvers, "MAX_BLOCK", 48)
+        options["polar"] = "newton-schulz"
+    key_bytes = 4 * 1024 * 256  # one c_fc (or c_proj) key's stacked deltas at T = 1
+    for layers in (3, 6):
+        blocks = {k: v for k, v in clip_vit_base(256, layers, 32, 64).items() if ".resblocks." in k}
+        tvs = [tsv_fast.TaskVector(synthetic_task_vectors(blocks, 1, seed=1)[0])]
+        peak, out = peak_tensor_bytes(lambda: tsv_fast.merge_layers(blocks, tvs, batch="shape", **options))
+        work = peak - sum(t.numel() * t.element_size() for t in out.values())
+        assert work <= (10.5 if gpu_route else 7) * key_bytes
+        assert (work <= 2 * layers * key_bytes) == (layers == 6)

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .errors import TSVInputError, TSVRankWarning
 from .keys import Rank, check_num_tasks, check_rank, is_matrix_key, is_mergeable, resolve_rank
 from .solvers import get_solver
-from .tasks import (CompressedTask, StateDict, Task, as_sources, checked_base_tensor, nonfinite, select_floating_keys,
-                    stack_deltas)
+from .tasks import (CompressedTask, StateDict, Task, as_sources, check_floating_dtype, checked_base_tensor, nonfinite,
+                    select_floating_keys, stack_deltas)
 
 def energy_rank(S: Tensor, energy: float) -> int:
     """Smallest k whose leading singular values hold ``energy`` of ``Σ s²`` (0 for a zero matrix)."""
@@ -82,8 +82,7 @@ def compress(
     check_energy(energy)
     rank = check_rank(rank)  # before any work, whether or not a matrix key comes
     num_tasks = check_num_tasks(num_tasks)
-    if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
-        raise TSVInputError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
+    check_floating_dtype(factor_dtype, "factor_dtype")
     solve = get_solver(solver)
     sources = as_sources(base, tasks, names)
     T = len(sources) if num_tasks is None else num_tasks

@@ -12,13 +12,14 @@ from tqdm.auto import tqdm
 
 from .errors import TSVInputError, TSVRankWarning
 from .keys import is_matrix_meta, is_mergeable
-from .methods import KeyContext, get_method
+from .methods import KeyContext, as_real, get_method
 from .solvers import get_solver
 from .tasks import (
     CompressedTask,
     StateDict,
     Task,
     as_sources,
+    check_floating_dtype,
     checked_base_tensor,
     nonfinite,
     select_floating_keys,
@@ -74,16 +75,27 @@ def iter_merge(
     ``batch="shape"``), and the caller can write each result out as it comes. Arguments
     as in :func:`merge_layers`; all input checks run before the first key is yielded.
     """
+    return _iter_merge(base, tasks, method, alpha, names, include, exclude, solver, out_dtype, device, progress,
+                       stats, batch, batch_bytes, options, warn_stacklevel=3)
+
+
+def _iter_merge(base, tasks, method, alpha, names, include, exclude, solver, out_dtype, device, progress, stats,
+                batch, batch_bytes, options, warn_stacklevel: int) -> Iterator[tuple[str, Tensor]]:
+    """:func:`iter_merge`; ``warn_stacklevel`` points the rank warning at the user's call: it is
+    raised in the generator, below torch.no_grad's generator wrapper and whatever calls ``next``
+    (the user's loop for iter_merge, merge_layers one frame below the user)."""
     if batch == "key" and batch_bytes is not None:
         raise TSVInputError(f"batch_bytes={batch_bytes} sizes shape batches, and batch='key' forms none "
                             "(use batch='shape' or 'auto')")
+    check_floating_dtype(out_dtype, "out_dtype")
     spec, sources, selected, ctx = _prepare(base, tasks, method, alpha, names, include, exclude, solver,
                                             device, options)
     ctx.out_dtype = out_dtype
     stacked = _stacked_tasks(tasks)
     groups, elementwise = _plan(base, spec, selected, stacked, ctx.device, batch, batch_bytes)
     ctx.largest_batch_bytes = max((stacked_bytes(base, g, stacked) for g in _distinct(groups)), default=0)
-    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise)
+    return _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise,
+                       warn_stacklevel)
 
 
 def _stacked_tasks(tasks: Sequence[Task]) -> int:
@@ -183,7 +195,7 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     sources = as_sources(base, tasks, names)
     selected = select_floating_keys(base, include, exclude, "merge")
     ctx = KeyContext(
-        alpha=spec.default_alpha if alpha is None else float(alpha),
+        alpha=spec.default_alpha if alpha is None else _checked_alpha(alpha),
         solver=solver,
         device=torch.device(device) if device is not None else None,
         options=options,
@@ -191,8 +203,18 @@ def _prepare(base, tasks, method, alpha, names, include, exclude, solver, device
     return spec, sources, selected, ctx
 
 
+def _checked_alpha(alpha) -> float:
+    """α as a float; NaN or Inf would make every merged weight non-finite, which the output check
+    would then blame on the tasks' deltas."""
+    value = as_real(alpha)
+    if value is None or not math.isfinite(value):
+        raise TSVInputError(f"alpha must be a finite number, got {alpha!r}")
+    return value
+
+
 @torch.no_grad()  # merging is not differentiable work: parameters that require grad are read as values
-def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise):
+def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise,
+                warn_stacklevel: int):
     ready: dict[str, Tensor] = {}  # merged keys of the current batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
         if (key in groups or key in elementwise) and key not in ready:
@@ -222,7 +244,7 @@ def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, 
                else f"rank={rank!r} gives 0 for them")
         warnings.warn(
             f"{len(ctx.zero_rank_keys)} matrix key(s) get per-task rank 0 ({why}), so they keep the base "
-            f"weights (delta 0): {ctx.zero_rank_keys[:5]}", TSVRankWarning, stacklevel=3)
+            f"weights (delta 0): {ctx.zero_rank_keys[:5]}", TSVRankWarning, stacklevel=warn_stacklevel)
 
 
 def _finite_outputs(keys: Sequence[str], merged: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -263,14 +285,14 @@ def merge_layers(
         tasks: fine-tuned state dicts, :class:`TaskVector` s or :class:`CompressedTask` s
             (mixing them is fine).
         method: ``"tsv"`` (TSV-M), ``"task_arithmetic"``, ``"ties"`` or ``"mean"``.
-        alpha: scale of the merged delta; ``None`` takes the method's default
+        alpha: scale of the merged delta (finite); ``None`` takes the method's default
             (1.0 for TSV-M, TIES and mean, 0.3 for Task Arithmetic).
         include, exclude: fnmatch globs choosing the keys to merge; the other keys,
             and integer buffers, keep the base's tensor (the same object, not a copy,
             unless ``out_dtype`` asks for a cast).
         solver: top-k SVD solver for TSV-M: ``"exact"`` (default), ``"svd"`` (the
             authors' thin SVD) or ``"randomized"`` (approximate; see :mod:`tsv_fast.solvers`).
-        out_dtype: dtype of merged tensors (default: each base tensor's dtype).
+        out_dtype: floating dtype of merged tensors (default: each base tensor's dtype).
         device: where to compute (default: where the base tensors are); the result
             stays there.
         progress: show a progress bar over keys.
@@ -290,6 +312,5 @@ def merge_layers(
             checked per factor with an exact fallback);
             ``density`` for TIES (0.2).
     """
-    return dict(iter_merge(base, tasks, method, alpha, names=names, include=include, exclude=exclude,
-                           solver=solver, out_dtype=out_dtype, device=device, progress=progress, stats=stats,
-                           batch=batch, batch_bytes=batch_bytes, **options))
+    return dict(_iter_merge(base, tasks, method, alpha, names, include, exclude, solver, out_dtype, device,
+                            progress, stats, batch, batch_bytes, options, warn_stacklevel=4))

@@ -232,12 +232,18 @@ def _check_tsv_options(options: dict) -> None:
     check_rank(options["rank"])
 
 
+def as_real(value) -> float | None:
+    """``value`` as a float if it is a number (Python, NumPy or a one-element tensor), not a bool
+    or a string; else None."""
+    try:
+        return None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def _check_ties_options(options: dict) -> None:
     density = options["density"]
-    try:  # a number (Python, NumPy or a one-element tensor), not a bool or a string
-        value = None if isinstance(density, (bool, str)) else float(density)
-    except (TypeError, ValueError, RuntimeError):
-        value = None
+    value = as_real(density)
     if value is None or not 0 < value <= 1:
         raise TSVInputError(f"ties: density must be a number in (0, 1], got {density!r}")
 
