@@ -197,6 +197,8 @@ VARIANTS = {  # column -> (label, merge_layers options); (a)-(c) are the baselin
                {"solver": "exact"}),
     "trsm-inverse": ("exact, Newton–Schulz's L⁻¹ by one batched triangular solve (before session 13; now GEMMs on a GPU)",
                      {"solver": "exact"}),
+    "cholqr-library": ("exact, CholeskyQR's R⁻¹ by a batched Cholesky and triangular solve (before session 16; "
+                       "now one fused op on a GPU)", {"solver": "exact"}),
     "ns-cubic": ("exact, Newton–Schulz polar (on any device) without the Newton start (before session 12)",
                  {"solver": "exact", "polar": "newton-schulz"}),
     "rr-tol0": ("exact, Jacobi to machine precision in Rayleigh–Ritz (before session 8; now 1e-12)",
@@ -239,6 +241,7 @@ KNOBS = {  # variant -> [(module, attribute, value)] set for its run only
     "gram8": [(solvers, "GRAM_BLOCKS", 8)],
     "ortho2": [(solvers, "FILTER_QR_PASSES", 2)],
     "trsm-inverse": [(solvers, "TRIANGULAR_INVERSE_BY_GEMMS", ())],
+    "cholqr-library": [(solvers, "FUSED_CHOLESKY_INVERSE", ())],
     "ns-cubic": [(tsv, "NEWTON_START", False)],
     "rr-tol0": [(solvers, "RAYLEIGH_RITZ_TOL", 0.0)],
     "ns-gemm": [(tsv, "symmetric_gram", xtx_one_gemm)],

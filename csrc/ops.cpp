@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "kernels/cholesky_inverse.h"
 #include "kernels/jacobi_eigh.h"
 
 namespace {
@@ -17,6 +18,14 @@ int64_t eigh_shared_order(int64_t smem_bytes, bool float64) {
   TORCH_CHECK_VALUE(smem_bytes >= 0, "batched_eigh_shared_order: smem_bytes must be >= 0, got ", smem_bytes);
   const size_t b = static_cast<size_t>(smem_bytes);
   return float64 ? tsv_fast::jacobi::max_shared_order<double>(b) : tsv_fast::jacobi::max_shared_order<float>(b);
+}
+
+// batched_cholesky_inverse_shared_order: see kernels/cholesky_inverse.h (max_shared_order).
+int64_t cholesky_inverse_shared_order(int64_t smem_bytes, bool float64) {
+  TORCH_CHECK_VALUE(smem_bytes >= 0, "batched_cholesky_inverse_shared_order: smem_bytes must be >= 0, got ",
+                    smem_bytes);
+  const size_t b = static_cast<size_t>(smem_bytes);
+  return float64 ? tsv_fast::cholinv::max_shared_order<double>(b) : tsv_fast::cholinv::max_shared_order<float>(b);
 }
 
 // Autograd kernel of every tensor op: none has a derivative.  Autograd's fallback used to let
@@ -70,6 +79,16 @@ TORCH_LIBRARY(tsv_fast, m) {
   // CPU emulation of the CUDA kernel; force_path: -1 auto (as on sm_90),
   // 0 global-memory workspace, 1 shared-memory workspace.  For testing.
   m.def("batched_eigh_emulated(Tensor A, int max_sweeps=30, float tol=0.0, int force_path=-1, int threads=0) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  // R^-1 for G = R^T R (upper Cholesky factor, from G's upper triangle) of a
+  // batch of SPD matrices (B, n, n) | (n, n), and info (B,) | () int32 as
+  // torch.linalg.cholesky_ex's (0, or the first failed pivot; R^-1 all NaN
+  // there): CholeskyQR's factor in one launch (see csrc/kernels/cholesky_inverse.h).
+  // threads: CUDA threads per matrix (0: 256); on the CPU 0 runs the plain
+  // algorithm, a power of two emulates the kernel's threads (for testing).
+  m.def("batched_cholesky_inverse(Tensor G, int threads=0) -> (Tensor Rinv, Tensor info)");
+  // Largest n the CUDA kernel keeps in shared memory, given the device's
+  // per-block opt-in limit in bytes (no tensors: computed on the host).
+  m.def("batched_cholesky_inverse_shared_order(int smem_bytes, bool float64) -> int", &cholesky_inverse_shared_order);
   // Segmented low-rank apply (SGMV): for every segment s of rows
   // offsets[s]:offsets[s+1] with factor slot p = slots[s] (-1: none) and rank
   // k = ranks[p]:  out[rows] += alpha * ((x[rows] V[p,:,:k]) * S[p,:k]) U[p,:,:k]^T.
@@ -85,6 +104,7 @@ TORCH_LIBRARY(tsv_fast, m) {
 
 TORCH_LIBRARY_IMPL(tsv_fast, Autograd, m) {
   for (const char* name : {"reconstruct", "reconstruct_emulated", "batched_eigh", "batched_eigh_emulated",
+                           "batched_cholesky_inverse",
                            "segmented_lowrank_apply", "segmented_lowrank_apply_",
                            "segmented_lowrank_apply_emulated", "segmented_lowrank_apply_emulated_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());

@@ -17,7 +17,7 @@ OUT="${OUT:-results/gpu}"
 PY="${PY:-python3}"
 BUDGET="${BUDGET:-460}"
 REF_BLOCKS="${REF_BLOCKS:-2}"
-STAGES="${STAGES:-tests diag b32 l14 stages profile eigh segmented}"  # which of the stages below to run
+STAGES="${STAGES:-tests cholqr diag b32 l14 stages profile eigh segmented}"  # which of the stages below to run
 L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 # L14X_TASKS="6 4": further T for ViT-L/14 (stage l14x, after the others)
 # Variants measured against d (BENCHMARKS.md), each the state before or a candidate (session 11
@@ -27,8 +27,9 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 #   ell-k10: ℓ = k + 10 (same time as 2k in session 7, before the launch cuts);
 #   cubic-ns: Newton–Schulz without session 12's Newton start (session 13: 1.19 s against 1.13);
 #   ortho2: two CholeskyQR passes between filters (before session 13); ell-k25: ℓ = k + 25 (4% faster
-#   in session 7, its peak fixed since, not timed again); trsm-inverse: L⁻¹ by one batched solve (before session 13)
-L14_VARIANTS="${L14_VARIANTS:-d,ortho2,trsm-inverse,cubic-ns,batch8g}"
+#   in session 7, its peak fixed since, not timed again); trsm-inverse: L⁻¹ by one batched solve (before session 13);
+#   cholqr-library: CholeskyQR's R⁻¹ by cholesky_ex + solve_triangular (before session 16's fused op)
+L14_VARIANTS="${L14_VARIANTS:-d,cholqr-library,trsm-inverse,ortho2,cubic-ns}"
 # route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
 B32_VARIANTS="${B32_VARIANTS:-d,cubic-ns,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
@@ -62,7 +63,7 @@ echo "build: $(( $(date +%s) - start )) s"
 "$PY" -c "import tsv_fast; print(tsv_fast.backend())" | tee -a "$OUT/build.log"
 
 stage 110 tests.log "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" --tb=short \
-    tests/test_ops.py tests/test_eigh.py tests/test_segmented.py tests/test_merge.py tests/test_solvers.py \
+    tests/test_ops.py tests/test_eigh.py tests/test_cholesky_inverse.py tests/test_segmented.py tests/test_merge.py tests/test_solvers.py \
     tests/test_batching.py tests/test_runtime.py
 grep -sE "^(FAILED|E   |[0-9]+ (passed|failed))" "$OUT/tests.log" | cut -c1-300 | head -40
 cd benchmarks || exit 1
@@ -73,6 +74,7 @@ stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --bloc
     --repeat 2 --device cuda --no-baselines --variants "$L14_VARIANTS"
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
 stage 60 profile.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda --profile 30
+stage 30 cholqr.md "$PY" bench_cholqr.py --device cuda --batch 80 --sizes 102 146 --threads 0 128 512 1024  # fused R⁻¹
 stage 30 gram.md "$PY" bench_gram.py --device cuda --shapes 480x3072x1024 480x1024x1024 --blocks 2 4 8  # Gram blocks
 stage 60 polar.md "$PY" bench_polar.py --device cuda --shapes 1024x1024:20 4096x1024:20 --batch 2  # Newton–Schulz forms
 [[ -n "${L14X_TASKS:-}" ]] && stage "${L14X_LIMIT:-150}" l14x.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14X_TASKS --blocks 24 \

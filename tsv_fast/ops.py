@@ -65,6 +65,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"tsv_fast::{name}")(reconstruct_fake(name))
 
     _register_eigh_fakes()
+    _register_cholinv_fake()
     _register_segmented_fakes()
 
 
@@ -283,6 +284,96 @@ def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) 
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _shared_order(index, dtype == torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# batched_cholesky_inverse: CholeskyQR's R⁻¹ in one launch (csrc/cholesky_inverse.h,
+# csrc/kernels/cholesky_inverse.h, csrc/cpu/cholesky_inverse.cpp, csrc/cuda/cholesky_inverse.cu).
+# ---------------------------------------------------------------------------
+
+_CHOLINV_THREADS = tuple(2 ** i for i in range(11))  # besides 0: powers of two from 1 to 1024
+
+
+def _check_cholinv_args(op: str, G: Tensor, threads: int) -> None:
+    """Same checks, in the same order, as csrc/cholesky_inverse.h; raises ValueError."""
+    if G.dim() not in (2, 3):
+        raise ValueError(
+            f"{op}: G must be 2-D (n, n) or 3-D batched (B, n, n), got a {G.dim()}-D tensor of shape {list(G.shape)}"
+        )
+    if G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"{op}: G must be square (its last two dims equal), got shape {list(G.shape)}")
+    if G.dtype not in _EIGH_DTYPES:
+        raise ValueError(f"{op}: G must have dtype float32 or float64, got {G.dtype}")
+    if threads != 0 and threads not in _CHOLINV_THREADS:
+        raise ValueError(f"{op}: threads must be 0 (the default) or a power of two from 1 to 1024, got {threads}")
+    if G.shape[-1] > _EIGH_MAX_N:
+        raise ValueError(f"{op}: matrices of order n = {G.shape[-1]} are too large (at most {_EIGH_MAX_N})")
+
+
+def _register_cholinv_fake() -> None:
+    def fake(G: Tensor, threads: int = 0) -> tuple[Tensor, Tensor]:
+        _check_cholinv_args("batched_cholesky_inverse", G, threads)
+        return G.new_empty(G.shape), G.new_empty(G.shape[:-2], dtype=torch.int32)
+
+    try:  # an extension built before the op existed lacks it: keep it usable
+        torch._C._dispatch_find_schema_or_throw("tsv_fast::batched_cholesky_inverse", "")
+    except RuntimeError:
+        return
+    torch.library.register_fake("tsv_fast::batched_cholesky_inverse")(fake)
+
+
+def _cholesky_inverse_torch(G: Tensor, threads: int = 0) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch batched_cholesky_inverse: ``cholesky_ex`` of G's upper triangle, then a
+    triangular solve against I; all NaN where Cholesky fails, as from the kernels."""
+    _check_cholinv_args("batched_cholesky_inverse", G, threads)
+    upper = G.triu()
+    R, info = torch.linalg.cholesky_ex(upper + upper.triu(1).mT, upper=True)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    Rinv = torch.linalg.solve_triangular(torch.where((info == 0)[..., None, None], R, eye), eye, upper=True)
+    return Rinv.masked_fill((info != 0)[..., None, None], math.nan), info
+
+
+def batched_cholesky_inverse(G: Tensor, threads: int = 0) -> tuple[Tensor, Tensor]:
+    """``(R⁻¹, info)`` for symmetric positive definite ``G = RᵀR`` (R upper triangular, from
+    G's upper triangle only; the lower one is never read), a matrix (n, n) or a batch (B, n, n)
+    in float32 or float64: what CholeskyQR multiplies by (``Q = Y R⁻¹``).
+
+    ``info`` (int32, one per matrix) is 0, or like ``torch.linalg.cholesky_ex``'s the 1-based
+    index of the first pivot that is not positive (G not numerically positive definite, or
+    NaN): that matrix's R⁻¹ is then all NaN.  The compiled op factors and inverts each matrix
+    in one CUDA block (in shared memory up to n = 168 in float64 on an H100/H200, see
+    :func:`cholesky_inverse_shared_order`; ``threads`` per block, default 256), where the
+    library route is a batched Cholesky and a batched triangular solve; on the CPU it runs
+    the same algorithm (``threads`` > 0 emulates the kernel's threads, for testing).  Error
+    of R⁻¹: that of LAPACK's potrf + trtri, about κ(R)·eps.  Falls back to torch (the
+    library route) without the extension, and when gradients are needed.
+    """
+    ok, _ = load_extension()
+    needs_grad = torch.is_grad_enabled() and G.requires_grad
+    if ok and not needs_grad and _has_kernel("batched_cholesky_inverse", _DISPATCH_KEYS.get(G.device.type)):
+        return tuple(torch.ops.tsv_fast.batched_cholesky_inverse(G, int(threads)))
+    return _cholesky_inverse_torch(G, threads)
+
+
+@functools.lru_cache(maxsize=None)
+def _cholinv_shared_order(index: int, float64: bool) -> int | None:
+    ok, _ = load_extension()
+    if not ok or not _has_kernel("batched_cholesky_inverse", "CUDA"):
+        return None
+    optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return int(torch.ops.tsv_fast.batched_cholesky_inverse_shared_order(int(optin), float64))
+
+
+def cholesky_inverse_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
+    """Largest n for which :func:`batched_cholesky_inverse`'s CUDA kernel keeps an n×n matrix in
+    the shared memory of ``device`` (168 in float64 on an H100/H200); ``None`` without the CUDA
+    kernel.  Larger matrices are factored in global memory, much slower than the library."""
+    if dtype not in _EIGH_DTYPES:
+        raise ValueError(f"cholesky_inverse_shared_order: the op runs in float32 or float64, not {dtype}")
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cholinv_shared_order(index, dtype == torch.float64)
 
 
 # ---------------------------------------------------------------------------

@@ -279,6 +279,25 @@ def smallest_eigenvalue_estimate(G: Tensor, iters: int = 6, vectors: int = 4, se
     return torch.where(ok & (rho > 0), 1 / rho, 0.0)
 
 
+# Devices where CholeskyQR's R⁻¹ comes from ops.batched_cholesky_inverse (one launch: each ℓ×ℓ
+# factor and its inverse in one block's shared memory) rather than a batched Cholesky and a
+# batched triangular solve, ~0.35 ms of each ~0.45 ms pass on an H200 for (80, 102, 102) (session
+# 13). Not yet timed on a GPU (session 16): bench variant cholqr-library is the library route.
+FUSED_CHOLESKY_INVERSE = ("cuda",)
+
+
+def cholesky_upper_inverse(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R⁻¹, info)`` for ``G = RᵀR`` per SPD matrix of a batch (info as ``cholesky_ex``'s; R⁻¹
+    is garbage where info ≠ 0): the fused op where ``FUSED_CHOLESKY_INVERSE`` names the device
+    and the matrices fit its shared memory, else a batched Cholesky and triangular solve."""
+    order = ops.cholesky_inverse_shared_order(G.device, G.dtype) if G.device.type in FUSED_CHOLESKY_INVERSE else None
+    if order is not None and G.shape[-1] <= order:
+        return ops.batched_cholesky_inverse(G)
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve_triangular(R, eye, upper=True), info
+
+
 def orthonormalize(Y: Tensor, passes: int = 2) -> Tensor:
     """CholeskyQR2 (two Cholesky passes, GEMM-only); Householder QR where Cholesky breaks down.
     ``passes=1`` stops after the first: a basis of Y's span orthonormal to a few digits, enough
@@ -294,12 +313,11 @@ def orthonormalize(Y: Tensor, passes: int = 2) -> Tensor:
     both passes (one host sync per call).
     """
     Q, failed = Y, None
-    eye = torch.eye(Y.shape[-1], dtype=torch.float64, device=Y.device)
     for gram_dtype in (torch.float64, Y.dtype)[:passes]:
         Qg = Q.to(gram_dtype)
-        R, info = torch.linalg.cholesky_ex((Qg.mT @ Qg).double(), upper=True)
+        Rinv, info = cholesky_upper_inverse((Qg.mT @ Qg).double())
         failed = info if failed is None else failed | info
-        Q = Q @ torch.linalg.solve_triangular(R, eye, upper=True).to(Y.dtype)
+        Q = Q @ Rinv.to(Y.dtype)
     if bool((failed != 0).any()):
         return torch.linalg.qr(Y).Q
     return Q
