@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import tsv_fast
 from tsv_fast import TSVInputError, compress
 from tsv_fast.peft_export import export_peft
-from tsv_fast.runtime import MultiTaskModel, merge_compressed
+from tsv_fast.runtime import MultiTaskModel, OpenCLIPVisionAdapter, merge_compressed
 from tsv_fast.runtime_ops import group_rows, segmented_lowrank_apply
 from tsv_fast.store import TaskStore
 from tsv_fast.synthetic import synthetic_task_vectors
@@ -650,6 +650,34 @@ def test_auto_calibration_leaves_the_global_rng_alone():
     mt.select("a")(x)
     assert mt.calibration  # it did time the strategies
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class GlobalRandnAdapter(OpenCLIPVisionAdapter):
+    """A custom adapter as users write them: its timing input comes from the global RNG."""
+
+    def calibration_block(self, batch):
+        i, p, x = super().calibration_block(batch)
+        return i, p, torch.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible"))])
+def test_auto_calibration_with_a_custom_adapter_leaves_the_global_rng_alone(device):
+    """The built-in adapter draws from its own Generator, but a custom calibration_block calling
+    torch.randn advanced the user's global RNG (CPU, or the GPU's), on every new rank profile."""
+    model = tiny_clip(seed=24)
+    base, fts = finetune(model, 1, seed=25)
+    model = model.to(device)
+    mt = MultiTaskModel(model, compress(base, fts, names=["a"]), calibration_batches=(1, 2),
+                        adapter=GlobalRandnAdapter(model))
+    x = torch.randn(2, 3, 64, 64, device=device)
+    states = lambda: [torch.get_rng_state()] + ([torch.cuda.get_rng_state(x.device)] if device == "cuda" else [])
+    before = states()
+    mt.select("a")(x)
+    assert mt.calibration and mt.last_strategy in ("lowrank", "materialise")  # it did time the strategies
+    assert all(torch.equal(a, b) for a, b in zip(states(), before))
+    assert mt.crossover("a") in (None, 1, 2)  # a calibrated profile: the lookup leaves it alone too
+    assert all(torch.equal(a, b) for a, b in zip(states(), before))
 
 
 def test_export_refuses_an_existing_file_and_makes_missing_folders(setup, tmp_path):
