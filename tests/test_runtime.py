@@ -403,6 +403,51 @@ def test_peft_loads_the_exported_adapter(setup, tmp_path):
             assert torch.equal(merged[key], base[key]), key
 
 
+@pytest.mark.parametrize("imported", [True, False], ids=["imported", "installed"])
+def test_export_peft_refuses_attention_loras_for_a_peft_too_old_to_load_them(tmp_path, monkeypatch, imported):
+    """PEFT before 0.15.0 has no nn.MultiheadAttention LoRA: its from_pretrained refused the adapter
+    ("Target module MultiheadAttention(...) is not supported") long after the export succeeded."""
+    import importlib.metadata
+    import sys
+    import types
+
+    model = tiny_clip()
+    base, fts = finetune(model, 1)
+    ct = compress(base, fts, rank=3)[0]
+
+    real, version = importlib.metadata.version, None
+
+    def installed(name):
+        if name != "peft":
+            return real(name)
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    def pretend(v):  # None: no peft at all
+        nonlocal version
+        version = v
+        if imported and v is not None:
+            monkeypatch.setitem(sys.modules, "peft", types.SimpleNamespace(__version__=v))
+        else:
+            monkeypatch.delitem(sys.modules, "peft", raising=False)
+            monkeypatch.setattr(importlib.metadata, "version", installed)
+
+    pretend("0.14.0")
+    with pytest.raises(ImportError, match=r"peft 0\.14\.0 is installed.*'visual\.transformer\.resblocks\.0\.attn'"
+                                          r".*from version 0\.15\.0 on.*pip install 'peft>=0\.15\.0'"):
+        export_peft(ct, tmp_path / "lora", model)
+    assert not (tmp_path / "lora").exists()  # nothing written
+    linear = torch.nn.Sequential(torch.nn.Linear(24, 40))  # no attention LoRA: nothing to check
+    lbase = {k: v.detach().clone() for k, v in linear.state_dict().items()}
+    lct = compress(lbase, [{**lbase, "0.weight": lbase["0.weight"] + torch.randn(40, 24)}], rank=3)[0]
+    export_peft(lct, tmp_path / "linear", linear)
+    for i, v in enumerate(["0.15.0", None]):  # new enough, or none here (the adapter may be served elsewhere)
+        pretend(v)
+        with pytest.warns(UserWarning, match="cannot be held by a PEFT LoRA"):
+            export_peft(ct, tmp_path / f"lora{i}", model)
+
+
 def test_export_peft_refuses_another_models_shapes(tmp_path):
     """An adapter for a model of another width was written, and failed only when PEFT loaded it."""
     model = tiny_clip()
