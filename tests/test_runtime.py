@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import tsv_fast
 from tsv_fast import TSVInputError, compress
 from tsv_fast.peft_export import export_peft
-from tsv_fast.runtime import MultiTaskModel, merge_compressed
+from tsv_fast.runtime import MultiTaskModel, OpenCLIPVisionAdapter, merge_compressed
 from tsv_fast.runtime_ops import group_rows, segmented_lowrank_apply
 from tsv_fast.store import TaskStore
 from tsv_fast.synthetic import synthetic_task_vectors
@@ -403,6 +403,51 @@ def test_peft_loads_the_exported_adapter(setup, tmp_path):
             assert torch.equal(merged[key], base[key]), key
 
 
+@pytest.mark.parametrize("imported", [True, False], ids=["imported", "installed"])
+def test_export_peft_refuses_attention_loras_for_a_peft_too_old_to_load_them(tmp_path, monkeypatch, imported):
+    """PEFT before 0.15.0 has no nn.MultiheadAttention LoRA: its from_pretrained refused the adapter
+    ("Target module MultiheadAttention(...) is not supported") long after the export succeeded."""
+    import importlib.metadata
+    import sys
+    import types
+
+    model = tiny_clip()
+    base, fts = finetune(model, 1)
+    ct = compress(base, fts, rank=3)[0]
+
+    real, version = importlib.metadata.version, None
+
+    def installed(name):
+        if name != "peft":
+            return real(name)
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    def pretend(v):  # None: no peft at all
+        nonlocal version
+        version = v
+        if imported and v is not None:
+            monkeypatch.setitem(sys.modules, "peft", types.SimpleNamespace(__version__=v))
+        else:
+            monkeypatch.delitem(sys.modules, "peft", raising=False)
+            monkeypatch.setattr(importlib.metadata, "version", installed)
+
+    pretend("0.14.0")
+    with pytest.raises(ImportError, match=r"peft 0\.14\.0 is installed.*'visual\.transformer\.resblocks\.0\.attn'"
+                                          r".*from version 0\.15\.0 on.*pip install 'peft>=0\.15\.0'"):
+        export_peft(ct, tmp_path / "lora", model)
+    assert not (tmp_path / "lora").exists()  # nothing written
+    linear = torch.nn.Sequential(torch.nn.Linear(24, 40))  # no attention LoRA: nothing to check
+    lbase = {k: v.detach().clone() for k, v in linear.state_dict().items()}
+    lct = compress(lbase, [{**lbase, "0.weight": lbase["0.weight"] + torch.randn(40, 24)}], rank=3)[0]
+    export_peft(lct, tmp_path / "linear", linear)
+    for i, v in enumerate(["0.15.0", None]):  # new enough, or none here (the adapter may be served elsewhere)
+        pretend(v)
+        with pytest.warns(UserWarning, match="cannot be held by a PEFT LoRA"):
+            export_peft(ct, tmp_path / f"lora{i}", model)
+
+
 def test_export_peft_refuses_another_models_shapes(tmp_path):
     """An adapter for a model of another width was written, and failed only when PEFT loaded it."""
     model = tiny_clip()
@@ -650,6 +695,34 @@ def test_auto_calibration_leaves_the_global_rng_alone():
     mt.select("a")(x)
     assert mt.calibration  # it did time the strategies
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class GlobalRandnAdapter(OpenCLIPVisionAdapter):
+    """A custom adapter as users write them: its timing input comes from the global RNG."""
+
+    def calibration_block(self, batch):
+        i, p, x = super().calibration_block(batch)
+        return i, p, torch.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible"))])
+def test_auto_calibration_with_a_custom_adapter_leaves_the_global_rng_alone(device):
+    """The built-in adapter draws from its own Generator, but a custom calibration_block calling
+    torch.randn advanced the user's global RNG (CPU, or the GPU's), on every new rank profile."""
+    model = tiny_clip(seed=24)
+    base, fts = finetune(model, 1, seed=25)
+    model = model.to(device)
+    mt = MultiTaskModel(model, compress(base, fts, names=["a"]), calibration_batches=(1, 2),
+                        adapter=GlobalRandnAdapter(model))
+    x = torch.randn(2, 3, 64, 64, device=device)
+    states = lambda: [torch.get_rng_state()] + ([torch.cuda.get_rng_state(x.device)] if device == "cuda" else [])
+    before = states()
+    mt.select("a")(x)
+    assert mt.calibration and mt.last_strategy in ("lowrank", "materialise")  # it did time the strategies
+    assert all(torch.equal(a, b) for a, b in zip(states(), before))
+    assert mt.crossover("a") in (None, 1, 2)  # a calibrated profile: the lookup leaves it alone too
+    assert all(torch.equal(a, b) for a, b in zip(states(), before))
 
 
 def test_export_refuses_an_existing_file_and_makes_missing_folders(setup, tmp_path):

@@ -462,11 +462,87 @@ def pack_factors(U_list, S_list, V_list, dtype: torch.dtype | None = None, *,
     return U, S, V, torch.tensor(ranks, dtype=torch.long)
 
 
+# Memory-overlap rules of csrc/segmented.h, so the PyTorch fallback refuses what the compiled op
+# refuses. torch._debug_has_internal_overlap is ATen's has_internal_overlap: 0 No, 1 Yes, 2 TooHard
+# (0 exactly for non-overlapping dense tensors).
+_OVERLAP_NO, _OVERLAP_YES, _OVERLAP_TOO_HARD = 0, 1, 2
+
+
+def _distinct_elements_2d(t: Tensor) -> bool:
+    """No two elements of a 2-D tensor share an address (csrc/segmented.h distinct_elements_2d):
+    ATen answers for dense layouts and zero strides; the rest pass when one dim steps over the
+    whole extent of the other."""
+    status = torch._debug_has_internal_overlap(t)
+    if status != _OVERLAP_TOO_HARD:
+        return status == _OVERLAP_NO
+    if t.shape[0] <= 1 or t.shape[1] <= 1:
+        return True
+    inner = 0 if t.stride(0) <= t.stride(1) else 1
+    return t.stride(1 - inner) >= t.stride(inner) * t.shape[inner]
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def _storage_bytes(t: Tensor) -> tuple[int, int]:
+    """The bytes [first, end) of its storage that a tensor's elements lie in (strides are >= 0)."""
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+
+def _overlap_status(a: Tensor, b: Tensor) -> str:
+    """ATen's get_overlap_status: "full" (same elements), "partial", "no" or "too_hard" (a layout
+    that is not dense)."""
+    if a is b:
+        return "full"
+    if a.numel() == 0 or b.numel() == 0:
+        return "no"
+    if torch._debug_has_internal_overlap(a) != _OVERLAP_NO or torch._debug_has_internal_overlap(b) != _OVERLAP_NO:
+        return "too_hard"
+    if _same_storage(a, b):
+        a_first, b_first = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+        a_end, b_end = a_first + a.numel() * a.element_size(), b_first + b.numel() * b.element_size()
+        if (a_first, a_end) == (b_first, b_end):
+            return "full" if a.stride() == b.stride() else "partial"
+        if a_first < b_end and b_first < a_end:
+            return "partial"
+    return "no"
+
+
+def _may_share_memory(a: Tensor, b: Tensor) -> bool:
+    """csrc/segmented.h may_share_memory: ATen's answer for dense layouts; for the others only
+    separate storages, or disjoint byte ranges of one storage, rule an overlap out."""
+    status = _overlap_status(a, b)
+    if status != "too_hard":
+        return status != "no"
+    if a.numel() == 0 or b.numel() == 0 or not _same_storage(a, b):
+        return False
+    (a_first, a_end), (b_first, b_end) = _storage_bytes(a), _storage_bytes(b)
+    return a_first < b_end and b_first < a_end
+
+
+def _check_out_memory(op: str, out_name: str, out: Tensor, x: Tensor, reads: dict[str, Tensor]) -> None:
+    """csrc/segmented.h's rule: out's elements distinct, out is x itself or shares no memory with
+    it, nor with anything else the op reads (the CPU op and the CUDA kernel read x in different
+    orders, so they agree only then); raises ValueError in the compiled op's words."""
+    if not _distinct_elements_2d(out):
+        raise ValueError(f"{op}: {out_name} has elements that share memory (an expanded or overlapping strided "
+                         f"view, got strides {list(out.stride())} for shape {list(out.shape)}); pass a tensor with "
+                         f"distinct elements")
+    if _overlap_status(out, x) != "full" and _may_share_memory(out, x):
+        raise ValueError(f"{op}: {out_name} must be x itself or share no memory with it, but they overlap (or share "
+                         f"a storage in layouts too irregular to rule that out)")
+    for name, t in reads.items():
+        if _may_share_memory(out, t):
+            raise ValueError(f"{op}: {out_name} shares memory with {name}, which it reads; pass a separate tensor")
+
+
 def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offsets: Tensor, slots: Tensor,
                           U: Tensor, S: Tensor, V: Tensor, ranks: Tensor, alpha: float,
                           values: bool = True) -> None:
     """Same checks, in the same order and words, as csrc/segmented.h; raises ValueError.
-    ``values=False`` skips the checks that read index values (fake tensors)."""
+    ``values=False`` skips the checks that read index values or memory addresses (fake tensors)."""
     for name, t, want, layout in (("x", x, 2, "(N, n)"), (out_name, out, 2, "(N, m)"), ("U", U, 3, "(P, m, kmax)"),
                                   ("S", S, 2, "(P, kmax)"), ("V", V, 3, "(P, n, kmax)")):
         if t.dim() != want:
@@ -485,6 +561,9 @@ def _check_segmented_args(op: str, out_name: str, out: Tensor, x: Tensor, offset
     for name, t in ((out_name, out), ("U", U), ("S", S), ("V", V)):
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all inputs must be on the same device")
+    if values:
+        _check_out_memory(op, out_name, out, x, {"U": U, "S": S, "V": V, "offsets": offsets, "slots": slots,
+                                                 "ranks": ranks})
     N, n, m = x.shape[0], x.shape[1], out.shape[1]
     P, kmax = U.shape[0], U.shape[2]
 
@@ -607,9 +686,10 @@ def segmented_lowrank_apply_packed(x: Tensor, offsets, U: Tensor, S: Tensor, V: 
     Returns ``out``. Accumulates in float32 (float64 if x or the factors are float64)
     and rounds each output element once. ``alpha`` and NaN/Inf as in :func:`reconstruct`;
     ``out`` must not overlap itself, nor share memory with the other inputs unless it is
-    x itself (the compiled op refuses it). Index tensors may be on the CPU (validated)
-    or, on CUDA, on the GPU (not validated, no device sync). Uses the compiled op for
-    x's device when the extension has one and no gradient is needed, else PyTorch.
+    x itself (the compiled op and the PyTorch path both refuse it, with the same error).
+    Index tensors may be on the CPU (validated) or, on CUDA, on the GPU (not validated, no
+    device sync). Uses the compiled op for x's device when the extension has one and no
+    gradient is needed, else PyTorch.
     """
     if x.dim() != 2:
         raise ValueError(f"segmented_lowrank_apply: x must be 2-D (N, n), got a {x.dim()}-D tensor of shape "

@@ -6,7 +6,8 @@ reproduces them exactly whether the adapter is merged or not:
 
 * an ``nn.Linear``'s ``weight``;
 * an ``nn.MultiheadAttention``'s ``in_proj_weight``, through PEFT's attention layer (the
-  attention module is the target; query, key and value must share one ``in_proj_weight``).
+  attention module is the target; query, key and value must share one ``in_proj_weight``),
+  which PEFT has from version 0.15.0 on.
 
 An attention module's ``out_proj.weight`` is left out: ``nn.MultiheadAttention`` never calls
 ``out_proj``'s forward, so PEFT ignores a LoRA on ``out_proj`` alone unless merged, and its
@@ -17,8 +18,10 @@ adapter holds a zero ``out_proj`` LoRA there. That, the positional embedding, ``
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,9 @@ __all__ = ["export_peft", "PeftExport"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+# First PEFT release whose LoRA wraps an nn.MultiheadAttention target (huggingface/peft#1324);
+# 0.14 refuses to load such an adapter ("Target module MultiheadAttention(...) is not supported").
+PEFT_MIN_VERSION_ATTENTION = "0.15.0"
 
 
 @dataclass
@@ -63,6 +69,9 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
     layers are zero-padded (the extra rows of A and columns of B are zero, so ΔW is
     unchanged). An attention module's out_proj LoRA is zero (see the module docstring).
     ``lora_alpha = r`` makes PEFT's scaling ``alpha / r`` exactly 1.
+
+    Raises ImportError, writing nothing, when the adapter holds attention LoRAs and the PEFT
+    imported or installed here is older than 0.15.0, the first that loads them.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -73,6 +82,9 @@ def export_peft(task: CompressedTask, folder: str | os.PathLike, model: nn.Modul
     if not slots:
         raise TSVInputError(f"task {task.name!r} has no factors on nn.Linear or nn.MultiheadAttention weights: "
                             f"nothing PEFT's LoRA can hold")
+    attention = [prefix for prefix in slots if prefix + _OUT_PROJ in slots]
+    if attention:
+        _check_peft_version(attention)
     exported = [key for key, _ in slots.values() if key is not None]
     r = max(task.rank(key) for key in exported)
     tensors = {}
@@ -134,6 +146,33 @@ def _lora_slots(task: CompressedTask, model: nn.Module) -> tuple[dict[str, tuple
         else:
             skipped.append(key)
     return slots, skipped + sorted(task.deltas)
+
+
+def _peft_version() -> str | None:
+    """The PEFT that would load the adapter here: the imported module's, else the installed
+    distribution's (read without importing peft, which pulls in transformers); None if none."""
+    module = sys.modules.get("peft")
+    if getattr(module, "__version__", None):
+        return module.__version__
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _check_peft_version(attention: list[str]) -> None:
+    """Refuse, before writing anything, an adapter with attention LoRAs that the PEFT here is too
+    old to load. Without PEFT there is nothing to check: the adapter may be served elsewhere."""
+    installed = _peft_version()
+    if installed is None:
+        return
+    from packaging.version import Version  # a dependency of peft itself
+
+    if Version(installed) < Version(PEFT_MIN_VERSION_ATTENTION):
+        raise ImportError(f"peft {installed} is installed, but the adapter holds LoRAs on nn.MultiheadAttention "
+                          f"modules (e.g. {attention[0]!r}), which PEFT loads only from version "
+                          f"{PEFT_MIN_VERSION_ATTENTION} on: upgrade it (pip install 'peft>="
+                          f"{PEFT_MIN_VERSION_ATTENTION}')")
 
 
 def _peft_attention(module) -> bool:

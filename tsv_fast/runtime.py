@@ -657,18 +657,21 @@ class MultiTaskModel(nn.Module):
 
     def _calibrate(self, task: CompressedTask) -> dict[int, dict[str, float]]:
         """Time one transformer block both ways at each calibration batch size, with this
-        task's ranks (tasks with the same rank profile share the result)."""
-        i, p, _ = self.adapter.calibration_block(1)
-        signature = tuple(sorted((k.removeprefix(p), task.rank(k), str(task.factors[k][0].dtype))
-                                 for k in task.factors if k.startswith(p)))
-        if signature in self.calibration:
-            return self.calibration[signature]
-        table = {}
-        with torch.no_grad():
-            for b in self.calibration_batches:
-                _, _, x = self.adapter.calibration_block(b)
-                table[b] = {s: _best_time(lambda: self.adapter.block(_Weights(self._base, [(task, 0, b)], s), i, x),
-                                          x.device) for s in STRATEGIES}
+        task's ranks (tasks with the same rank profile share the result). Runs under a forked
+        RNG: a custom adapter's ``calibration_block`` (or block) may draw from the global RNG,
+        and timing must not change what the user's next ``torch.randn`` returns."""
+        with _forked_rng(self.adapter.device):
+            i, p, _ = self.adapter.calibration_block(1)
+            signature = tuple(sorted((k.removeprefix(p), task.rank(k), str(task.factors[k][0].dtype))
+                                     for k in task.factors if k.startswith(p)))
+            if signature in self.calibration:
+                return self.calibration[signature]
+            table = {}
+            with torch.no_grad():
+                for b in self.calibration_batches:
+                    _, _, x = self.adapter.calibration_block(b)
+                    table[b] = {s: _best_time(lambda: self.adapter.block(_Weights(self._base, [(task, 0, b)], s), i,
+                                                                         x), x.device) for s in STRATEGIES}
         self.calibration[signature] = table
         return table
 
@@ -726,6 +729,16 @@ def _compact(t: Tensor) -> Tensor:
     if t.untyped_storage().nbytes() != t.numel() * t.element_size():
         return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def _forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU generator and, on an accelerator, ``device``'s
+    only (the default forks every GPU, one state copy each, and warns); a few µs."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def _best_time(fn, device: torch.device, reps: int = 3) -> float:
