@@ -432,7 +432,8 @@ def test_overwrite_checks_the_target_again_right_before_replacing_it(tmp_path, s
         yield "w", torch.zeros(2)
 
     expected = {"foreign folder": "merged: is a folder tsv-fast did not write",
-                "another kind": "merged: holds a task store", "a file": "merged: is a file, and this output is a folder"}
+                "another kind": "merged: holds a task store",
+                "a file": "merged: is a file, and this output is a folder"}
     with pytest.raises(OutputError, match=expected[swap]):
         write_safetensors(out, entries_of({"w": torch.ones(2)}), swapped(), metadata={},
                           record={"tool": "tsv-fast", "command": "merge"}, overwrite=True, own=MERGED,
