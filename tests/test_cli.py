@@ -569,6 +569,27 @@ def test_overwrite_replaces_only_its_own_output_of_the_same_kind(work, capsys):
     _one_line_error(capsys, "store: holds a task store")
 
 
+@pytest.mark.parametrize("command, out", [(["merge", *TASKS, "--method", "mean"], "merged"),
+                                          (["compress", *TASKS], "store"), (["interference", *TASKS], "sti")])
+def test_overwrite_checks_the_output_again_before_replacing_it(work, capsys, monkeypatch, command, out):
+    """The ownership check ran only before the work: an output replaced meanwhile by a user's
+    folder was deleted by the final replace."""
+    run(*command, "-o", out, "-q")
+    check_output = cli.check_output
+
+    def check_then_swap(path, *args, **kwargs):  # the check passes, then the target changes
+        check_output(path, *args, **kwargs)
+        for p in (work / out).iterdir():
+            p.unlink()
+        (work / out / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(cli, "check_output", check_then_swap)
+    run(*command, "-o", out, "--overwrite", "-q", expect=2)
+    _one_line_error(capsys, f"{out}: is a folder tsv-fast did not write", "refusing to replace it")
+    assert listing(work / out) == ["notes.txt"] and (work / out / "notes.txt").read_text() == "mine"
+    assert not [name for name in os.listdir(work) if name.startswith(".")]  # nothing staged left
+
+
 def test_the_record_beside_a_file_output_gets_the_output_checks(work, capsys):
     """``-o X.safetensors`` also writes X.safetensors.json: it must not replace an input, a
     user's file or folder of that name, even with --overwrite; only its own earlier record."""

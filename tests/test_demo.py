@@ -1,6 +1,7 @@
 """Smoke run of `make demo`'s job on a tiny tower: files and schema, not numbers."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -84,3 +85,54 @@ def test_more_tasks_than_a_key_has_rank(tmp_path, width, tasks):
         assert (tmp_path / "demo_sti.png").is_file()
     else:
         assert summary["sti_by_block"] == {} and not (tmp_path / "demo_sti.png").exists()
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--width", "0", "argument --width: expected an integer >= 1, got '0'"),
+    ("--width", "-5", "argument --width: expected an integer >= 1, got '-5'"),
+    ("--width", "200", "argument --width: 200 is not divisible into its 3 attention heads"),
+    ("--layers", "0", "argument --layers: expected an integer >= 1, got '0'"),
+    ("--layers", "-1", "argument --layers: expected an integer >= 1, got '-1'"),
+    ("--tasks", "1", "argument --tasks: expected an integer >= 2, got 1"),
+    ("--tasks", "x", "argument --tasks: invalid int value: 'x'"),
+    ("--seed", "-1", "argument --seed: expected an integer from 0 to 9223372036854775807, got '-1'"),
+    ("--seed", str(2**64), f"argument --seed: expected an integer from 0 to 9223372036854775807, got '{2**64}'"),
+    ("--device", "bogus", "--device: unknown device 'bogus'"),
+])
+def test_bad_sizes_are_usage_errors_before_any_work(tmp_path, monkeypatch, capsys, option, value, words):
+    """--width 0 / --layers 0 silently meant the full ViT-B/32 (minutes of work), negative sizes and
+    a width its heads cannot divide failed with tracebacks deep in open_clip or torch, a too large
+    seed after the tower was built, an unknown device after too."""
+    monkeypatch.setattr(demo, "clip_vit_base", lambda *a, **k: pytest.fail("work started"))
+    argv = ["--width", "64", "--layers", "1", "--tasks", "2", "--out", str(tmp_path / "out"), option, value]
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("tsv-fast: error: ") and err.count("\n") == 1, err
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, words", [
+    ("a file", "argument --out: {out} is a file; --out names a folder"),
+    ("under a file", "argument --out: {out}/demo_synthetic.json: cannot write: {parent} is not a folder"),
+    ("a folder in the way", "argument --out: {out}/demo_sti.png: is a folder, and this output is a file"),
+])
+def test_a_bad_out_is_a_usage_error_before_any_work(tmp_path, monkeypatch, capsys, case, words):
+    """--out naming a file failed only after all the work, with a FileExistsError traceback;
+    a folder named like an output file, with an IsADirectoryError after the JSON was written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    out = {"a file": notes, "under a file": notes / "sub", "a folder in the way": tmp_path / "results"}[case]
+    if case == "a folder in the way":
+        (out / "demo_sti.png").mkdir(parents=True)
+    monkeypatch.setattr(demo, "clip_vit_base", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--width", "64", "--layers", "1", "--tasks", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("tsv-fast: error: ") and err.count("\n") == 1, err
+    assert words.format(out=out, parent=notes) in err
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["notes.txt"] + (["results"] if case == "a folder in the way" else []))
+    if case == "a folder in the way":
+        assert os.listdir(out) == ["demo_sti.png"]

@@ -290,3 +290,47 @@ def test_an_interrupted_finetune_write_leaves_no_cache_entry(tmp_path, monkeypat
     assert [p.name for p in bench.cache_path("digits").parent.iterdir()] == []
     state = bench.finetune("digits")
     assert bench.finetune("digits").keys() == state.keys() and bench.cached["digits"]
+
+
+def _write_mnist_train(folder, train_images):
+    """MNIST-format train files: 40 000 blank pretrain images, then ``train_images`` (N×28×28 uint8)."""
+    images = torch.cat([torch.zeros(40000, 28, 28, dtype=torch.uint8), train_images])
+    labels = bytes(i % 10 for i in range(len(images)))
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, len(images), 28, 28) + images.numpy().tobytes())
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, len(images)) + labels)
+
+
+def test_changed_data_files_miss_the_finetune_cache(tmp_path, monkeypatch):
+    """Fine-tunes were keyed by the settings and the pretrained tower only: replacing or changing
+    the dataset files reused fine-tunes made from the old data."""
+    from tsv_fast.evaluation.vision_mini import Settings, VisionMiniBench
+
+    data, cache = tmp_path / "mnist", tmp_path / "cache"
+    data.mkdir()
+    train = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(evdata, "_mnist_dirs", lambda: [data])
+
+    def finetune():
+        _clear_data_caches()  # a new run reads the files again
+        bench = VisionMiniBench(["mnist"], Settings(steps=1, batch=8, head_shots=2), cache_dir=cache)
+        bench.compute_heads()
+        bench.finetune("mnist")
+        return bench.cached["mnist"], bench.cache_path("mnist")
+
+    try:
+        _write_mnist_train(data, train)
+        cached, first = finetune()
+        assert not cached
+        _write_mnist_train(data, train.clone())  # the same data, written again: a hit
+        assert finetune() == (True, first)
+        train[7, 14, 14] ^= 1  # one pixel of one training image
+        _write_mnist_train(data, train)
+        cached, changed = finetune()
+        assert not cached and changed != first
+        assert sorted(p.parent.name for p in cache.rglob("*.safetensors")) == sorted([first.parent.name,
+                                                                                     changed.parent.name])
+    finally:
+        monkeypatch.undo()
+        _clear_data_caches()

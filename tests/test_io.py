@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -403,6 +404,68 @@ def test_overwrite_never_replaces_a_folder_tsv_fast_did_not_write(tmp_path):
                                           "merged model; refusing"):
         check_output(store, [], overwrite=True, record=MERGED, others=[MERGED, STORE], folder=True)
     check_output(store, [], overwrite=True, record=STORE, others=[MERGED, STORE], folder=True)
+
+
+def _foreign_folder(path):
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("swap", ["foreign folder", "another kind", "a file"])
+def test_overwrite_checks_the_target_again_right_before_replacing_it(tmp_path, swap):
+    """Ownership was checked only before the work: a target replaced meanwhile by a user's folder
+    (or a store, or a file) was moved aside and deleted by the final replace."""
+    out = tmp_path / "merged"
+    write_safetensors(out, entries_of({"w": torch.ones(2)}), [("w", torch.ones(2))], metadata={},
+                      record={"tool": "tsv-fast", "command": "merge"}, own=MERGED)
+    check_output(out, [], overwrite=True, record=MERGED, others=[MERGED, STORE], folder=True)  # ours: passes
+
+    def swapped():  # the target changes while the output is computed
+        shutil.rmtree(out)
+        if swap == "foreign folder":
+            _foreign_folder(out)
+        elif swap == "another kind":
+            _foreign_folder(out)
+            (out / "manifest.json").write_text('{"tool": "tsv-fast", "format": "tsv-fast task store"}')
+        else:
+            out.write_text("mine")
+        yield "w", torch.zeros(2)
+
+    expected = {"foreign folder": "merged: is a folder tsv-fast did not write",
+                "another kind": "merged: holds a task store",
+                "a file": "merged: is a file, and this output is a folder"}
+    with pytest.raises(OutputError, match=expected[swap]):
+        write_safetensors(out, entries_of({"w": torch.ones(2)}), swapped(), metadata={},
+                          record={"tool": "tsv-fast", "command": "merge"}, overwrite=True, own=MERGED,
+                          others=[MERGED, STORE])
+    assert os.listdir(tmp_path) == ["merged"]  # nothing staged left
+    assert (out.read_text() if swap == "a file" else (out / "notes.txt").read_text()) == "mine"
+
+
+@pytest.mark.parametrize("swap, error", [("record", "m.safetensors.json: is not a record tsv-fast wrote"),
+                                         ("file", "m.safetensors: is a folder, and this output is a file")])
+def test_overwrite_checks_a_file_output_and_its_record_again_before_replacing(tmp_path, swap, error):
+    """The same for a one-file output: its JSON record, or the file itself, swapped meanwhile."""
+    out, beside = tmp_path / "m.safetensors", tmp_path / "m.safetensors.json"
+    record = {"tool": "tsv-fast", "command": "merge"}
+    write_safetensors(out, entries_of({"w": torch.ones(2)}), [("w", torch.ones(2))], metadata={}, record=record)
+
+    def swapped():
+        if swap == "record":
+            beside.write_text('{"mine": true}')
+        else:
+            out.unlink()
+            _foreign_folder(out)
+        yield "w", torch.zeros(2)
+
+    with pytest.raises(OutputError, match=error):
+        write_safetensors(out, entries_of({"w": torch.ones(2)}), swapped(), metadata={}, record=record,
+                          overwrite=True, own=MERGED)
+    if swap == "record":  # neither file replaced: not the record, nor the output beside it
+        assert beside.read_text() == '{"mine": true}' and load_file(out)["w"].tolist() == [1.0, 1.0]
+    else:
+        assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.json"]  # none staged
 
 
 def test_atomic_write_file_follows_the_umask(tmp_path):

@@ -488,7 +488,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     written = write_safetensors(job.output, entries, merged, metadata={"format": "pt", "tsv_fast": json.dumps(record)},
                                 record=record, record_name=MERGE_RECORD, max_shard_bytes=job.max_shard_size,
-                                overwrite=job.overwrite)
+                                overwrite=job.overwrite, own=OWN["merge"], others=list(OWN.values()))
     shards = [p for p in written if p.suffix == ".safetensors"]
     _say(args, f"merged {T} tasks ({job.method}, alpha {alpha:g}) into {job.output}: "
                f"{human_size(sum(e.nbytes for e in entries))} in {len(shards)} safetensors file(s), "
@@ -600,7 +600,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     compressed = compress(base, tasks, rank, energy=args.energy, num_tasks=args.num_tasks, names=names,
                           include=args.include, exclude=args.exclude, solver=solver,
                           factor_dtype=dtype, device=device, progress=_progress(args))
-    with staged_output(store, folder=True, overwrite=args.overwrite) as stage:
+    with staged_output(store, folder=True, overwrite=args.overwrite, record=OWN["compress"],
+                       others=list(OWN.values())) as stage:
         # The store format of tsv_fast.TaskStore (manifest with the base fingerprint), so
         # TaskStore / MultiTaskModel open what this command writes.
         task_store = TaskStore(stage, base=base, default_rank=rank, num_tasks=T, dtype=dtype)
@@ -676,7 +677,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
                       per_pair={k: v.tolist() for k, v in report.per_pair.items()},
                       inputs={"base": _input_record([base_path])[0], "tasks": _input_record(task_paths)})
     # a failed write names the report's file (a full disk's OSError names none)
-    with staged_output(out, folder=True, overwrite=args.overwrite) as stage:
+    with staged_output(out, folder=True, overwrite=args.overwrite, record=OWN["interference"],
+                       others=list(OWN.values())) as stage:
         with writing(out / "sti_per_layer.csv"), open(stage / "sti_per_layer.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", "sti"])

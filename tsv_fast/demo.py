@@ -16,27 +16,40 @@ from pathlib import Path
 import torch
 
 import tsv_fast
+from tsv_fast.cli import UsageError, _device, _Parser, _positive_int
 from tsv_fast.keys import is_matrix_key
 from tsv_fast.plots import plot_sti_summary
 from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
-from tsv_fast.writer import atomic_write_file
+from tsv_fast.writer import OutputError, atomic_write_file, check_output
+
+SUMMARY, PLOT = "demo_synthetic.json", "demo_sti.png"
+MAX_SEED = 2**63 - 1  # the tasks' generator takes seed + 1; torch seeds stop at 2**64 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m tsv_fast.demo", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m tsv_fast.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
-    parser.add_argument("--tasks", type=int, default=8, help="number of tasks T (default 8)")
-    parser.add_argument("--layers", type=int, default=None, help="keep only this many blocks (default: all)")
-    parser.add_argument("--width", type=int, default=None, help="override the width (for quick runs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="folder for the JSON and PNG")
+    parser.add_argument("--tasks", type=int, default=8, help="number of tasks T, at least 2 (default 8)")
+    parser.add_argument("--layers", type=_positive_int, default=None, help="keep only this many blocks (default: all)")
+    parser.add_argument("--width", type=_positive_int, default=None, help="override the width (for quick runs)")
+    parser.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help=f"folder for {SUMMARY} and {PLOT} (created if missing)")
     args = parser.parse_args(argv)
-    if args.tasks < 2:
-        parser.error("--tasks must be at least 2")
-
     width, layers, patch, image = CLIP_VITS[args.model]
     width, layers = args.width or width, args.layers or layers
+    _check_args(parser, args, width)
     print(f"tsv-fast {tsv_fast.__version__}: {tsv_fast.backend()}")
     print(f"{args.model} visual tower (width {width}, {layers} blocks), T = {args.tasks} synthetic tasks")
     timings: dict[str, float] = {}
@@ -62,10 +75,31 @@ def main(argv: list[str] | None = None) -> dict:
     _print(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2)
-    atomic_write_file(args.out / "demo_synthetic.json", lambda tmp: Path(tmp).write_text(text))
-    png = plot_sti_summary(report, args.out / "demo_sti.png")
-    print(f"\nwrote {args.out / 'demo_synthetic.json'}" + (f" and {png}" if png else ""))
+    atomic_write_file(args.out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+    png = plot_sti_summary(report, args.out / PLOT)
+    print(f"\nwrote {args.out / SUMMARY}" + (f" and {png}" if png else ""))
     return summary
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, width: int) -> None:
+    """Refuse, before any work, what would otherwise fail deep inside it (or after it): one
+    'error:' line naming the option, exit code 2, as the ``tsv-fast`` commands do."""
+    if args.tasks < 2:
+        parser.error(f"argument --tasks: expected an integer >= 2, got {args.tasks}")
+    heads = max(1, width // 64)  # clip_vit_base's attention heads
+    if width % heads:
+        parser.error(f"argument --width: {width} is not divisible into its {heads} attention heads (width // 64); "
+                     f"use a multiple of 64, or a width below 128")
+    try:
+        args.device = _device(args.device) or torch.device("cpu")
+    except UsageError as exc:
+        parser.error(str(exc))
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file; --out names a folder (for {SUMMARY} and {PLOT})")
+    try:  # the output files are no folders, and the folder can be made and written
+        check_output(args.out / SUMMARY, [], overwrite=True, also=[args.out / PLOT])
+    except OutputError as exc:
+        parser.error(f"argument --out: {exc}")
 
 
 def _summary(base, tasks, compressed, merged, report, timings, args) -> dict:

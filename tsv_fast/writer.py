@@ -137,6 +137,15 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Se
     for path in (out, *also):
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
+    _check_replaceable(out, also=also, record=record, others=others, folder=folder)
+    _check_writable(out)
+
+
+def _check_replaceable(out: Path, *, also: Sequence[Path] = (), record: OwnRecord | None = None,
+                       others: Sequence[OwnRecord] = (), folder: bool = False) -> None:
+    """Refuse an existing output of another kind (a file for a folder, or the reverse) or, with
+    ``record`` given, one tsv-fast did not write (see :func:`check_output`). Run before the work
+    and again right before the replace: the target may have been swapped meanwhile."""
     if folder and out.exists() and not out.is_dir():
         raise OutputError(f"{out}: is a file, and this output is a folder; refusing to replace it, even with "
                           f"--overwrite: choose another output or remove it yourself")
@@ -152,7 +161,6 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool, also: Se
                                   f"output or remove it yourself")
         if folder and out.is_dir() and any(out.iterdir()):
             _check_own_folder(out, record, others)
-    _check_writable(out)
 
 
 def _check_not_input(path: Path, inputs: Sequence[Path]) -> None:
@@ -239,13 +247,19 @@ def writing(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
+def staged_output(out: Path, *, folder: bool, overwrite: bool, record: OwnRecord | None = None,
+                  others: Sequence[OwnRecord] = ()) -> Iterator[Path]:
     """A fresh staging folder next to ``out``, moved into place when the block succeeds.
 
     ``folder=True``: the staging folder becomes ``out``. ``folder=False``: the files
     written into it are moved into ``out``'s folder under their names (``out`` and its
     JSON record). On any exception the staging folder, and the parent folders this call
     created, are deleted. Errors name ``out``, never the hidden staging folder.
+
+    Right before the move, an existing target is checked again as :func:`check_output` did
+    before the work (its kind, and with ``record`` given that tsv-fast wrote it, ``others``
+    naming the other kinds): what was checked may have been replaced since, and the move
+    deletes what it replaces.
     """
     out = Path(out)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
@@ -262,12 +276,14 @@ def staged_output(out: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]
         try:
             yield stage
             if folder:
+                _check_replaceable(out, record=record, others=others, folder=True)
                 _replace(stage, out, overwrite)
             else:
                 names = sorted(p.name for p in stage.iterdir())
                 for name in names:
                     if (out.parent / name).exists() and not overwrite:
                         raise OutputError(f"{out.parent / name}: already exists (pass --overwrite to replace it)")
+                _check_replaceable(out, also=[out.parent / n for n in names if n != out.name], record=record)
                 for name in names:
                     _replace(stage / name, out.parent / name, overwrite)
         except OutputError as exc:
@@ -488,12 +504,15 @@ def write_safetensors(
     record_name: str = "tsv_fast_merge.json",
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
+    own: OwnRecord | None = None,
+    others: Sequence[OwnRecord] = (),
 ) -> list[Path]:
     """Stream ``tensors`` (in ``entries`` order) to ``out`` atomically; returns the files written.
 
     ``out`` ending in ``.safetensors`` is one file (its JSON ``record`` goes to
     ``<out>.json``); any other ``out`` is a Hugging Face style folder (``model.safetensors``,
-    or shards plus ``model.safetensors.index.json``, and ``record_name``).
+    or shards plus ``model.safetensors.index.json``, and ``record_name``). ``own`` and
+    ``others``: what an existing output must be to be replaced (see :func:`staged_output`).
     """
     out = Path(out)
     single = out.suffix == ".safetensors"
@@ -502,7 +521,7 @@ def write_safetensors(
         total = sum(e.nbytes for e in entries)
         raise OutputError(f"{out}: the output ({human_size(total)}) is larger than the shard limit "
                           f"({human_size(max_shard_bytes)}); give a folder as the output to write shards")
-    with staged_output(out, folder=not single, overwrite=overwrite) as stage:
+    with staged_output(out, folder=not single, overwrite=overwrite, record=own, others=others) as stage:
         writer = SafetensorsWriter(stage, shards, metadata, shown_as=out.parent if single else out)
         try:
             for key, tensor in tensors:

@@ -15,7 +15,8 @@ Protocol (as in the task-vector papers):
    computed once from the pretrained model and frozen. Logits = ``LOGIT_SCALE ·
    cos(embedding, class prototype)``, as CLIP's zero-shot classifier.
 3. **Fine-tuning**: only the vision tower, heads frozen, per task; cached under
-   ``~/.cache/tsv-fast/vision-mini/`` keyed by a hash of every setting.
+   ``~/.cache/tsv-fast/vision-mini/`` keyed by a hash of every setting, of the pretrained
+   tower and of the task's training data.
 """
 
 from __future__ import annotations
@@ -188,6 +189,19 @@ def task_data(name: str, split: str) -> Images:
     return _TASK_DATA[name, split]
 
 
+def train_data_digest(name: str) -> str:
+    """A hash of task ``name``'s training images and labels, as read from the data files: the
+    fine-tune and its head depend on them, so replaced or changed data files must miss the
+    cache. Hashing the decoded data (milliseconds, the files are read anyway) also catches a
+    change in the middle of a file, which a fingerprint of its first and last MiB would not."""
+    data = task_data(name, "train")
+    h = hashlib.sha256()
+    for t in (data.images, data.labels):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def available_tasks(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """(tasks whose data loads, {task: reason} for the others)."""
     ok, missing = [], {}
@@ -314,8 +328,11 @@ class Settings:
     test_size: int | None = 1000
     seed: int = 0
 
-    def finetune_key(self, pretrained_digest: str, task: str) -> str:
-        fields = {"v": CACHE_VERSION, "pretrained": pretrained_digest, "task": task, "cfg": MODEL_CFG,
+    def finetune_key(self, pretrained_digest: str, task: str, data_digest: str) -> str:
+        """The cache key of a fine-tune: pretrained weights, training data (``train_data_digest``)
+        and every setting that changes the result."""
+        fields = {"v": CACHE_VERSION, "pretrained": pretrained_digest, "task": task, "data": data_digest,
+                  "cfg": MODEL_CFG,
                   "steps": self.steps, "batch": self.batch, "lr": self.lr, "wd": self.weight_decay,
                   "shots": self.head_shots, "train_size": self.train_size, "seed": self.seed,
                   "scale": LOGIT_SCALE}
@@ -340,6 +357,7 @@ class VisionMiniBench:
         self.heads: dict[str, Tensor] = {}
         self.finetune_seconds: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
+        self._data_digests: dict[str, str] = {}
 
     def compute_heads(self) -> None:
         self.model.load_state_dict(self.base)
@@ -347,7 +365,10 @@ class VisionMiniBench:
             self.heads[name] = make_head(self.model, name, self.settings.head_shots)
 
     def cache_path(self, name: str) -> Path:
-        return self.cache / self.settings.finetune_key(self.pretrained_digest, name) / f"{name}.safetensors"
+        if name not in self._data_digests:
+            self._data_digests[name] = train_data_digest(name)
+        key = self.settings.finetune_key(self.pretrained_digest, name, self._data_digests[name])
+        return self.cache / key / f"{name}.safetensors"
 
     def finetune_all(self, jobs: int = 1, log: Callable[[str], None] = print) -> dict[str, dict[str, Tensor]]:
         """Every task's fine-tuned state dict; with ``jobs > 1`` the missing ones are trained
