@@ -93,6 +93,7 @@ def test_more_tasks_than_a_key_has_rank(tmp_path, width, tasks):
     ("--width", "200", "argument --width: 200 is not divisible into its 3 attention heads"),
     ("--layers", "0", "argument --layers: expected an integer >= 1, got '0'"),
     ("--layers", "-1", "argument --layers: expected an integer >= 1, got '-1'"),
+    ("--layers", "13", "argument --layers: ViT-B-32 has 12 blocks, got 13"),
     ("--tasks", "1", "argument --tasks: expected an integer >= 2, got 1"),
     ("--tasks", "x", "argument --tasks: invalid int value: 'x'"),
     ("--seed", "-1", "argument --seed: expected an integer from 0 to 9223372036854775807, got '-1'"),

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = _Parser(prog="python -m tsv_fast.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-B-32", choices=sorted(CLIP_VITS))
     parser.add_argument("--tasks", type=int, default=8, help="number of tasks T, at least 2 (default 8)")
-    parser.add_argument("--layers", type=_positive_int, default=None, help="keep only this many blocks (default: all)")
+    parser.add_argument("--layers", type=_positive_int, default=None, help="keep only the first this many blocks (default: all)")
     parser.add_argument("--width", type=_positive_int, default=None, help="override the width (for quick runs)")
     parser.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"folder for {SUMMARY} and {PLOT} (created if missing)")
     args = parser.parse_args(argv)
     width, layers, patch, image = CLIP_VITS[args.model]
+    if args.layers is not None and args.layers > layers:
+        parser.error(f"argument --layers: {args.model} has {layers} blocks, got {args.layers}")
     width, layers = args.width or width, args.layers or layers
     _check_args(parser, args, width)
     print(f"tsv-fast {tsv_fast.__version__}: {tsv_fast.backend()}")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = clip_vit_base(width, layers, patch, image, seed=args.seed)
     base = {k: v.to(args.device) for k, v in base.items()}
-    taus = timed("make_tasks", lambda: synthetic_task_vectors(base, args.tasks, seed=args.seed + 1))
+    taus = timed("make_tasks", lambda: synthetic_task_vectors(base, args.tasks, seed=args.seed + 1,
+                                                                      device=args.device))
     tasks = [tsv_fast.TaskVector(t, name=f"task{i}") for i, t in enumerate(taus)]
 
     compressed = timed("tsv_c", lambda: tsv_fast.compress(base, tasks, progress=True))
