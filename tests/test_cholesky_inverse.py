@@ -107,9 +107,7 @@ def test_emulated_threads_agree_bitwise(n, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lower_triangle_is_never_read(impl):
     G = gram(12, seed=5)
-    junk = G.clone()
-    junk.tril(-1).fill_(0)
-    junk += torch.full_like(G, float("nan")).tril(-1)
+    junk = G.triu() + torch.full_like(G, float("nan")).tril(-1)
     Rinv, info = run(impl, G)
     Rj, infoj = run(impl, junk)
     assert torch.equal(info, infoj) and torch.allclose(Rinv, Rj, rtol=1e-12, atol=0)
@@ -138,6 +136,39 @@ def test_failed_pivot_info_and_nan(impl):
     check_inverse(G[:1], Rinv[:1], info[:1])  # the batch's other matrices are unaffected
 
 
+def failing_every_other(B=200, n=3):
+    """Matrices that fail at pivot 1 (zero) alternating with the identity: in a batch split into
+    chunks of two or more (the CPU op's parallel_for), a fine matrix follows a failed one."""
+    G = torch.eye(n, dtype=torch.float64).repeat(B, 1, 1)
+    G[::2] = 0
+    return G
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", [0, 32])
+def test_info_is_reset_for_each_matrix(impl, threads):
+    Rinv, info = run(impl, failing_every_other(), threads)
+    assert info[::2].eq(1).all() and info[1::2].eq(0).all()
+    assert Rinv[::2].isnan().all() and torch.equal(Rinv[1::2], torch.eye(3, dtype=torch.float64).expand(100, 3, 3))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", [0, 64])
+def test_failed_pivot_info_across_lapack_blocks(impl, threads):
+    """LAPACK's potrf factors blocks of columns (64 in the reference implementation), the op one
+    column at a time: a clearly failing pivot is the same one either way, also at a block's edges."""
+    pivots = [1, 2, 63, 64, 65, 97, 128, 129, 130]
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(len(pivots) + 1, 130, 130, generator=g, dtype=torch.float64)
+    G = A @ A.mT / 130 + torch.eye(130, dtype=torch.float64)
+    for b, p in enumerate(pivots):
+        G[b, p - 1, p - 1] -= 1e3
+    _, lapack_info = torch.linalg.cholesky_ex(G, upper=True)
+    Rinv, info = run(impl, G, threads)
+    assert info.tolist() == lapack_info.tolist() == pivots + [0]
+    assert Rinv[:-1].isnan().all() and Rinv[-1].isfinite().all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(0, 5, 5), (3, 0, 0), (0, 0)])
 def test_empty(impl, shape):
@@ -162,6 +193,8 @@ BAD = [
     ("not square", lambda: torch.ones(2, 3, 4, dtype=torch.float64), "G must be square"),
     ("int", lambda: torch.ones(3, 3, dtype=torch.int64), "G must have dtype float32 or float64"),
     ("half", lambda: torch.ones(3, 3, dtype=torch.float16), "G must have dtype float32 or float64"),
+    ("too large", lambda: torch.empty(0, 46341, 46341, dtype=torch.float64),
+     "matrices of order n = 46341 are too large .at most 46340."),
 ]
 
 
@@ -184,6 +217,15 @@ def test_public_wrapper_falls_back_for_autograd():
     Rinv, info = ops.batched_cholesky_inverse(G)
     Rinv.sum().backward()
     assert G.grad is not None and (info == 0).all()
+
+
+@needs_ext
+def test_public_wrapper_uses_the_op_without_grad_mode(monkeypatch):
+    G = gram(5, B=2).requires_grad_()
+    monkeypatch.setattr(ops, "_cholesky_inverse_torch", None)  # the fallback must not be reached
+    with torch.no_grad():
+        Rinv, info = ops.batched_cholesky_inverse(G)
+    assert not Rinv.requires_grad and torch.equal(Rinv, torch.ops.tsv_fast.batched_cholesky_inverse(G.detach())[0])
 
 
 @needs_ext
@@ -218,6 +260,7 @@ def test_shared_order_is_the_largest_n_that_fits(smem):
         n = torch.ops.tsv_fast.batched_cholesky_inverse_shared_order(smem, float64)
         assert (n == 0 or _bytes(n, size) <= smem) and _bytes(n + 1, size) > smem
     assert torch.ops.tsv_fast.batched_cholesky_inverse_shared_order(232448, True) == 169  # H100/H200
+    assert torch.ops.tsv_fast.batched_cholesky_inverse_shared_order(166912, True) == 143  # A100
     assert ops.cholesky_inverse_shared_order(torch.device("cpu")) is None
 
 
@@ -251,13 +294,15 @@ def test_orthonormalize_through_the_fused_op(monkeypatch, passes):
 
 @needs_ext
 def test_orthonormalize_falls_back_to_qr_when_the_fused_op_fails(monkeypatch):
-    """A rank-deficient block: the fused op reports the failed pivot and CholeskyQR takes Householder QR."""
-    Y = torch.randn(4, 50, 10, dtype=torch.float64)
-    Y[:, :, 3] = Y[:, :, 1]
+    """A rank-deficient block: the fused op reports the failed pivot and CholeskyQR takes Householder QR.
+    A zero column makes pivot 4 exactly 0 (a duplicated one leaves it to rounding, which may pass)."""
+    Y = torch.randn(4, 50, 10, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    Y[1, :, 3] = 0
     monkeypatch.setattr(ops, "cholesky_inverse_shared_order", lambda device, dtype: 64)
     monkeypatch.setattr(solvers, "FUSED_CHOLESKY_INVERSE", ("cpu",))
+    assert ops.batched_cholesky_inverse(Y.mT @ Y)[1].tolist() == [0, 4, 0, 0]
     Q = solvers.orthonormalize(Y)
-    assert Q.isfinite().all() and torch.allclose(Q.mT @ Q, torch.eye(10, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(Q, torch.linalg.qr(Y).Q)
 
 
 # ---------------------------------------------------------------------------
@@ -290,3 +335,7 @@ def test_cuda_failed_pivots_match_cpu():
     G = not_positive_definite()
     Rinv, info = torch.ops.tsv_fast.batched_cholesky_inverse(G.cuda())
     assert info.cpu().tolist()[:3] == [0, 4, 1] and info[3] > 0 and Rinv[1:].isnan().all()
+    for threads in (0, 32):  # info starts at 0 in every block (shared memory is not zeroed)
+        G = failing_every_other()
+        Rinv, info = torch.ops.tsv_fast.batched_cholesky_inverse(G.cuda(), threads)
+        assert info.cpu().tolist() == [1, 0] * 100 and Rinv[::2].isnan().all() and Rinv[1::2].isfinite().all()

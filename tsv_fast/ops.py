@@ -340,8 +340,10 @@ def batched_cholesky_inverse(G: Tensor, threads: int = 0) -> tuple[Tensor, Tenso
 
     ``info`` (int32, one per matrix) is 0, or like ``torch.linalg.cholesky_ex``'s the 1-based
     index of the first pivot that is not positive (G not numerically positive definite, or
-    NaN): that matrix's R⁻¹ is then all NaN.  The compiled op factors and inverts each matrix
-    in one CUDA block (in shared memory up to n = 168 in float64 on an H100/H200, see
+    NaN): that matrix's R⁻¹ is then all NaN.  Where G is singular to working precision, a
+    pivot is rounding noise, so whether and where it fails may differ from LAPACK's (as
+    between LAPACK builds).  The compiled op factors and inverts each matrix
+    in one CUDA block (in shared memory up to n = 169 in float64 on an H100/H200, see
     :func:`cholesky_inverse_shared_order`; ``threads`` per block, default 256), where the
     library route is a batched Cholesky and a batched triangular solve; on the CPU it runs
     the same algorithm (``threads`` > 0 emulates the kernel's threads, for testing).  Error
@@ -366,7 +368,7 @@ def _cholinv_shared_order(index: int, float64: bool) -> int | None:
 
 def cholesky_inverse_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
     """Largest n for which :func:`batched_cholesky_inverse`'s CUDA kernel keeps an n×n matrix in
-    the shared memory of ``device`` (168 in float64 on an H100/H200); ``None`` without the CUDA
+    the shared memory of ``device`` (169 in float64 on an H100/H200); ``None`` without the CUDA
     kernel.  Larger matrices are factored in global memory, much slower than the library."""
     if dtype not in _EIGH_DTYPES:
         raise ValueError(f"cholesky_inverse_shared_order: the op runs in float32 or float64, not {dtype}")

@@ -1,7 +1,7 @@
 // CUDA implementation of tsv_fast::batched_cholesky_inverse: one block per
 // matrix running the phases of kernels/cholesky_inverse.h in the input dtype.
 // The matrix stays in shared memory where it fits the device's opt-in limit
-// (float64 up to n = 168 on sm_90, 145 on sm_80); larger ones are worked on in
+// (float64 up to n = 169 on sm_90, 143 on sm_80); larger ones are worked on in
 // place in the output (global memory; only tmp and info in shared memory).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -80,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> batched_cholesky_inverse_cuda(const at::Tenso
     TORCH_CHECK_VALUE(smem <= optin, "batched_cholesky_inverse: n = ", n, " needs ", smem,
                       " bytes of shared memory even from global memory, more than the device's ", optin);
     auto kernel = cholesky_inverse_kernel<T>;
+    // The device's whole opt-in limit, not this launch's need: the attribute is the function's,
+    // so another host thread setting a smaller n's size before this launch would make it fail.
     if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin_i));
     for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxGridX) {
       const int64_t nb = std::min(kMaxGridX, a.batch - b0);
       kernel<<<static_cast<unsigned>(nb), nth, smem, stream>>>(a.G.data_ptr<T>(), out.data_ptr<T>(),
