@@ -115,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tensor& A, int64_
     auto kernel = nth <= 256 ? jacobi_eigh_kernel<T, 256>
                   : nth <= 512 ? jacobi_eigh_kernel<T, 512>
                                : jacobi_eigh_kernel<T, jacobi::kMaxThreads>;
+    // The device's whole opt-in limit, not this launch's need: the attribute is the function's,
+    // so another host thread setting a smaller n's size before this launch would make it fail.
     if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin_i));
     // Global-memory path: a workspace slice per matrix of the current chunk.
     int64_t chunk = kMaxGridX;
     at::Tensor gws;
