@@ -30,6 +30,19 @@ inline void check_float_dtype(const char* op, const char* name, const at::Tensor
               t.scalar_type());
 }
 
+// A matrix (n, n) or a batch (B, n, n) in float32 or float64: the small-matrix ops'
+// (batched_eigh, batched_cholesky_inverse) first checks.
+inline void check_square_matrices(const char* op, const char* name, const at::Tensor& t) {
+  check_defined(op, name, t);
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, op, ": ", name,
+                    " must be 2-D (n, n) or 3-D batched (B, n, n), got a ", t.dim(), "-D tensor of shape ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.size(-1) == t.size(-2), op, ": ", name,
+                    " must be square (its last two dims equal), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+                    " must have dtype float32 or float64, got ", t.scalar_type());
+}
+
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                       const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got a ",

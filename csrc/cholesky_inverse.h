@@ -20,14 +20,7 @@ struct CholInvArgs {
 
 inline CholInvArgs check_cholinv_args(const char* op, const at::Tensor& G, int64_t threads) {
   using namespace checks;
-  check_defined(op, "G", G);
-  TORCH_CHECK_VALUE(G.dim() == 2 || G.dim() == 3, op,
-                    ": G must be 2-D (n, n) or 3-D batched (B, n, n), got a ", G.dim(),
-                    "-D tensor of shape ", G.sizes());
-  TORCH_CHECK_VALUE(G.size(-1) == G.size(-2), op,
-                    ": G must be square (its last two dims equal), got shape ", G.sizes());
-  TORCH_CHECK_VALUE(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, op,
-                    ": G must have dtype float32 or float64, got ", G.scalar_type());
+  check_square_matrices(op, "G", G);
   TORCH_CHECK_VALUE(threads == 0 || cholinv::valid_threads(threads), op,
                     ": threads must be 0 (the default) or a power of two from 1 to ",
                     cholinv::kMaxThreads, ", got ", threads);

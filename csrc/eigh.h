@@ -26,14 +26,7 @@ struct EighArgs {
 inline EighArgs check_eigh_args(const char* op, const at::Tensor& A, int64_t max_sweeps,
                                 double tol, int64_t threads = 0) {
   using namespace checks;
-  check_defined(op, "A", A);
-  TORCH_CHECK_VALUE(A.dim() == 2 || A.dim() == 3, op,
-                    ": A must be 2-D (n, n) or 3-D batched (B, n, n), got a ", A.dim(),
-                    "-D tensor of shape ", A.sizes());
-  TORCH_CHECK_VALUE(A.size(-1) == A.size(-2), op,
-                    ": A must be square (its last two dims equal), got shape ", A.sizes());
-  TORCH_CHECK_VALUE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, op,
-                    ": A must have dtype float32 or float64, got ", A.scalar_type());
+  check_square_matrices(op, "A", A);
   TORCH_CHECK_VALUE(max_sweeps >= 0, op, ": max_sweeps must be >= 0, got ", max_sweeps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0, op,
                     ": tol must be a finite number >= 0 (0 = working precision), got ", tol);

@@ -5,6 +5,7 @@ visible) the CUDA kernel, against float64 LAPACK (Cholesky, then a dense inverse
 import pytest
 import torch
 
+from op_checks import refuses_grad_inputs
 from tsv_fast import ops, solvers
 
 EXT_OK, EXT_WHY = ops.load_extension()
@@ -231,8 +232,9 @@ def test_public_wrapper_uses_the_op_without_grad_mode(monkeypatch):
 @needs_ext
 def test_op_refuses_inputs_that_require_grad_and_passes_opcheck():
     G = gram(6, B=2).requires_grad_()
-    with pytest.raises(NotImplementedError, match="tsv_fast::batched_cholesky_inverse is not differentiable"):
-        torch.ops.tsv_fast.batched_cholesky_inverse(G)
+    Rinv, info = refuses_grad_inputs("batched_cholesky_inverse", (G,), "G")
+    assert not Rinv.requires_grad
+    check_inverse(G.detach(), Rinv, info)
     op = torch.ops.tsv_fast.batched_cholesky_inverse.default
     torch.library.opcheck(op, (gram(6, B=2),))
     torch.library.opcheck(op, (gram(5, B=1)[0].float(),), {"threads": 64})

@@ -177,16 +177,21 @@ _EIGH_MAX_N = 46340  # csrc/eigh.h kEighMaxN: the kernels index one matrix with 
 _EIGH_THREADS = (32, 64, 128, 256, 512, 1024)
 
 
+def _check_square_matrices(op: str, name: str, A: Tensor) -> None:
+    """A matrix (n, n) or a batch (B, n, n) in float32 or float64, as csrc/checks.h's
+    check_square_matrices (the small-matrix ops' first checks); raises ValueError."""
+    if A.dim() not in (2, 3):
+        raise ValueError(f"{op}: {name} must be 2-D (n, n) or 3-D batched (B, n, n), got a {A.dim()}-D tensor of "
+                         f"shape {list(A.shape)}")
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{op}: {name} must be square (its last two dims equal), got shape {list(A.shape)}")
+    if A.dtype not in _EIGH_DTYPES:
+        raise ValueError(f"{op}: {name} must have dtype float32 or float64, got {A.dtype}")
+
+
 def _check_eigh_args(op: str, A: Tensor, max_sweeps: int, tol: float, threads: int = 0) -> None:
     """Same checks, in the same order, as csrc/eigh.h; raises ValueError."""
-    if A.dim() not in (2, 3):
-        raise ValueError(
-            f"{op}: A must be 2-D (n, n) or 3-D batched (B, n, n), got a {A.dim()}-D tensor of shape {list(A.shape)}"
-        )
-    if A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"{op}: A must be square (its last two dims equal), got shape {list(A.shape)}")
-    if A.dtype not in _EIGH_DTYPES:
-        raise ValueError(f"{op}: A must have dtype float32 or float64, got {A.dtype}")
+    _check_square_matrices(op, "A", A)
     if max_sweeps < 0:
         raise ValueError(f"{op}: max_sweeps must be >= 0, got {max_sweeps}")
     if not (tol >= 0 and tol != float("inf")):
@@ -267,12 +272,14 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_order(index: int, float64: bool) -> int | None:
+def _shared_order(op: str, index: int, float64: bool) -> int | None:
+    """``op``'s CUDA kernel's largest shared-memory order on GPU ``index`` (its
+    ``<op>_shared_order`` computes it from the device's opt-in limit); None without the kernel."""
     ok, _ = load_extension()
-    if not ok or not _has_kernel("batched_eigh", "CUDA"):
+    if not ok or not _has_kernel(op, "CUDA"):
         return None
     optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return int(torch.ops.tsv_fast.batched_eigh_shared_order(int(optin), float64))
+    return int(getattr(torch.ops.tsv_fast, f"{op}_shared_order")(int(optin), float64))
 
 
 def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
@@ -283,7 +290,7 @@ def eigh_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) 
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _shared_order(index, dtype == torch.float64)
+    return _shared_order("batched_eigh", index, dtype == torch.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -296,14 +303,7 @@ _CHOLINV_THREADS = tuple(2 ** i for i in range(11))  # besides 0: powers of two 
 
 def _check_cholinv_args(op: str, G: Tensor, threads: int) -> None:
     """Same checks, in the same order, as csrc/cholesky_inverse.h; raises ValueError."""
-    if G.dim() not in (2, 3):
-        raise ValueError(
-            f"{op}: G must be 2-D (n, n) or 3-D batched (B, n, n), got a {G.dim()}-D tensor of shape {list(G.shape)}"
-        )
-    if G.shape[-1] != G.shape[-2]:
-        raise ValueError(f"{op}: G must be square (its last two dims equal), got shape {list(G.shape)}")
-    if G.dtype not in _EIGH_DTYPES:
-        raise ValueError(f"{op}: G must have dtype float32 or float64, got {G.dtype}")
+    _check_square_matrices(op, "G", G)
     if threads != 0 and threads not in _CHOLINV_THREADS:
         raise ValueError(f"{op}: threads must be 0 (the default) or a power of two from 1 to 1024, got {threads}")
     if G.shape[-1] > _EIGH_MAX_N:
@@ -357,15 +357,6 @@ def batched_cholesky_inverse(G: Tensor, threads: int = 0) -> tuple[Tensor, Tenso
     return _cholesky_inverse_torch(G, threads)
 
 
-@functools.lru_cache(maxsize=None)
-def _cholinv_shared_order(index: int, float64: bool) -> int | None:
-    ok, _ = load_extension()
-    if not ok or not _has_kernel("batched_cholesky_inverse", "CUDA"):
-        return None
-    optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return int(torch.ops.tsv_fast.batched_cholesky_inverse_shared_order(int(optin), float64))
-
-
 def cholesky_inverse_shared_order(device: torch.device, dtype: torch.dtype = torch.float64) -> int | None:
     """Largest n for which :func:`batched_cholesky_inverse`'s CUDA kernel keeps an n×n matrix in
     the shared memory of ``device`` (169 in float64 on an H100/H200); ``None`` without the CUDA
@@ -375,7 +366,7 @@ def cholesky_inverse_shared_order(device: torch.device, dtype: torch.dtype = tor
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cholinv_shared_order(index, dtype == torch.float64)
+    return _shared_order("batched_cholesky_inverse", index, dtype == torch.float64)
 
 
 # ---------------------------------------------------------------------------
