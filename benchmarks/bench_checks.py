@@ -20,12 +20,12 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
+import torch
 
-import tsv_fast  # noqa: E402
-from timing import best_of, device_clock, run_line  # noqa: E402
-from tsv_fast import tasks  # noqa: E402
-from tsv_fast.synthetic import clip_vit_base, synthetic_task_vectors  # noqa: E402
+import tsv_fast
+from timing import best_of, device_clock, run_line
+from tsv_fast import tasks
+from tsv_fast.synthetic import clip_vit_base, synthetic_task_vectors
 
 
 def isfinite_all(tensors):

@@ -20,10 +20,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
+import torch
 
-from timing import best_of, device_clock  # noqa: E402
-from tsv_fast import ops  # noqa: E402
+from timing import best_of, device_clock
+from tsv_fast import ops
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; batch {args.batch}; best of {args.repeat}")
     print(f"# {args.kind} symmetric matrices")
     print("| n | dtype | threads | batched_eigh (ms) | torch.linalg.eigh (ms) | ratio eigh/batched | "
-          "vs threads {} | max |dw|/||A|| |".format(args.threads[0]))
+          f"vs threads {args.threads[0]} | max |dw|/||A|| |")
     print("|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for n in args.sizes:

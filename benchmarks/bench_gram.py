@@ -13,10 +13,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
+import torch
 
-from timing import best_of, device_clock, run_line  # noqa: E402
-from tsv_fast import solvers  # noqa: E402
+from timing import best_of, device_clock, run_line
+from tsv_fast import solvers
 
 
 def main() -> None:

@@ -19,13 +19,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench_flops import _GEMMS, gemm_flops  # noqa: E402
-from timing import best_of, device_clock, run_line  # noqa: E402
-from tsv_fast import tsv  # noqa: E402
-from tsv_fast.synthetic import correlated_tasks  # noqa: E402
+from bench_flops import _GEMMS, gemm_flops
+from timing import best_of, device_clock, run_line
+from tsv_fast import tsv
+from tsv_fast.synthetic import correlated_tasks
 
 
 def coupled_newton_schulz(G, rcond, bound_sq, tol=1e-10, check=1e-8):

@@ -24,11 +24,11 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from tsv_fast import CompressedTask  # noqa: E402
-from tsv_fast.keys import is_matrix_key, resolve_rank  # noqa: E402
-from tsv_fast.store import TaskStore, expected_nbytes  # noqa: E402
+from tsv_fast import CompressedTask
+from tsv_fast.keys import is_matrix_key, resolve_rank
+from tsv_fast.store import TaskStore, expected_nbytes
 
 MIB = 2**20
 

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 import torch
 import torch.nn.functional as F
 
-from timing import best_of, cpu_model  # noqa: E402
+from timing import best_of, cpu_model
 from tsv_fast import ops
 
 

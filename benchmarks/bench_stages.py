@@ -26,13 +26,13 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
+import torch
 
-import tsv_fast  # noqa: E402
-from timing import best_of, cpu_model  # noqa: E402
-from tsv_fast import methods, ops, solvers, tsv  # noqa: E402
-from tsv_fast.keys import resolve_rank  # noqa: E402
-from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors  # noqa: E402
+import tsv_fast
+from timing import best_of, cpu_model
+from tsv_fast import methods, ops, solvers, tsv
+from tsv_fast.keys import resolve_rank
+from tsv_fast.synthetic import CLIP_VITS, clip_vit_base, synthetic_task_vectors
 
 TOTALS: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)

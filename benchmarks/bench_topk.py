@@ -24,11 +24,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-import torch  # noqa: E402
+import torch
 
-from timing import best_of, cpu_model  # noqa: E402
-from tsv_fast import solvers  # noqa: E402
-from tsv_fast.synthetic import clip_vit_base, synthetic_task_vectors  # noqa: E402
+from timing import best_of, cpu_model
+from tsv_fast import solvers
+from tsv_fast.synthetic import clip_vit_base, synthetic_task_vectors
 
 
 def _from_gram(A: torch.Tensor, k: int, top_eigenpairs) -> solvers.TopK:

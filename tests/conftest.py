@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tsv_fast.synthetic import clip_vit_base, synthetic_finetuned  # noqa: E402
+from tsv_fast.synthetic import clip_vit_base, synthetic_finetuned
 
 
 @pytest.fixture(scope="session")

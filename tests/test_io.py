@@ -354,7 +354,7 @@ class _FailingClose:
 
 
 def test_full_disk_error_is_not_hidden_by_abort(tmp_path, small_base, monkeypatch):
-    monkeypatch.setattr(writer, "open", lambda path, mode: _FailingClose(open(path, mode)),  # noqa: SIM115
+    monkeypatch.setattr(writer, "open", lambda path, mode: _FailingClose(open(path, mode)),
                         raising=False)
 
     def disk_full(f, tensor):

@@ -716,7 +716,9 @@ def test_auto_calibration_with_a_custom_adapter_leaves_the_global_rng_alone(devi
     mt = MultiTaskModel(model, compress(base, fts, names=["a"]), calibration_batches=(1, 2),
                         adapter=GlobalRandnAdapter(model))
     x = torch.randn(2, 3, 64, 64, device=device)
-    states = lambda: [torch.get_rng_state()] + ([torch.cuda.get_rng_state(x.device)] if device == "cuda" else [])
+    def states():
+        return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(x.device)] if device == "cuda" else [])
+
     before = states()
     mt.select("a")(x)
     assert mt.calibration and mt.last_strategy in ("lowrank", "materialise")  # it did time the strategies

@@ -43,7 +43,9 @@ def make_case(layout, x_dtype=torch.float32, factor_dtype=torch.float32, device=
             Us.append(torch.randn(m, k, generator=g).to(factor_dtype))
             Ss.append(torch.rand(k, generator=g).add(0.5).to(factor_dtype))
             Vs.append(torch.randn(n, k, generator=g).to(factor_dtype))
-    mv = lambda ts: [None if t is None else t.to(device) for t in ts]
+    def mv(ts):
+        return [None if t is None else t.to(device) for t in ts]
+
     return x.to(device), base.to(device), offsets, mv(Us), mv(Ss), mv(Vs)
 
 

@@ -265,7 +265,7 @@ def test_size_queries_name_a_missing_manifest_field_or_file(tmp_path, base, fine
     with pytest.raises(TSVInputError, match=r"manifest.json: task 'a': field 'bytes': expected a byte count, got None"):
         store.nbytes("a")
     with pytest.raises(TSVInputError, match=r"manifest.json: base: field 'nbytes': expected a byte count"):
-        store.base_nbytes
+        _ = store.base_nbytes
     (tmp_path / "s" / "a.safetensors").unlink()
     with pytest.raises(TSVInputError, match=r"file 'a.safetensors' of task 'a' is missing"):
         store.size_report()

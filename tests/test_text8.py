@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is a dev requirement (text-8)")
 
-from tsv_fast.evaluation import text8_data as td  # noqa: E402
-from tsv_fast.evaluation.data import DatasetUnavailable  # noqa: E402
+from tsv_fast.evaluation import text8_data as td
+from tsv_fast.evaluation.data import DatasetUnavailable
 
 METHODS = ["pretrained", "finetuned", "weight_averaging", "task_arithmetic", "ties", "tsv_m", "tsv_c"]
 

@@ -398,7 +398,7 @@ def _unwrap(obj, path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: {key}: is a {type(value).__name__}, not a tensor (expected a flat "
                               f"name → tensor dict, or one under {'/'.join(_WRAPPER_KEYS)})")
     state = dict(obj)
-    for key, value in state.items():
+    for key in state:
         if not isinstance(key, str):
             raise CheckpointError(f"{path}: key {key!r} is not a string (expected a name → tensor dict)")
     return state

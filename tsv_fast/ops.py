@@ -271,7 +271,7 @@ def batched_eigh(A: Tensor, max_sweeps: int = 30, tol: float = 0.0, threads: int
     return _batched_eigh_torch(A, max_sweeps, tol, threads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_order(op: str, index: int, float64: bool) -> int | None:
     """``op``'s CUDA kernel's largest shared-memory order on GPU ``index`` (its
     ``<op>_shared_order`` computes it from the device's opt-in limit); None without the kernel."""

