@@ -130,6 +130,19 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return min(times), result
 
 
+def best_of_interleaved(runs: dict, repeat: int) -> dict:
+    """``best_of`` for several columns in rounds (each column once per round), so a drift of
+    the machine (clocks, temperature, other load) spreads over all of them, not the last ones;
+    a column's previous output is dropped before it runs again."""
+    best, outs = {}, {}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            outs.pop(name, None)
+            t, outs[name] = best_of(fn, 1)
+            best[name] = min(t, best.get(name, t))
+    return {name: (best[name], outs[name]) for name in runs}
+
+
 def _merge_variant(name: str, blocks: dict, tvs: list, stats: dict | None = None) -> dict:
     """merge_layers with the variant's options and knobs (``KNOBS``), set for this run only."""
     knobs = KNOBS.get(name, [])
@@ -306,8 +319,8 @@ def main() -> None:
             runs[v] = lambda v=v: _with_peak(lambda: _merge_variant(v, blocks, tvs, stats.setdefault(v, {})), peaks, v)
         k0 = ref_keys[0]
         reference_tsv_m({k0: blocks[k0]}, taus)  # warm-up: library handles and kernels load outside the timing
-        results = {name: best_of(fn, 1 if name in "abc" and ref_scale > 1 else args.repeat)
-                   for name, fn in runs.items()}
+        results = {name: best_of(fn, 1 if ref_scale > 1 else args.repeat) for name, fn in runs.items() if name in "abc"}
+        results.update(best_of_interleaved({n: fn for n, fn in runs.items() if n not in "abc"}, args.repeat))
         for name in "abc":
             if name in results:
                 results[name] = (results[name][0] * ref_scale, results[name][1])

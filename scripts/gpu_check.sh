@@ -71,7 +71,7 @@ stage 100 diag.md "$PY" diagnose_exact.py --model ViT-B-32 --tasks 8 --blocks 12
 stage "${B32_LIMIT:-110}" b32.md "$PY" bench_merge.py --model ViT-B-32 --tasks 8 --blocks 12 --ref-blocks 4 --truth-blocks "${B32_TRUTH:-4}" --repeat 2 \
     --device cuda --variants "$B32_VARIANTS" $B32_BASELINES
 stage 170 l14.md "$PY" bench_merge.py --model ViT-L-14 --tasks $L14_TASKS --blocks 24 --ref-blocks "$REF_BLOCKS" --truth-blocks 1 \
-    --repeat 2 --device cuda --no-baselines --variants "$L14_VARIANTS"
+    --repeat 3 --device cuda --no-baselines --variants "$L14_VARIANTS"
 stage 80 stages.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda
 stage 60 profile.md "$PY" bench_stages.py --model ViT-L-14 --tasks "${L14_TASKS%% *}" --device cuda --profile 30
 stage 30 cholqr.md "$PY" bench_cholqr.py --device cuda --batch 80 --sizes 102 146 --threads 0 128 512 1024  # fused R⁻¹
