@@ -130,14 +130,14 @@ def checkpoints(tmp_path_factory, small_base, small_tasks):
 
 def run_python(block: Block, namespace: dict) -> None:
     if not block.code.lstrip().startswith(">>>"):
-        exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)  # noqa: S102 (the README's code)
+        exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
         return
     test = doctest.DocTestParser().get_doctest(block.code, namespace, f"README.md:{block.line}",
                                                str(README), block.line)
     if block.directive == "run-only":
         for example in test.examples:
             where = f"README.md:{block.line + example.lineno + 1}"
-            exec(compile(example.source, where, "single"), namespace)  # noqa: S102
+            exec(compile(example.source, where, "single"), namespace)
         return
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
