@@ -77,7 +77,7 @@ def test_merge_options_dtype_and_shards(work, small_base, small_tasks):
     expected = tsv_fast.merge_layers(small_base, small_tasks[:3], method="ties", alpha=0.7, density=0.5,
                                      exclude="*.ln_*", out_dtype=torch.bfloat16)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
-    assert json.loads((work / "ties" / "tsv_fast_merge.json").read_text())["options"] == {"density": 0.5}
+    assert json.loads((work / "ties" / "tsv_fast_merge.json").read_text())["options"] == {"density": 0.5, "trim": "key"}
     run("merge", *TASKS, "-o", "r.safetensors", "--rank", "4", "-q")
     assert json.loads((work / "r.safetensors.json").read_text())["ranks_per_task"]["256x64"] == 4
 

@@ -74,6 +74,8 @@ def iter_merge(
     one key's tensors (of all tasks) are alive at a time (one shape batch with
     ``batch="shape"``), and the caller can write each result out as it comes. Arguments
     as in :func:`merge_layers`; all input checks run before the first key is yielded.
+    TIES with ``trim="model"`` first reads every task once more, one task at a time, for its
+    whole-model threshold (when the first key is asked for).
     """
     return _iter_merge(base, tasks, method, alpha, names, include, exclude, solver, out_dtype, device, progress,
                        stats, batch, batch_bytes, options, warn_stacklevel=3)
@@ -215,6 +217,9 @@ def _checked_alpha(alpha) -> float:
 @torch.no_grad()  # merging is not differentiable work: parameters that require grad are read as values
 def _merge_keys(base, spec, sources, selected, ctx, out_dtype, progress, stats, groups, elementwise,
                 warn_stacklevel: int):
+    if spec.prepare is not None:  # e.g. TIES trim="model": a first pass over every task, at the first key
+        merged_keys = [k for k in base if k in selected and tensor_meta(base, k, "base")[1].is_floating_point]
+        spec.prepare(base, merged_keys, sources, ctx)
     ready: dict[str, Tensor] = {}  # merged keys of the current batch, not yet yielded
     for key in tqdm(list(base), desc=f"merge ({spec.name})", disable=not progress, unit="key"):
         if (key in groups or key in elementwise) and key not in ready:
@@ -310,7 +315,9 @@ def merge_layers(
             r, or None for the paper's floor(r/T)) and ``polar`` (``"auto"``, the default:
             Newton–Schulz on a GPU, eigh on a CPU; ``"eigh"``, exact; or ``"newton-schulz"``,
             checked per factor with an exact fallback);
-            ``density`` for TIES (0.2).
+            ``density`` for TIES (0.2) and ``trim``: ``"key"`` (default) keeps each task's top
+            ``density`` of every key, ``"model"`` its top ``density`` over all the merged keys at
+            once (the TIES paper's code; one more read of every task, one task's ``|τ|`` alive).
     """
     return dict(_iter_merge(base, tasks, method, alpha, names, include, exclude, solver, out_dtype, device,
                             progress, stats, batch, batch_bytes, options, warn_stacklevel=4))

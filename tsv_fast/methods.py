@@ -7,6 +7,7 @@ handling, so a new method is a function and a registry entry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from . import ops, solvers
 from .errors import TSVInputError
 from .keys import check_rank, is_matrix_key, resolve_rank
 from .solvers import EXACT_SOLVERS
-from .tasks import TaskSource, compute_dtype, nonfinite, stack_deltas
+from .tasks import StateDict, TaskSource, checked_base_tensor, compute_dtype, nonfinite, stack_deltas, tensor_meta
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
 
 
@@ -34,12 +35,16 @@ class KeyContext:
     largest_batch_bytes: int = 0  # stacked deltas of the merge's largest shape batch (0: none)
     polar_counts: dict[str, int] = field(default_factory=dict)  # Newton–Schulz kept / fell back
     out_dtype: torch.dtype | None = None  # the merge's output dtype (None: each base's)
+    ties_thresholds: Tensor | None = None  # TIES trim="model": each task's whole-model threshold, (T,)
 
 
 MergeFn = Callable[[str, Tensor, Sequence[TaskSource], KeyContext], Tensor]
 
 
 GroupMergeFn = Callable[[Sequence[str], Sequence[Tensor], Sequence[TaskSource], KeyContext], list[Tensor]]
+
+
+PrepareFn = Callable[[StateDict, Sequence[str], Sequence[TaskSource], KeyContext], None]
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class MergeMethod:
     merge_group: GroupMergeFn | None = None  # several same-shape matrix keys at once (batch="shape")
     merge_elementwise: GroupMergeFn | None = None  # keys merged elementwise (not merge_group's), at once
     check_options: Callable[[dict], None] | None = None  # raises on bad values, before any key is merged
+    prepare: PrepareFn | None = None  # a pass over the tasks' deltas of all merged keys, before the first key
 
 
 def _deltas(key: str, base: Tensor, sources: Sequence[TaskSource], device) -> Tensor:
@@ -200,16 +206,20 @@ def merge_mean(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyCo
     return merge_mean_group([key], [base], sources, ctx)[0]
 
 
-def ties_delta(taus: Tensor, density: float) -> Tensor:
-    """TIES on stacked deltas ``(T, ...)``: trim to top-``density`` magnitudes per task,
-    elect a sign per entry from the trimmed sum, average the entries that agree with it.
+def ties_delta(taus: Tensor, density: float, thresholds: Tensor | None = None) -> Tensor:
+    """TIES on stacked deltas ``(T, ...)``: trim to top-``density`` magnitudes per task (of this
+    key; or, given ``thresholds`` ``(T,)``, to the magnitudes at or above each task's whole-model
+    threshold), elect a sign per entry from the trimmed sum, average the entries that agree with it.
     """
     T = taus.shape[0]
     flat = taus.reshape(T, -1)
-    keep = max(1, int(round(density * flat.shape[1])))
-    if keep < flat.shape[1]:
-        threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-        flat = torch.where(flat.abs() >= threshold, flat, torch.zeros((), dtype=flat.dtype))
+    if thresholds is not None:
+        flat = torch.where(flat.abs() >= thresholds.to(flat.device).view(T, 1), flat, torch.zeros((), dtype=flat.dtype))
+    else:
+        keep = max(1, int(round(density * flat.shape[1])))
+        if keep < flat.shape[1]:
+            threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+            flat = torch.where(flat.abs() >= threshold, flat, torch.zeros((), dtype=flat.dtype))
     sign = torch.sign(flat.sum(0))
     agree = (torch.sign(flat) == sign) & (flat != 0)
     merged = (flat * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -222,8 +232,74 @@ def _add(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
 
 
 def merge_ties(key: str, base: Tensor, sources: Sequence[TaskSource], ctx: KeyContext) -> Tensor:
-    """TIES-merging, trimmed per key (as mergekit does), then ``θ0 + λ·merged``."""
-    return _add(base, ties_delta(_deltas(key, base, sources, ctx.device), float(ctx.options["density"])), ctx.alpha)
+    """TIES-merging, trimmed per key (``trim="key"``, as mergekit does) or at each task's
+    whole-model threshold (``trim="model"``, the TIES paper's code), then ``θ0 + λ·merged``."""
+    thresholds = ctx.ties_thresholds if ctx.options["trim"] == "model" else None
+    taus = _deltas(key, base, sources, ctx.device)
+    return _add(base, ties_delta(taus, float(ctx.options["density"]), thresholds), ctx.alpha)
+
+
+def ties_model_thresholds(base: StateDict, keys: Sequence[str], sources: Sequence[TaskSource],
+                          ctx: KeyContext) -> None:
+    """For ``trim="model"``: each task's ``keep``-th largest ``|τ|`` over all the ``keys`` TIES
+    merges, flattened into one vector as the TIES paper's code flattens the state dict (matrix
+    and other keys alike; keys a task vector lacks count as zeros), into ``ctx.ties_thresholds``.
+
+    One task at a time: its ``|τ|`` concatenated in the compute dtype (float32; float64 if any
+    key is) is the pass's peak, and :func:`kth_smallest` selects exactly what one ``kthvalue``
+    over that vector would, with chunk-sized temporaries. Inputs are checked here (NaN/Inf in
+    any task's weights, a delta past the dtype's range), before the first key is merged."""
+    if ctx.options["trim"] != "model":
+        return
+    metas = [tensor_meta(base, key, "base") for key in keys]
+    sizes = [math.prod(shape) for shape, _ in metas]
+    total = sum(sizes)
+    keep = max(1, int(round(float(ctx.options["density"]) * total)))
+    if keep >= total:  # nothing trimmed: no pass (a lazy input is then read once)
+        ctx.ties_thresholds = torch.zeros(len(sources))
+        return
+    dtype = torch.float64 if any(dtype == torch.float64 for _, dtype in metas) else torch.float32
+    device = ctx.device or checked_base_tensor(base, keys[0]).device
+    thresholds = []
+    for t, source in enumerate(sources):
+        flat = torch.empty(total, dtype=dtype, device=device)
+        offset = 0
+        for key, size in zip(keys, sizes):
+            b = checked_base_tensor(base, key) if t == 0 else base[key]  # the base is checked once
+            flat[offset:offset + size].copy_(source.delta(key, b, ctx.device).reshape(-1)).abs_()
+            offset += size
+        if nonfinite([flat]):  # finite weights whose delta overflows (NaN/Inf weights raised above)
+            parts = flat.split(sizes)
+            key = keys[nonfinite(list(parts))[0]]
+            raise TSVInputError(f"task {source.name!r}: key {key!r}: its delta from the base overflows "
+                                f"{dtype} (NaN or Inf)")
+        thresholds.append(kth_smallest(flat, total - keep + 1))
+        del flat
+    ctx.ties_thresholds = torch.stack(thresholds)
+
+
+def kth_smallest(values: Tensor, k: int, chunk: int = 1 << 22) -> Tensor:
+    """The ``k``-th smallest (1-based) of the non-negative floats ``values`` (1-D float32 or
+    float64), exactly ``values.kthvalue(k).values``: a radix select on the bit patterns, which
+    order like the values for non-negative floats, 16 bits per pass (2 passes for float32), each
+    a ``bincount`` per chunk. Extra memory is a few chunks (``kthvalue`` on a CPU copies the
+    values and allocates int64 indices, 3× the vector more) and it runs on any device."""
+    int_dtype = {torch.float32: torch.int32, torch.float64: torch.int64}[values.dtype]
+    bits = values.view(int_dtype)
+    width = 8 * values.element_size()
+    prefix = 0  # the high bits of the answer found so far
+    for shift in range(width - 16, -1, -16):
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
+        for start in range(0, bits.numel(), chunk):
+            part = bits[start:start + chunk]
+            if shift + 16 < width:
+                part = part[(part >> (shift + 16)) == prefix]
+            hist += torch.bincount((part >> shift) & 0xFFFF, minlength=1 << 16)
+        counts = hist.cumsum(0)
+        digit = int(torch.searchsorted(counts, k))  # the first digit whose count reaches k
+        k -= int(counts[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    return torch.tensor(prefix, dtype=int_dtype).view(values.dtype).to(values.device)
 
 
 def _check_tsv_options(options: dict) -> None:
@@ -241,11 +317,18 @@ def as_real(value) -> float | None:
         return None
 
 
+TIES_TRIMS = ("key", "model")
+
+
 def _check_ties_options(options: dict) -> None:
     density = options["density"]
     value = as_real(density)
     if value is None or not 0 < value <= 1:
         raise TSVInputError(f"ties: density must be a number in (0, 1], got {density!r}")
+    trim = options["trim"]
+    if not isinstance(trim, str) or trim not in TIES_TRIMS:
+        raise TSVInputError(f"ties: trim must be one of {TIES_TRIMS} (per key, or over the whole model as in "
+                            f"the TIES paper), got {trim!r}")
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -254,8 +337,9 @@ METHODS: dict[str, MergeMethod] = {
                     merge_group=merge_tsv_group, merge_elementwise=merge_mean_group, check_options=_check_tsv_options),
         MergeMethod("task_arithmetic", merge_task_arithmetic, 0.3, {}, "θ0 + λ Σ τt",
                     merge_elementwise=merge_task_arithmetic_group),
-        MergeMethod("ties", merge_ties, 1.0, {"density": 0.2}, "TIES-merging (trim, elect sign, disjoint mean)",
-                    check_options=_check_ties_options),
+        MergeMethod("ties", merge_ties, 1.0, {"density": 0.2, "trim": "key"},
+                    "TIES-merging (trim, elect sign, disjoint mean)", check_options=_check_ties_options,
+                    prepare=ties_model_thresholds),
         MergeMethod("mean", merge_mean, 1.0, {}, "weight averaging", merge_elementwise=merge_mean_group),
     ]
 }
