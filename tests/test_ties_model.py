@@ -244,3 +244,20 @@ def test_cli_refuses_bad_trim(on_disk, tmp_path, capsys, argv, problem):
     assert cli.main(["merge", *FILES, "-o", "m.safetensors", *argv]) == 2
     assert problem in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_dry_run_counts_the_trim_pass(on_disk, tmp_path, capsys):
+    base, _ = on_disk
+    floats = sum(t.numel() for t in base.values() if t.is_floating_point())
+    assert cli.main(["merge", *FILES, "-o", "m.safetensors", "--method", "ties", "--dry-run"]) == 0
+    assert "first pass over each task" not in capsys.readouterr().out
+    assert cli.main(["merge", *FILES, "-o", "m.safetensors", "--method", "ties", "--trim", "model", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"holds that task's |τ| of every merged key, ≈ {cli.human_size(4 * floats)}" in out
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_help_explains_trim(capsys):
+    assert cli.main(["merge", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--trim TRIM where that fraction is taken: key (default" in help_text

@@ -79,7 +79,11 @@ _OPTION_FLAGS = {"rank": [("rank", int, "per-task rank k (an int; default floor(
                           ("rank_fraction", float, "per-task rank as a fraction f of r: k = floor(f·r)")],
                  "polar": [("polar", str, "polar factor of the whitening: auto (default: newton-schulz on a GPU, "
                                           "eigh on a CPU), eigh (exact) or newton-schulz (GEMM-only, kept only "
-                                          "where its check passes, else eigh)")]}
+                                          "where its check passes, else eigh)")],
+                 "density": [("density", float, "fraction of each task's delta kept by magnitude (default 0.2)")],
+                 "trim": [("trim", str, "where that fraction is taken: key (default: per key, as mergekit) or "
+                                        "model (over all merged keys at once, as the TIES paper's code; reads "
+                                        "every task once more)")]}
 
 
 @dataclass(frozen=True)
@@ -556,6 +560,12 @@ def _merge_plan(args, job: MergeJob, base, tasks, entries, selected, ranks, alph
                 f"waiting for their turn")
     else:
         held = f"≈ {human_size(work)} working set (largest key {work_key}, all {T} tasks)"
+    if job.method == "ties" and job.options.get("trim") == "model":  # methods.ties_model_thresholds' pass
+        merged = [_meta_tensor(base, k) for k in base if k in selected]
+        merged = [t for t in merged if t.is_floating_point()]
+        wide = 8 if any(t.dtype == torch.float64 for t in merged) else 4
+        held += (f"; before it, a first pass over each task holds that task's |τ| of every merged key, "
+                 f"≈ {human_size(wide * sum(t.numel() for t in merged))}")
     print(f"  memory   {held} + {human_size(_rss_mib() * 2**20)} Python/torch runtime; tensors are read and "
           f"written one key{' batch' if batches else ''} at a time (loading every checkpoint first would "
           f"need ≈ {human_size((T + 1) * ckpt + size)})")
