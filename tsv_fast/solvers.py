@@ -18,9 +18,11 @@ of each matrix, computed at run time so the error is reported, never guessed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -143,19 +145,51 @@ def long_side(X: Tensor, vecs: Tensor, s: Tensor, out: Tensor) -> Tensor:
 # 61 ms, and OpenBLAS's threads then compete with torch's spinning ones (that merge: 4.0 s with
 # torch, 6.6 s with SciPy), so "auto" keeps torch. True / False force it; no SciPy: torch.
 USE_SCIPY_EIGH: bool | str = "auto"
+# Each SciPy eigh runs on one OpenBLAS thread, the batch's matrices spread over torch's thread
+# count: with OpenBLAS's own threads, any other load on the machine (another process, or torch's
+# threads between the calls) left each 768×768 syevd waiting on descheduled spinning threads, up to
+# 10 s instead of 0.07 s (a ViT-B/32 block at T = 2: 78 s against the reference's 4 s); on one
+# thread it cannot wait on another. False: OpenBLAS's default threads, as before.
+SCIPY_ONE_BLAS_THREAD = True
 
 
 def _scipy_linalg():
+    """``scipy.linalg`` where ``USE_SCIPY_EIGH`` says to use it and SciPy (and threadpoolctl,
+    which pins its BLAS threads) can be imported; else None (torch's eigh)."""
     use = USE_SCIPY_EIGH
     if use == "auto":
         use = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-    if not use:
+    if not use or _blas_threads() is None:
         return None
+    import scipy.linalg
+    return scipy.linalg
+
+
+@functools.cache
+def _blas_threads():
+    """threadpoolctl's controller of the BLAS libraries loaded with SciPy's LAPACK, or None."""
     try:
-        import scipy.linalg
+        import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, so the controller sees it)
+        from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
-    return scipy.linalg
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _scipy_threads(batch: int) -> Iterator[Callable]:
+    """A ``map`` for SciPy calls over ``batch`` matrices: on one BLAS thread each, run on up to
+    ``torch.get_num_threads()`` Python threads (LAPACK releases the GIL)."""
+    if not SCIPY_ONE_BLAS_THREAD:
+        yield map
+        return
+    workers = min(batch, torch.get_num_threads())
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        if workers <= 1:
+            yield map
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            yield pool.map
 
 
 def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
@@ -177,7 +211,9 @@ def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
     w = torch.empty(flat.shape[0], top, dtype=G.dtype)
     V = torch.empty(flat.shape[0], n, top, dtype=G.dtype)
     subset = None if top == n else [n - top, n - 1]
-    for i, g in enumerate(flat):
+
+    def solve(i: int) -> None:
+        g = flat[i]
         try:
             wi, Vi = linalg.eigh(g.resolve_neg().numpy(), subset_by_index=subset,
                                  driver="evd" if subset is None else "evr")
@@ -187,6 +223,10 @@ def symmetric_eigh(G: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
         except (ValueError, linalg.LinAlgError):
             wi, Vi = torch.linalg.eigh(g)
             w[i], V[i] = wi[n - top:], Vi[:, n - top:]
+
+    with _scipy_threads(flat.shape[0]) as each:
+        for _ in each(solve, range(flat.shape[0])):
+            pass
     return w.reshape(*G.shape[:-2], top), V.reshape(*G.shape[:-2], n, top)
 
 
