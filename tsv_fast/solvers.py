@@ -372,6 +372,9 @@ def _squared_norms(X: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X, dim=-1).double().square().sum(-1)
 
 
+RANDOMIZED_OVERSAMPLE: int | None = None  # randomized_topk's default ℓ − k; None: max(10, k // 2)
+
+
 def randomized_topk(A: Tensor, k: int, oversample: int | None = None, power_iters: int = 2, seed: int = 0) -> TopK:
     """Randomized subspace iteration with Rayleigh–Ritz (Halko, Martinsson, Tropp 2011, alg. 4.4/5.1).
 
@@ -392,7 +395,9 @@ def randomized_topk(A: Tensor, k: int, oversample: int | None = None, power_iter
     dtype = A.dtype
     X, tall = _short_side(A)
     n = X.shape[-1]
-    ell = min(k + (max(10, k // 2) if oversample is None else oversample), n)
+    if oversample is None:
+        oversample = max(10, k // 2) if RANDOMIZED_OVERSAMPLE is None else RANDOMIZED_OVERSAMPLE
+    ell = min(k + oversample, n)
     if 3 * ell > n:
         U, S, V, _ = exact_topk(A, k)
         total = _squared_norms(X)
