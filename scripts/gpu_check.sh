@@ -28,8 +28,9 @@ L14_TASKS="${L14_TASKS:-20}"                     # e.g. "20 14"
 #   cubic-ns: Newton–Schulz without session 12's Newton start (session 13: 1.19 s against 1.13);
 #   ortho2: two CholeskyQR passes between filters (before session 13); ell-k25: ℓ = k + 25 (4% faster
 #   in session 7, its peak fixed since, not timed again); trsm-inverse: L⁻¹ by one batched solve (before session 13);
-#   cholqr-library: CholeskyQR's R⁻¹ by cholesky_ex + solve_triangular (before session 16's fused op)
-L14_VARIANTS="${L14_VARIANTS:-d,cholqr-library,trsm-inverse,ortho2,cubic-ns}"
+#   cholqr-library: CholeskyQR's R⁻¹ by cholesky_ex + solve_triangular (before session 16's fused op);
+#   e / e-os10: randomized with oversampling max(10, k/2) (session 17) / 10 (before; 0.83 s in session 7)
+L14_VARIANTS="${L14_VARIANTS:-d,cholqr-library,trsm-inverse,ortho2,cubic-ns,e,e-os10}"
 # route-share6: eigh per matrix while 6ℓ > q (before session 11; measured at T = 4–6 then)
 L14X_VARIANTS="${L14X_VARIANTS:-d,route-subspace,route-share6}"
 B32_VARIANTS="${B32_VARIANTS:-d,cubic-ns,rcond-old,e}"  # rcond-old: the whitening cut before session 7 (BENCHMARKS.md)
