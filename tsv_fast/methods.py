@@ -18,7 +18,8 @@ from . import ops, solvers
 from .errors import TSVInputError
 from .keys import check_rank, is_matrix_key, resolve_rank
 from .solvers import EXACT_SOLVERS
-from .tasks import StateDict, TaskSource, checked_base_tensor, compute_dtype, nonfinite, stack_deltas, tensor_meta
+from .tasks import (StateDict, TaskSource, checked_base_tensor, compute_dtype, delta_overflow, nonfinite, stack_deltas,
+                    tensor_meta)
 from .tsv import POLAR_METHODS, shape_batch_factors, tsv_merge_batch, tsv_merge_factors
 
 
@@ -213,13 +214,13 @@ def ties_delta(taus: Tensor, density: float, thresholds: Tensor | None = None) -
     """
     T = taus.shape[0]
     flat = taus.reshape(T, -1)
+    keep = max(1, int(round(density * flat.shape[1])))
     if thresholds is not None:
-        flat = torch.where(flat.abs() >= thresholds.to(flat.device).view(T, 1), flat, torch.zeros((), dtype=flat.dtype))
-    else:
-        keep = max(1, int(round(density * flat.shape[1])))
-        if keep < flat.shape[1]:
-            threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-            flat = torch.where(flat.abs() >= threshold, flat, torch.zeros((), dtype=flat.dtype))
+        thresholds = thresholds.to(flat.device).view(T, 1)
+    elif keep < flat.shape[1]:
+        thresholds = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+    if thresholds is not None:
+        flat = torch.where(flat.abs() >= thresholds, flat, torch.zeros((), dtype=flat.dtype))
     sign = torch.sign(flat.sum(0))
     agree = (torch.sign(flat) == sign) & (flat != 0)
     merged = (flat * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -271,8 +272,7 @@ def ties_model_thresholds(base: StateDict, keys: Sequence[str], sources: Sequenc
         if nonfinite([flat]):  # finite weights whose delta overflows (NaN/Inf weights raised above)
             parts = flat.split(sizes)
             key = keys[nonfinite(list(parts))[0]]
-            raise TSVInputError(f"task {source.name!r}: key {key!r}: its delta from the base overflows "
-                                f"{dtype} (NaN or Inf)")
+            raise delta_overflow(source.name, key, dtype)
         thresholds.append(kth_smallest(flat, total - keep + 1))
         del flat
     ctx.ties_thresholds = torch.stack(thresholds)

@@ -142,8 +142,7 @@ def task_vectors(
                 tv[key] = src.delta(key, b)
         if bad := nonfinite(list(tv.values())):  # finite weights, but a delta past float32's range
             key = list(tv)[bad[0]]
-            raise TSVInputError(f"task {src.name!r}: key {key!r}: its delta from the base overflows "
-                                f"{tv[key].dtype} (NaN or Inf)")
+            raise delta_overflow(src.name, key, tv[key].dtype)
         out.append(tv)
     return out
 
@@ -219,8 +218,12 @@ def check_stacked(sources: Sequence[TaskSource], keys: Sequence[str], base_tenso
     if bad := nonfinite(list(stack)):
         j, t = divmod(bad[0], T)
         sources[t].delta(keys[j], base_tensors[j], stack.device)  # raises if the task's weights are not finite
-        raise TSVInputError(f"task {sources[t].name!r}: key {keys[j]!r}: its delta from the base overflows "
-                            f"{stack.dtype} (NaN or Inf)")
+        raise delta_overflow(sources[t].name, keys[j], stack.dtype)
+
+
+def delta_overflow(task: str, key: str, dtype: torch.dtype) -> TSVInputError:
+    """The error for finite weights whose delta from the base is past ``dtype``'s range."""
+    return TSVInputError(f"task {task!r}: key {key!r}: its delta from the base overflows {dtype} (NaN or Inf)")
 
 
 def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
